@@ -1,0 +1,1 @@
+"""Coordinator: owns each request's tokens and rounds; routes to the draft and target workers."""

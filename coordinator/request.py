@@ -1,0 +1,93 @@
+"""Validation of a client's GenerateRequest into a GenerationRequest; errors name the field."""
+
+from __future__ import annotations
+
+import secrets
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from splitspec.errors import InvalidArgument
+from splitspec.sampling import SamplingParams
+from splitspec.v1 import coordinator_pb2
+
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(slots=True, frozen=True)
+class Limits:
+    max_model_len: int   # the target's context
+    vocab_size: int
+    default_k: int
+    max_k: int
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    params: SamplingParams
+    stop: tuple[str, ...]
+    stop_token_ids: frozenset[int]
+    ignore_eos: bool
+    k: int
+
+
+def _optional(message: Any, name: str, default: Any) -> Any:
+    return getattr(message, name) if message.HasField(name) else default
+
+
+def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, limits: Limits) -> GenerationRequest:
+    if message.prompt_token_ids:
+        prompt = list(message.prompt_token_ids)
+        bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidArgument("prompt_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    elif message.prompt:
+        prompt = list(tokenizer(message.prompt, add_special_tokens=True).input_ids)
+    else:
+        raise InvalidArgument("prompt", "must not be empty")
+    if len(prompt) >= limits.max_model_len:
+        raise InvalidArgument(
+            "prompt", f"is {len(prompt)} tokens; the target's context is {limits.max_model_len} tokens"
+        )
+    room = limits.max_model_len - len(prompt)
+    if message.HasField("max_tokens"):
+        max_tokens = message.max_tokens
+        if max_tokens < 1:
+            raise InvalidArgument("max_tokens", f"must be >= 1, got {max_tokens}")
+        if max_tokens > room:
+            raise InvalidArgument(
+                "max_tokens",
+                f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the target's "
+                f"{limits.max_model_len}-token context",
+            )
+    else:
+        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    params = SamplingParams(
+        temperature=_optional(message, "temperature", 1.0),
+        top_k=_optional(message, "top_k", 0),
+        top_p=_optional(message, "top_p", 1.0),
+        min_p=_optional(message, "min_p", 0.0),
+        repetition_penalty=_optional(message, "repetition_penalty", 1.0),
+        seed=_optional(message, "seed", secrets.randbits(63)),
+    ).validate()
+    if any(s == "" for s in message.stop):
+        raise InvalidArgument("stop", "stop strings must not be empty")
+    bad_stop_ids = [t for t in message.stop_token_ids if not 0 <= t < limits.vocab_size]
+    if bad_stop_ids:
+        raise InvalidArgument("stop_token_ids", f"ids {bad_stop_ids[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    k = _optional(message, "k", limits.default_k)
+    if not 0 <= k <= limits.max_k:
+        raise InvalidArgument("k", f"must be in [0, {limits.max_k}] (0 = target only), got {k}")
+    return GenerationRequest(
+        request_id=message.request_id or uuid.uuid4().hex,
+        prompt_token_ids=prompt,
+        max_tokens=max_tokens,
+        params=params,
+        stop=tuple(message.stop),
+        stop_token_ids=frozenset(message.stop_token_ids),
+        ignore_eos=message.ignore_eos,
+        k=k,
+    )

@@ -1,0 +1,119 @@
+"""Clients for the two worker kinds, as the coordinator sees them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from splitspec.convert import sampling_to_proto
+from splitspec.errors import Unavailable
+from splitspec.sampling import SamplingParams
+from splitspec.service import insecure_channel
+from splitspec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
+
+
+async def wait_until_serving(channel: grpc.aio.Channel, address: str, timeout: float) -> None:
+    """Poll the standard health service until SERVING or `timeout` seconds pass."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    last_error = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2.0)
+            if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                return
+            last_error = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        except grpc.aio.AioRpcError as exc:
+            last_error = exc.code().name
+        await asyncio.sleep(0.2)
+    raise Unavailable(f"worker at {address} is not serving after {timeout:.0f}s ({last_error})")
+
+
+@dataclass(slots=True)
+class TargetClient:
+    address: str
+    channel: grpc.aio.Channel = field(init=False)
+    stub: target_pb2_grpc.TargetWorkerStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = insecure_channel(self.address)
+        self.stub = target_pb2_grpc.TargetWorkerStub(self.channel)
+
+    async def info(self) -> common_pb2.ModelInfo:
+        return await self.stub.GetModelInfo(common_pb2.ModelInfoRequest())
+
+    async def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> target_pb2.PrefillResponse:
+        return await self.stub.Prefill(
+            target_pb2.PrefillRequest(seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params))
+        )
+
+    async def verify(
+        self, seq_id: str, draft_token_ids: list[int], draft_probs: common_pb2.Tensor | None, num_tokens: int
+    ) -> target_pb2.VerifyResponse:
+        request = target_pb2.VerifyRequest(seq_id=seq_id, draft_token_ids=draft_token_ids, num_tokens=num_tokens)
+        if draft_probs is not None:
+            request.draft_probs.CopyFrom(draft_probs)
+        return await self.stub.Verify(request)
+
+    async def release(self, seq_id: str) -> None:
+        await self.stub.Release(target_pb2.ReleaseRequest(seq_id=seq_id), timeout=10.0)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass(slots=True)
+class DraftClient:
+    address: str
+    channel: grpc.aio.Channel = field(init=False)
+    stub: draft_pb2_grpc.DraftWorkerStub = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = insecure_channel(self.address)
+        self.stub = draft_pb2_grpc.DraftWorkerStub(self.channel)
+
+    async def info(self) -> common_pb2.ModelInfo:
+        return await self.stub.GetModelInfo(common_pb2.ModelInfoRequest())
+
+    def open(self, seq_id: str, params: SamplingParams) -> "DraftSession":
+        return DraftSession(self.stub.Propose(), seq_id, params)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+@dataclass(slots=True)
+class DraftSession:
+    """One sequence's proposal stream; tracks what the draft already holds of the history."""
+
+    call: grpc.aio.StreamStreamCall
+    seq_id: str
+    params: SamplingParams
+    synced_len: int = 0         # history tokens the draft held before its last proposal
+    num_accepted: int = 0       # tokens of the last proposal that the target kept
+    started: bool = False
+
+    async def propose(self, history: list[int], k: int) -> draft_pb2.DraftResponse:
+        request = draft_pb2.DraftRequest(
+            num_accepted=self.num_accepted, new_token_ids=history[self.synced_len + self.num_accepted :], k=k
+        )
+        if not self.started:
+            request.seq_id = self.seq_id
+            request.sampling.CopyFrom(sampling_to_proto(self.params))
+            self.started = True
+        await self.call.write(request)
+        response = await self.call.read()
+        if response is grpc.aio.EOF:
+            raise Unavailable(f"draft stream for {self.seq_id} ended unexpectedly")
+        self.synced_len, self.num_accepted = len(history), 0
+        return response
+
+    def accepted(self, num_accepted: int) -> None:
+        self.num_accepted = num_accepted
+
+    def close(self) -> None:
+        self.call.cancel()

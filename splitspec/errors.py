@@ -1,0 +1,115 @@
+"""Domain errors that carry a gRPC status code, and the interceptor that maps them.
+
+Servicers raise these; `StatusInterceptor` turns them into gRPC statuses with their message,
+and turns any other exception into INTERNAL without leaking a traceback to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class SplitspecError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(SplitspecError, ValueError):
+    """Bad input; the message always starts with the offending field's name."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(SplitspecError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(SplitspecError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(SplitspecError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(SplitspecError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelLoadError(SplitspecError):
+    """A model path or id that cannot be loaded; the message names it and what is missing."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class IncompatibleModels(SplitspecError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def _abort_for(exc: BaseException, context: grpc.aio.ServicerContext, method: str) -> None:
+    if isinstance(exc, SplitspecError):
+        await context.abort(exc.code, str(exc))
+    if isinstance(exc, grpc.aio.AioRpcError):  # a downstream call failed: pass its status on
+        await context.abort(exc.code(), exc.details() or exc.code().name)
+    log.exception("unhandled error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}")
+
+
+def _wrap_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request_or_iterator, context)
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the mapping point
+            await _abort_for(exc, context, method)
+
+    return wrapped
+
+
+def _wrap_stream(behavior: Callable[..., AsyncIterator[Any]], method: str) -> Callable[..., AsyncIterator[Any]]:
+    async def wrapped(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for item in behavior(request_or_iterator, context):
+                yield item
+        except (grpc.aio.AbortError, grpc.aio.UsageError):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await _abort_for(exc, context, method)
+
+    return wrapped
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """Maps `SplitspecError` subclasses to their status codes; anything else to INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        kwargs = dict(
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary, method), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary, method), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream, method), **kwargs)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream, method), **kwargs)
+        return handler

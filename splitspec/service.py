@@ -1,0 +1,143 @@
+"""Process runtime shared by every service: structured logs, gRPC server with health,
+message-size limits and status mapping, Prometheus endpoint, uvloop, and SIGTERM draining."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry, start_http_server
+
+from splitspec.errors import StatusInterceptor
+
+log = logging.getLogger(__name__)
+
+# Largest legitimate message: a proposal of k x vocab float32 probabilities (k <= 64, vocab ~256k).
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+_STANDARD_RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra=` fields."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        payload.update({k: v for k, v in vars(record).items() if k not in _STANDARD_RECORD_KEYS})
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload, default=str)
+
+
+def configure_logging(service: str, level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter(service))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for noisy in ("httpx", "urllib3", "filelock", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def insecure_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+@dataclass(slots=True)
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    service_names: tuple[str, ...]
+    registry: CollectorRegistry
+    on_stop: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+        for callback in self.on_stop:
+            callback()
+
+
+async def start_server(
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    port: int,
+    host: str = "0.0.0.0",
+    registry: CollectorRegistry | None = None,
+) -> RunningServer:
+    """Start a grpc.aio server; `register` adds servicers and returns their full service names."""
+    server = grpc.aio.server(interceptors=[StatusInterceptor()], options=GRPC_OPTIONS)
+    service_names = tuple(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    running = RunningServer(
+        server=server,
+        port=bound,
+        health=health_servicer,
+        service_names=service_names,
+        registry=registry or CollectorRegistry(),
+    )
+    await running.set_serving(True)
+    return running
+
+
+def start_metrics(port: int | None, registry: CollectorRegistry) -> None:
+    if port is not None:
+        start_http_server(port, registry=registry)
+        log.info("metrics listening", extra={"metrics_port": port})
+
+
+async def serve_until_signal(running: RunningServer, grace: float, metrics_port: int | None = None) -> None:
+    """Block until SIGTERM/SIGINT; then health goes NOT_SERVING and in-flight RPCs get `grace` seconds."""
+    start_metrics(metrics_port, running.registry)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", extra={"grace_s": grace})
+    await running.stop(grace)
+    log.info("stopped")
+
+
+def run(main: Callable[[], "asyncio.Future | object"]) -> None:
+    """Run an async entry point on uvloop when available."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
+        asyncio.run(main())
+        return
+    uvloop.run(main())

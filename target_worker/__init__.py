@@ -1,0 +1,1 @@
+"""Target worker: the big model; prefill, batched-ready verification with rejection sampling."""

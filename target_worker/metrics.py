@@ -1,0 +1,30 @@
+"""Prometheus metrics of one target worker (own registry: no process-global state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+@dataclass(slots=True)
+class TargetMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    prefills: Counter = field(init=False)
+    verifies: Counter = field(init=False)
+    draft_tokens: Counter = field(init=False)
+    accepted_tokens: Counter = field(init=False)
+    step_seconds: Histogram = field(init=False)
+    running_sequences: Gauge = field(init=False)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.prefills = Counter("splitspec:target_prefills", "Prefill calls", registry=r)
+        self.verifies = Counter("splitspec:target_verifies", "Verify calls", registry=r)
+        self.draft_tokens = Counter("splitspec:target_draft_tokens", "Draft tokens verified", registry=r)
+        self.accepted_tokens = Counter("splitspec:target_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.step_seconds = Histogram(
+            "splitspec:target_step_seconds", "Model step latency", ["kind"], registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.running_sequences = Gauge("splitspec:target_running_sequences", "Sequences holding KV", registry=r)
