@@ -1,0 +1,327 @@
+"""The `splitspec` command: run workers, the coordinator, the whole stack, or a client.
+
+Every failure the user can cause ends in one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Sequence
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+log = logging.getLogger("splitspec.cli")
+
+
+def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--model", required=True, help="local directory or Hugging Face hub id")
+    parser.add_argument("--port", type=int, default=default_port)
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--max-model-len", type=int, default=None, help="cap the context below the model's")
+    _add_service_args(parser)
+
+
+def _add_service_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
+    parser.add_argument("--log-level", default="info")
+
+
+def _add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--min-p", type=float, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--k", type=int, default=None, help="draft tokens per round (0 = target only)")
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--stop-token-id", action="append", type=int, default=None, dest="stop_token_ids")
+    parser.add_argument("--ignore-eos", action="store_true", default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitspec", description="Speculative decoding across gRPC workers.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    target = sub.add_parser("target", help="run a target worker")
+    _add_model_args(target, 50052)
+    target.add_argument("--max-num-seqs", type=int, default=256)
+
+    draft = sub.add_parser("draft", help="run a draft worker")
+    _add_model_args(draft, 50053)
+    draft.add_argument("--max-k", type=int, default=16, help="largest proposal accepted")
+
+    coord = sub.add_parser("coordinator", help="run the coordinator")
+    coord.add_argument("--port", type=int, default=50051)
+    coord.add_argument("--host", default="0.0.0.0")
+    coord.add_argument("--target", required=True, metavar="HOST:PORT")
+    coord.add_argument("--draft", default=None, metavar="HOST:PORT", help="omit for target-only serving")
+    coord.add_argument("--k", type=int, default=4, help="default draft tokens per round")
+    coord.add_argument("--max-k", type=int, default=16)
+    coord.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
+    coord.add_argument("--connect-timeout", type=float, default=120.0)
+    _add_service_args(coord)
+
+    up = sub.add_parser("up", help="start target, draft and coordinator locally")
+    up.add_argument("--target", required=True, metavar="MODEL")
+    up.add_argument("--draft", default=None, metavar="MODEL")
+    up.add_argument("--k", type=int, default=4)
+    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    up.add_argument("--threads", type=int, default=None)
+    up.add_argument("--startup-timeout", type=float, default=600.0)
+    up.add_argument("--log-level", default="warning")
+
+    gen = sub.add_parser("generate", help="stream a completion from a coordinator")
+    gen.add_argument("prompt", nargs="?", default=None)
+    gen.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per request")
+    gen.add_argument("--prompts-file", default=None, help='JSON lines: {"prompt": ..., optional sampling fields}')
+    gen.add_argument("--concurrency", type=int, default=1)
+    gen.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+    _add_sampling_args(gen)
+    return parser
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_service(args: argparse.Namespace, name: str) -> None:
+    from splitspec.service import configure_logging, run
+
+    configure_logging(name, args.log_level)
+    if name == "target":
+        from target_worker.server import TargetConfig, serve_target
+
+        _set_threads(args.threads)
+        config = TargetConfig(args.model, args.port, args.host, args.device, args.dtype, args.max_model_len,
+                              args.max_num_seqs, args.metrics_port, args.grace)
+        run(lambda: serve_target(config))
+    elif name == "draft":
+        from draft_worker.server import DraftConfig, serve_draft
+
+        _set_threads(args.threads)
+        config = DraftConfig(args.model, args.port, args.host, args.device, args.dtype, args.max_model_len,
+                             args.max_k, args.metrics_port, args.grace)
+        run(lambda: serve_draft(config))
+    else:
+        from coordinator.server import CoordinatorConfig, serve_coordinator
+
+        config = CoordinatorConfig(args.target, args.draft, args.port, args.host, args.k, args.max_k, args.tokenizer,
+                                   args.connect_timeout, args.metrics_port, args.grace)
+        run(lambda: serve_coordinator(config))
+
+
+# --- up ---------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serving(address: str) -> bool:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _up(args: argparse.Namespace) -> int:
+    python = [sys.executable, "-m", "splitspec.cli"]
+    common = ["--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1", "--log-level", args.log_level]
+    if args.threads:
+        common += ["--threads", str(args.threads)]
+    target_port = _free_port()
+    commands = {"target": [*python, "target", "--model", args.target, "--port", str(target_port), *common]}
+    coordinator = [*python, "coordinator", "--port", str(args.port), "--target", f"127.0.0.1:{target_port}",
+                   "--k", str(args.k if args.draft else 0), "--log-level", args.log_level]
+    if args.draft:
+        draft_port = _free_port()
+        commands["draft"] = [*python, "draft", "--model", args.draft, "--port", str(draft_port), *common]
+        coordinator += ["--draft", f"127.0.0.1:{draft_port}"]
+    commands["coordinator"] = coordinator
+    children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+
+    stopping = False
+
+    def stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    address = f"127.0.0.1:{args.port}"
+    deadline = time.monotonic() + args.startup_timeout
+    ready = False
+    code = 0
+    try:
+        while not stopping:
+            exited = {name: child.returncode for name, child in children.items() if child.poll() is not None}
+            if exited:
+                name, returncode = next(iter(exited.items()))
+                print(f"splitspec up: the {name} exited with code {returncode}", file=sys.stderr)
+                code = EXIT_FAILURE
+                break
+            if not ready:
+                if _serving(address):
+                    ready = True
+                    print(f"splitspec is up: coordinator at {address} (Ctrl-C stops it)", flush=True)
+                elif time.monotonic() > deadline:
+                    print(f"splitspec up: not healthy after {args.startup_timeout:.0f}s", file=sys.stderr)
+                    code = EXIT_FAILURE
+                    break
+            time.sleep(0.2)
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children.values():
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return code
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+_REQUEST_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "k",
+                   "stop", "stop_token_ids", "ignore_eos")
+
+
+def _request_from(fields: dict[str, Any]) -> Any:
+    from splitspec.v1 import coordinator_pb2
+
+    unknown = set(fields) - {"prompt", "id", *_REQUEST_FIELDS}
+    if unknown:
+        raise ValueError(f"unknown request field(s): {', '.join(sorted(unknown))}")
+    prompt = fields.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError("prompt must be a string")
+    request = coordinator_pb2.GenerateRequest(prompt=prompt or "")
+    for name in _REQUEST_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if name in ("stop", "stop_token_ids"):
+            getattr(request, name).extend([value] if isinstance(value, (str, int)) else value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+def _summary(responses: list[Any]) -> dict[str, Any]:
+    last = responses[-1]
+    return {
+        "text": "".join(r.text for r in responses),
+        "token_ids": [t for r in responses for t in r.token_ids],
+        "finish_reason": last.finish_reason,
+        "usage": {"prompt_tokens": last.usage.prompt_tokens, "completion_tokens": last.usage.completion_tokens},
+        "spec": {"rounds": last.spec.rounds, "draft_tokens": last.spec.draft_tokens,
+                 "accepted_tokens": last.spec.accepted_tokens},
+    }
+
+
+async def _generate(args: argparse.Namespace) -> int:
+    from splitspec.service import insecure_channel
+    from splitspec.v1 import coordinator_pb2_grpc
+
+    defaults = {name: getattr(args, name) for name in _REQUEST_FIELDS}
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as handle:
+            lines = [line for line in handle if line.strip()]
+        try:
+            items = [json.loads(line) for line in lines]
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{args.prompts_file}: not JSON lines ({exc})") from exc
+        requests = [_request_from({**{k: v for k, v in defaults.items() if v is not None}, **item}) for item in items]
+    else:
+        if args.prompt is None:
+            raise ValueError("give a PROMPT or --prompts-file")
+        requests = [_request_from({**defaults, "prompt": args.prompt})]
+
+    async with insecure_channel(args.coordinator) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        if not args.prompts_file and not args.json:
+            last = None
+            async for response in stub.Generate(requests[0], timeout=args.timeout):
+                sys.stdout.write(response.text)
+                sys.stdout.flush()
+                last = response
+            sys.stdout.write("\n")
+            if last is not None:
+                spec = last.spec
+                rate = spec.accepted_tokens / spec.draft_tokens if spec.draft_tokens else 0.0
+                print(f"[{last.finish_reason}: {last.usage.completion_tokens} tokens, {spec.rounds} rounds, "
+                      f"acceptance {rate:.2f}]", file=sys.stderr)
+            return 0
+
+        semaphore = asyncio.Semaphore(max(1, args.concurrency))
+
+        async def one(request: Any) -> dict[str, Any]:
+            async with semaphore:
+                return _summary([r async for r in stub.Generate(request, timeout=args.timeout)])
+
+        tasks = [asyncio.ensure_future(one(request)) for request in requests]
+        for task in tasks:  # print in input order, as each is ready
+            print(json.dumps(await task), flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    import grpc
+
+    from splitspec.errors import SplitspecError
+
+    try:
+        if args.command in ("target", "draft", "coordinator"):
+            _run_service(args, args.command)
+            code = 0
+        elif args.command == "up":
+            code = _up(args)
+        else:
+            code = asyncio.run(_generate(args))
+    except KeyboardInterrupt:
+        code = 130
+    except SplitspecError as exc:
+        print(f"splitspec {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_FAILURE
+    except grpc.RpcError as exc:
+        code_name = exc.code().name if hasattr(exc, "code") else "ERROR"
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"splitspec {args.command}: {code_name}: {details}", file=sys.stderr)
+        code = EXIT_FAILURE
+    except (ValueError, OSError) as exc:
+        print(f"splitspec {args.command}: {exc}", file=sys.stderr)
+        code = EXIT_USAGE if isinstance(exc, ValueError) else EXIT_FAILURE
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
