@@ -1,0 +1,43 @@
+"""Session fixtures: tiny random models (built once) and loaded model handles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from splitspec.models import LoadedModel, load_model
+from tests.support import real_model_dir, save_tiny_llama
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """target; draft_same (identical weights); draft_noisy (perturbed); draft_other (independent);
+    draft_short (perturbed, 40-position context); draft_wide (a different vocabulary size)."""
+    root = tmp_path_factory.mktemp("tiny")
+    target = save_tiny_llama(root / "target", seed=0)
+    return {
+        "target": target,
+        "draft_same": save_tiny_llama(root / "draft_same", seed=1, base=target),
+        "draft_noisy": save_tiny_llama(root / "draft_noisy", seed=2, base=target, noise=0.35),
+        "draft_other": save_tiny_llama(root / "draft_other", seed=3),
+        "draft_short": save_tiny_llama(root / "draft_short", seed=4, base=target, noise=0.35, max_positions=40),
+        "draft_wide": save_tiny_llama(root / "draft_wide", seed=5, vocab_size=300),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
+    return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in tiny_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def real() -> dict[str, LoadedModel]:
+    root = real_model_dir()
+    return {
+        "target": load_model(str(root / "tinystories-260k"), device="cpu", dtype="float32"),
+        "draft": load_model(str(root / "tinystories-xs"), device="cpu", dtype="float32"),
+    }

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splitspec.codec import decode_tensor, encode_tensor
+from splitspec.errors import InvalidArgument
+from splitspec.v1 import common_pb2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_round_trip_is_bit_exact(dtype):
+    tensor = torch.rand(3, 17).to(dtype)
+    message = encode_tensor(tensor)
+    assert message.dtype == str(dtype).removeprefix("torch.") and list(message.shape) == [3, 17]
+    assert len(message.data) == tensor.numel() * tensor.element_size()
+    assert torch.equal(decode_tensor(message, "probs"), tensor.float())
+
+
+def test_probabilities_travel_as_bytes_not_repeated_float():
+    field = common_pb2.Tensor.DESCRIPTOR.fields_by_name["data"]
+    assert field.type == field.TYPE_BYTES
+
+
+@pytest.mark.parametrize(
+    "message,problem",
+    [
+        (common_pb2.Tensor(dtype="float64", shape=[1], data=b"\0" * 8), "unsupported dtype"),
+        (common_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\0" * 12), "needs 16"),
+    ],
+)
+def test_bad_payloads_name_the_field(message, problem):
+    with pytest.raises(InvalidArgument, match=rf"^draft_probs: .*{problem}"):
+        decode_tensor(message, "draft_probs")
+
+
+def test_shape_mismatch_names_the_field():
+    with pytest.raises(InvalidArgument, match=r"^draft_probs: shape \[2, 3\]"):
+        decode_tensor(encode_tensor(torch.zeros(2, 3)), "draft_probs", (2, 4))

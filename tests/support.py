@@ -1,0 +1,123 @@
+"""Test support: tiny random Hugging Face models on disk, and a whole stack on loopback."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.server import CoordinatorConfig, start_coordinator
+from draft_worker.server import start_draft
+from splitspec.models import LoadedModel
+from splitspec.service import RunningServer, insecure_channel
+from splitspec.v1 import coordinator_pb2_grpc
+from target_worker.server import start_target
+
+BYTE_VOCAB = 259  # <unk>, <s>, </s> + 256 byte tokens
+
+
+def save_byte_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer with no merges: every UTF-8 byte is one token, BOS prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[char] = len(vocab)
+    vocab = dict(sorted(vocab.items(), key=lambda kv: kv[1]))
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.save_pretrained(directory)
+
+
+def save_tiny_llama(
+    directory: Path,
+    seed: int,
+    max_positions: int = 160,
+    base: Path | None = None,
+    noise: float = 0.0,
+    vocab_size: int = BYTE_VOCAB,
+    heads: int = 4,
+    kv_heads: int = 2,
+) -> Path:
+    """A random Llama; with `base`, a copy of that model's weights plus Gaussian noise."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
+        initializer_range=0.08, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    if base is not None:
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(base).state_dict())
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(noise * parameter.std() * torch.randn_like(parameter))
+    model.save_pretrained(directory)
+    save_byte_tokenizer(directory)
+    return directory
+
+
+def real_model_dir() -> Path:
+    """The TinyStories pair, or skip with the reason."""
+    value = os.environ.get("SPLITSPEC_MODEL_DIR")
+    if not value:
+        pytest.skip("SPLITSPEC_MODEL_DIR is not set: the real TinyStories pair is unavailable")
+    path = Path(value)
+    if not (path / "tinystories-260k").is_dir() or not (path / "tinystories-xs").is_dir():
+        pytest.skip(f"SPLITSPEC_MODEL_DIR={value} does not hold tinystories-260k and tinystories-xs")
+    return path
+
+
+@dataclass
+class Stack:
+    target: RunningServer
+    draft: RunningServer | None
+    coordinator: RunningServer
+    stub: coordinator_pb2_grpc.CoordinatorStub
+
+    async def stop(self) -> None:
+        for server in (self.coordinator, self.draft, self.target):
+            if server is not None:
+                await server.stop(0)
+
+
+async def start_stack(
+    target: LoadedModel, draft: LoadedModel | None, k: int = 4, max_k: int = 16
+) -> Stack:
+    """Real servers on free loopback ports, in this process."""
+    target_server = await start_target(target)
+    draft_server = await start_draft(draft, max_k=max_k) if draft is not None else None
+    coordinator = await start_coordinator(
+        CoordinatorConfig(
+            target=target_server.address,
+            draft=draft_server.address if draft_server else None,
+            port=0,
+            host="127.0.0.1",
+            k=k if draft else 0,
+            max_k=max_k,
+            connect_timeout=10,
+        )
+    )
+    stub = coordinator_pb2_grpc.CoordinatorStub(insecure_channel(coordinator.address))
+    return Stack(target_server, draft_server, coordinator, stub)
+
+
+async def collect(stub: coordinator_pb2_grpc.CoordinatorStub, request, timeout: float = 120) -> dict:
+    """Run one Generate to the end; returns token ids, text, origins and the final message."""
+    responses = [r async for r in stub.Generate(request, timeout=timeout)]
+    return {
+        "token_ids": [t for r in responses for t in r.token_ids],
+        "origins": [o for r in responses for o in r.origins],
+        "text": "".join(r.text for r in responses),
+        "last": responses[-1],
+    }
