@@ -87,7 +87,7 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
         return [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name]
 
-    running = await start_server(register, config.port, config.host, metrics.registry)
+    running = await start_server(register, config.port, config.host, metrics.registry, backend)
     log.info("coordinator serving", extra={"port": running.port, "target": config.target, "draft": config.draft,
                                            "k": limits.default_k})
     return running

@@ -35,13 +35,14 @@ async def start_draft(loaded: LoadedModel, port: int = 0, host: str = "127.0.0.1
     """Serve an already loaded draft model (used by the CLI and by in-process tests)."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="draft-model")
     metrics = DraftMetrics()
-    servicer = DraftServicer(DraftEngine(loaded, max_k=max_k), metrics, executor)
+    engine = DraftEngine(loaded, max_k=max_k)
+    servicer = DraftServicer(engine, metrics, executor)
 
     def register(server: grpc.aio.Server) -> list[str]:
         draft_pb2_grpc.add_DraftWorkerServicer_to_server(servicer, server)
         return [draft_pb2.DESCRIPTOR.services_by_name["DraftWorker"].full_name]
 
-    running = await start_server(register, port, host, metrics.registry)
+    running = await start_server(register, port, host, metrics.registry, engine)
     running.on_stop.append(lambda: executor.shutdown(wait=False, cancel_futures=True))
     return running
 

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -70,6 +70,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     service_names: tuple[str, ...]
     registry: CollectorRegistry
+    state: Any = None  # the domain object behind the servicer (engine or backend), for introspection
     on_stop: list[Callable[[], None]] = field(default_factory=list)
 
     @property
@@ -93,6 +94,7 @@ async def start_server(
     port: int,
     host: str = "0.0.0.0",
     registry: CollectorRegistry | None = None,
+    state: Any = None,
 ) -> RunningServer:
     """Start a grpc.aio server; `register` adds servicers and returns their full service names."""
     server = grpc.aio.server(interceptors=[StatusInterceptor()], options=GRPC_OPTIONS)
@@ -109,6 +111,7 @@ async def start_server(
         health=health_servicer,
         service_names=service_names,
         registry=registry or CollectorRegistry(),
+        state=state,
     )
     await running.set_serving(True)
     return running

@@ -35,13 +35,14 @@ async def start_target(loaded: LoadedModel, port: int = 0, host: str = "127.0.0.
     """Serve an already loaded model (used by the CLI and by in-process tests)."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="target-model")
     metrics = TargetMetrics()
-    servicer = TargetServicer(TargetEngine(loaded, max_num_seqs=max_num_seqs), metrics, executor)
+    engine = TargetEngine(loaded, max_num_seqs=max_num_seqs)
+    servicer = TargetServicer(engine, metrics, executor)
 
     def register(server: grpc.aio.Server) -> list[str]:
         target_pb2_grpc.add_TargetWorkerServicer_to_server(servicer, server)
         return [target_pb2.DESCRIPTOR.services_by_name["TargetWorker"].full_name]
 
-    running = await start_server(register, port, host, metrics.registry)
+    running = await start_server(register, port, host, metrics.registry, engine)
     running.on_stop.append(lambda: executor.shutdown(wait=False, cancel_futures=True))
     return running
 

@@ -1,0 +1,87 @@
+"""Greedy output through the whole stack is token-for-token `transformers.generate` of the target."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from splitspec.v1 import coordinator_pb2
+from tests.support import collect, start_stack
+
+K_VALUES = (1, 2, 4, 8)
+
+
+def reference(loaded, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
+        eos_token_id=list(loaded.eos_token_ids) if stop_at_eos else None,
+    )
+    with torch.inference_mode():
+        out = loaded.model.generate(torch.tensor([prompt_ids]), generation_config=config)
+    return out[0, len(prompt_ids) :].tolist()
+
+
+@pytest.mark.parametrize("draft_name", ["draft_same", "draft_noisy", "draft_other", "draft_short"])
+async def test_tiny_models_match_target_alone(tiny, draft_name):
+    """draft_short has a 40-position context: requests run past it and finish target-only."""
+    stack = await start_stack(tiny["target"], tiny[draft_name], k=4, max_k=8)
+    try:
+        for prompt in ("hello world", "The quick brown fox"):
+            prompt_ids = tiny["target"].tokenizer(prompt).input_ids
+            expected = reference(tiny["target"], prompt_ids, 60, stop_at_eos=False)
+            for k in K_VALUES:
+                result = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+                    prompt=prompt, max_tokens=60, temperature=0.0, k=k, ignore_eos=True))
+                assert result["token_ids"] == expected, (draft_name, prompt, k)
+                spec = result["last"].spec
+                assert spec.rounds > 0 and spec.draft_tokens >= spec.accepted_tokens
+                if draft_name == "draft_same":  # identical weights: every greedy proposal is accepted
+                    assert spec.accepted_tokens == spec.draft_tokens
+    finally:
+        await stack.stop()
+
+
+def _prompts(count: int) -> list[str]:
+    path = Path(os.environ.get("SPLITSPEC_MODEL_DIR", "")).parent / "prompts" / "tinystories.jsonl"
+    if path.is_file():
+        return [json.loads(line)["prompt"] for line in path.read_text().splitlines()[:count]]
+    return ["Once upon a time", "One day, a little girl named Lily", "Tom and his dog went to the park"][:count]
+
+
+@pytest.mark.real_models
+async def test_real_pair_matches_target_alone_past_the_draft_context(real):
+    """300 new tokens: every request runs past the draft's 256 positions."""
+    target = real["target"]
+    stack = await start_stack(target, real["draft"], k=4, max_k=8)
+    try:
+        for prompt in _prompts(2):
+            prompt_ids = target.tokenizer(prompt).input_ids
+            expected = reference(target, prompt_ids, 300, stop_at_eos=False)
+            for k in K_VALUES:
+                result = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+                    prompt=prompt, max_tokens=300, temperature=0.0, k=k, ignore_eos=True))
+                assert result["token_ids"] == expected, (prompt, k)
+                assert result["last"].spec.accepted_tokens > 0
+    finally:
+        await stack.stop()
+
+
+@pytest.mark.real_models
+async def test_real_pair_stops_at_eos_like_generate(real):
+    target = real["target"]
+    stack = await start_stack(target, real["draft"], k=4)
+    try:
+        prompt = "Lily and Ben"
+        prompt_ids = target.tokenizer(prompt).input_ids
+        expected = reference(target, prompt_ids, 400, stop_at_eos=True)
+        result = await collect(stack.stub, coordinator_pb2.GenerateRequest(prompt=prompt, max_tokens=400,
+                                                                           temperature=0.0))
+        assert result["token_ids"] == expected
+        assert result["last"].finish_reason == ("stop" if expected[-1] in target.eos_token_ids else "length")
+    finally:
+        await stack.stop()
