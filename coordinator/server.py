@@ -96,3 +96,4 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
 async def serve_coordinator(config: CoordinatorConfig) -> None:
     running = await start_coordinator(config)
     await serve_until_signal(running, config.grace, config.metrics_port)
+    await running.state.drain()

@@ -86,7 +86,9 @@ class Stack:
     stub: coordinator_pb2_grpc.CoordinatorStub
 
     async def stop(self) -> None:
-        for server in (self.coordinator, self.draft, self.target):
+        await self.coordinator.stop(0)
+        await self.coordinator.state.drain()  # let in-flight Release calls land first
+        for server in (self.draft, self.target):
             if server is not None:
                 await server.stop(0)
 

@@ -72,16 +72,20 @@ async def test_real_pair_matches_target_alone_past_the_draft_context(real):
 
 
 @pytest.mark.real_models
-async def test_real_pair_stops_at_eos_like_generate(real):
+async def test_real_pair_stops_at_a_stop_token_like_generate(real):
+    """Greedy TinyStories never emits EOS (it loops); a stop token id taken from the reference run
+    must end the stream right after its first occurrence, with the token kept in token_ids."""
     target = real["target"]
     stack = await start_stack(target, real["draft"], k=4)
     try:
-        prompt = "Lily and Ben"
-        prompt_ids = target.tokenizer(prompt).input_ids
-        expected = reference(target, prompt_ids, 400, stop_at_eos=True)
-        result = await collect(stack.stub, coordinator_pb2.GenerateRequest(prompt=prompt, max_tokens=400,
-                                                                           temperature=0.0))
-        assert result["token_ids"] == expected
-        assert result["last"].finish_reason == ("stop" if expected[-1] in target.eos_token_ids else "length")
+        prompt_ids = target.tokenizer("Lily and Ben").input_ids
+        expected = reference(target, prompt_ids, 120, stop_at_eos=False)
+        stop_token = expected[60]
+        cut = expected.index(stop_token) + 1
+        result = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+            prompt="Lily and Ben", max_tokens=120, temperature=0.0, stop_token_ids=[stop_token]))
+        assert result["token_ids"] == expected[:cut]
+        assert result["last"].finish_reason == "stop"
+        assert result["last"].usage.completion_tokens == cut
     finally:
         await stack.stop()
