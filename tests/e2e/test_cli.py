@@ -1,0 +1,128 @@
+"""The `splitspec` command as a user runs it: `up`, `generate` (text, --json, --prompts-file),
+one-line errors, and a clean stop on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+SPLITSPEC = [sys.executable, "-m", "splitspec.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*SPLITSPEC, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def up(tiny_dirs):
+    port = free_port()
+    process = subprocess.Popen(
+        [*SPLITSPEC, "up", "--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft_noisy"]),
+         "--port", str(port), "--k", "3", "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    line = ""
+    while time.monotonic() < deadline and "splitspec is up" not in line:
+        ready, _, _ = select.select([process.stdout], [], [], 1.0)
+        if ready:
+            line = process.stdout.readline()
+        if process.poll() is not None:
+            pytest.fail(f"splitspec up exited: {process.stderr.read()[-2000:]}")
+    assert "splitspec is up" in line and f"127.0.0.1:{port}" in line
+    yield process, f"127.0.0.1:{port}"
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_generate_json_is_greedy_target_output(up, tiny):
+    _, address = up
+    result = run("generate", "--coordinator", address, "hello there", "--max-tokens", "24", "--temperature", "0",
+                 "--k", "2", "--ignore-eos", "--json")
+    assert result.returncode == 0, result.stderr
+    payload = json.loads(result.stdout)
+    assert set(payload) == {"text", "token_ids", "finish_reason", "usage", "spec"}
+    target = tiny["target"]
+    prompt_ids = target.tokenizer("hello there").input_ids
+    with torch.inference_mode():
+        expected = target.model.generate(torch.tensor([prompt_ids]), max_new_tokens=24, do_sample=False,
+                                         eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
+    assert payload["token_ids"] == expected
+    assert payload["text"] == target.tokenizer.decode(expected, skip_special_tokens=True)
+    assert payload["finish_reason"] == "length"
+    assert payload["usage"] == {"prompt_tokens": len(prompt_ids), "completion_tokens": 24}
+    assert payload["spec"]["rounds"] > 0 and 0 <= payload["spec"]["accepted_tokens"] <= payload["spec"]["draft_tokens"]
+
+
+def test_prompts_file_answers_in_input_order(up, tmp_path):
+    _, address = up
+    lengths = [9, 3, 14, 1, 6]
+    lines = [json.dumps({"prompt": f"story {i}", "max_tokens": n, "ignore_eos": True}) for i, n in enumerate(lengths)]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(lines) + "\n")
+    result = run("generate", "--coordinator", address, "--prompts-file", str(prompts), "--concurrency", "3",
+                 "--temperature", "0.7", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    outputs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["usage"]["completion_tokens"] for o in outputs] == lengths
+
+
+def test_streaming_prints_text(up):
+    _, address = up
+    result = run("generate", "--coordinator", address, "hi", "--max-tokens", "8", "--temperature", "0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() and "8 tokens" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,field",
+    [(["--top-p", "2"], "top_p"), (["--max-tokens", "0"], "max_tokens"), (["--k", "99"], "k"),
+     (["--stop", ""], "stop"), (["--temperature", "nan"], "temperature")],
+)
+def test_bad_input_is_one_line_and_non_zero(up, args, field):
+    _, address = up
+    result = run("generate", "--coordinator", address, "hi", *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "INVALID_ARGUMENT" in lines[0] and f"{field}:" in lines[0]
+
+
+def test_malformed_model_directory_is_one_line(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    result = run("target", "--model", str(tmp_path), "--port", str(free_port()))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert str(tmp_path) in last and "weights" in last and "tokenizer" in last
+
+
+def test_unreachable_worker_is_one_line():
+    result = run("coordinator", "--target", f"127.0.0.1:{free_port()}", "--port", str(free_port()),
+                 "--connect-timeout", "1")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "not serving" in result.stderr.strip().splitlines()[-1]
+
+
+def test_sigterm_stops_all_services(up):
+    process, address = up
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 3
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+    for pid in children:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
