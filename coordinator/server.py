@@ -6,8 +6,6 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-import grpc
-
 from coordinator.generation import Backend
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.request import Limits
@@ -15,7 +13,7 @@ from coordinator.servicer import CoordinatorServicer
 from coordinator.workers import DraftClient, TargetClient, wait_until_serving
 from splitspec.errors import IncompatibleModels, InvalidArgument
 from splitspec.models import load_tokenizer, tokenizer_fingerprint
-from splitspec.service import RunningServer, serve_until_signal, start_server
+from splitspec.service import RunningServer, registration, serve_until_signal, start_server
 from splitspec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -81,12 +79,11 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         default_k=min(config.k, max_k) if draft else 0,
         max_k=max_k if draft else 0,
     )
-    servicer = CoordinatorServicer(backend, limits, target_info, draft_info)
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server)
-        return [coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name]
-
+    register = registration(
+        coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
+        CoordinatorServicer(backend, limits, target_info, draft_info),
+        coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
+    )
     running = await start_server(register, config.port, config.host, metrics.registry, backend)
     log.info("coordinator serving", extra={"port": running.port, "target": config.target, "draft": config.draft,
                                            "k": limits.default_k})

@@ -105,6 +105,11 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+def _worker_fields(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("model", "port", "host", "device", "dtype", "max_model_len", "metrics_port", "grace")
+    return {name: getattr(args, name) for name in names}
+
+
 def _run_service(args: argparse.Namespace, name: str) -> None:
     from splitspec.service import configure_logging, run
 
@@ -113,21 +118,22 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
         from target_worker.server import TargetConfig, serve_target
 
         _set_threads(args.threads)
-        config = TargetConfig(args.model, args.port, args.host, args.device, args.dtype, args.max_model_len,
-                              args.max_num_seqs, args.metrics_port, args.grace)
+        config = TargetConfig(**_worker_fields(args), max_num_seqs=args.max_num_seqs)
         run(lambda: serve_target(config))
     elif name == "draft":
         from draft_worker.server import DraftConfig, serve_draft
 
         _set_threads(args.threads)
-        config = DraftConfig(args.model, args.port, args.host, args.device, args.dtype, args.max_model_len,
-                             args.max_k, args.metrics_port, args.grace)
+        config = DraftConfig(**_worker_fields(args), max_k=args.max_k)
         run(lambda: serve_draft(config))
     else:
         from coordinator.server import CoordinatorConfig, serve_coordinator
 
-        config = CoordinatorConfig(args.target, args.draft, args.port, args.host, args.k, args.max_k, args.tokenizer,
-                                   args.connect_timeout, args.metrics_port, args.grace)
+        config = CoordinatorConfig(
+            target=args.target, draft=args.draft, port=args.port, host=args.host, k=args.k, max_k=args.max_k,
+            tokenizer=args.tokenizer, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port,
+            grace=args.grace,
+        )
         run(lambda: serve_coordinator(config))
 
 

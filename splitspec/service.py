@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -89,14 +90,33 @@ class RunningServer:
             callback()
 
 
+def model_thread(name: str) -> ThreadPoolExecutor:
+    """The single thread a worker's model runs on: one step at a time, off the event loop."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+
+def registration(
+    add_to_server: Callable[[Any, grpc.aio.Server], None], servicer: Any, service: Any
+) -> Callable[[grpc.aio.Server], list[str]]:
+    """A `register` callback for one generated `add_XServicer_to_server` and its service descriptor."""
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        add_to_server(servicer, server)
+        return [service.full_name]
+
+    return register
+
+
 async def start_server(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     port: int,
     host: str = "0.0.0.0",
     registry: CollectorRegistry | None = None,
     state: Any = None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> RunningServer:
-    """Start a grpc.aio server; `register` adds servicers and returns their full service names."""
+    """Start a grpc.aio server; `register` adds servicers and returns their full service names.
+    `executor` (the model thread) is shut down when the server stops."""
     server = grpc.aio.server(interceptors=[StatusInterceptor()], options=GRPC_OPTIONS)
     service_names = tuple(register(server))
     health_servicer = health.aio.HealthServicer()
@@ -113,6 +133,8 @@ async def start_server(
         registry=registry or CollectorRegistry(),
         state=state,
     )
+    if executor is not None:
+        running.on_stop.append(lambda: executor.shutdown(wait=False, cancel_futures=True))
     await running.set_serving(True)
     return running
 

@@ -1,0 +1,17 @@
+"""Settings every model-serving worker shares; each worker's config extends this."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True, kw_only=True)
+class WorkerConfig:
+    model: str
+    port: int
+    host: str = "0.0.0.0"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    metrics_port: int | None = None
+    grace: float = 10.0
