@@ -36,7 +36,7 @@ run: install
 	until grep -q "splitspec is up" "$$log"; do \
 	  if ! kill -0 $$up 2>/dev/null; then cat "$$log"; exit 1; fi; sleep 0.5; done; \
 	grep "splitspec is up" "$$log"; \
-	echo "--- sample (temperature 0.8, k=4):"; \
+	echo "--- sample (temperature 0.8, k=4):"; printf "%s" "$(PROMPT)"; \
 	$(BIN)/splitspec generate --coordinator 127.0.0.1:$(PORT) "$(PROMPT)" --max-tokens 96 --temperature 0.8 --seed 0; \
 	if [ -z "$(RUN_ONCE)" ]; then echo "--- serving on 127.0.0.1:$(PORT); try: $(BIN)/splitspec generate --coordinator 127.0.0.1:$(PORT) 'Tom had a dog'  (Ctrl-C stops)"; wait $$up; fi
 

@@ -83,6 +83,12 @@ class Generation:
             if len(self.generated) > 1:
                 backend.metrics.time_per_output_token.observe(elapsed / len(self.generated))
             backend.metrics.requests.labels(self.finish_reason).inc()
+            log.info("request finished", extra={
+                "request_id": request.request_id, "finish_reason": self.finish_reason,
+                "prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(self.generated),
+                "k": request.k, "rounds": self.spec.rounds, "draft_tokens": self.spec.draft_tokens,
+                "accepted_tokens": self.spec.accepted_tokens, "seconds": round(elapsed, 4),
+            })
         finally:
             backend.metrics.running.dec()
             if self.session is not None:
