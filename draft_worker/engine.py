@@ -22,7 +22,7 @@ from splitspec.sampling import (
     make_generator,
     process_logits,
     sample,
-    seen_tokens,
+    penalty_context,
 )
 
 DRAFT_STREAM = 2
@@ -86,8 +86,7 @@ class DraftEngine:
 
     def _draft(self, sequence: DraftSequence, k: int) -> Proposal:
         params, vocab = sequence.params, self.loaded.vocab_size
-        penalize = params.repetition_penalty != 1.0
-        seen = seen_tokens(sequence.token_ids, [], vocab) if penalize else None
+        seen = penalty_context(params, sequence.token_ids, [], vocab)
         feed = sequence.token_ids[len(sequence.cache) :]
         drafted: list[int] = []
         rows: list[torch.Tensor] = []

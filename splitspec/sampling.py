@@ -62,6 +62,15 @@ def seen_tokens(history: Sequence[int], proposal: Sequence[int], vocab_size: int
     return seen
 
 
+def penalty_context(
+    params: SamplingParams, history: Sequence[int], proposal: Sequence[int], vocab_size: int
+) -> torch.Tensor | None:
+    """`seen_tokens` when the request has a repetition penalty, else None (nothing to compute)."""
+    if params.repetition_penalty == 1.0:
+        return None
+    return seen_tokens(history, proposal, vocab_size)
+
+
 def process_logits(
     logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -1,12 +1,12 @@
 """The target's per-sequence state machine: prefill, verify (accept/resample/bonus), release.
 
 Invariant: a sequence's KV cache holds every token except the last one (the pending token,
-which this worker sampled and feeds first in the next verify).
+which this worker sampled and feeds first in the next verify). All methods run on the worker's
+single model thread, so they never race with each other.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -23,7 +23,7 @@ from splitspec.sampling import (
     make_generator,
     process_logits,
     sample,
-    seen_tokens,
+    penalty_context,
 )
 from splitspec.v1 import common_pb2
 
@@ -53,7 +53,6 @@ class TargetEngine:
     loaded: LoadedModel
     max_num_seqs: int = 256
     sequences: dict[str, TargetSequence] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def vocab_size(self) -> int:
@@ -76,18 +75,17 @@ class TargetEngine:
             )
         self._check_token_ids("token_ids", token_ids)
         params.validate()
-        with self._lock:
-            if seq_id in self.sequences:
-                raise FailedPrecondition(f"sequence {seq_id} already exists on this target")
-            if len(self.sequences) >= self.max_num_seqs:
-                raise ResourceExhausted(f"target holds --max-num-seqs={self.max_num_seqs} sequences")
-            sequence = TargetSequence(
-                seq_id, list(token_ids), params, make_generator(params.seed, TARGET_STREAM), SequenceKVCache(self.loaded.model)
-            )
-            self.sequences[seq_id] = sequence
+        if seq_id in self.sequences:
+            raise FailedPrecondition(f"sequence {seq_id} already exists on this target")
+        if len(self.sequences) >= self.max_num_seqs:
+            raise ResourceExhausted(f"target holds --max-num-seqs={self.max_num_seqs} sequences")
+        sequence = TargetSequence(
+            seq_id, list(token_ids), params, make_generator(params.seed, TARGET_STREAM), SequenceKVCache(self.loaded.model)
+        )
+        self.sequences[seq_id] = sequence
         try:
             logits = sequence.cache.extend(token_ids, logits_to_keep=1)
-            probs = process_logits(logits, params, seen_tokens(token_ids, [], self.vocab_size))
+            probs = process_logits(logits, params, penalty_context(params, token_ids, [], self.vocab_size))
             token = int(sample(probs[0], draw_exponentials(self.vocab_size, params.greedy, sequence.generator)))
         except BaseException:
             self.release(seq_id)
@@ -127,7 +125,7 @@ class TargetEngine:
             q = decode_tensor(draft_probs, "draft_probs", (k, self.vocab_size))
 
         logits = sequence.cache.extend([sequence.token_ids[-1], *draft_token_ids], logits_to_keep=k + 1)
-        p = process_logits(logits, params, seen_tokens(sequence.token_ids, draft_token_ids, self.vocab_size))
+        p = process_logits(logits, params, penalty_context(params, sequence.token_ids, draft_token_ids, self.vocab_size))
         result = rejection_sample(
             target_probs=p.unsqueeze(0),
             draft_probs=q.unsqueeze(0),
@@ -148,5 +146,4 @@ class TargetEngine:
         )
 
     def release(self, seq_id: str) -> bool:
-        with self._lock:
-            return self.sequences.pop(seq_id, None) is not None
+        return self.sequences.pop(seq_id, None) is not None
