@@ -1,0 +1,86 @@
+"""Attention through block tables, plugged into Hugging Face models as an attention function.
+
+The model keeps its own projections, RoPE and MLPs; only the attention step changes: the new
+tokens' K/V are written into the pool at their slots, and each sequence's queries attend to the
+keys its block table points at (causally, by absolute position). A batch packs many sequences'
+new tokens into one row of T tokens; each may have a different length and context.
+Without paged metadata the function is plain SDPA, so the same model object still runs
+`generate` (used by tests as the dense reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.nn.functional import scaled_dot_product_attention
+
+from splitspec.paged.kv_pool import KVPool
+
+ATTENTION_NAME = "splitspec_paged"
+
+
+@dataclass(slots=True)
+class PagedMetadata:
+    pool: KVPool
+    slot_mapping: torch.Tensor     # [T] pool slot of each new token
+    block_tables: torch.Tensor     # [B, max_blocks] padded with 0
+    query_index: torch.Tensor      # [B, max_q] index into the packed tokens (T = padding row)
+    query_positions: torch.Tensor  # [B, max_q] absolute position of each query (0 for padding)
+    packed_index: torch.Tensor     # [T] index into the flattened [B * max_q] queries
+    max_context: int               # longest context in the batch, new tokens included
+
+
+def paged_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    paged: PagedMetadata | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query: [1, heads, T, head_dim]; key/value: [1, kv_heads, T, head_dim] -> [1, T, heads, head_dim]"""
+    if paged is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    layer = module.layer_idx
+    k_cache, v_cache = paged.pool.keys[layer], paged.pool.values[layer]
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+
+    batch = paged.block_tables.shape[0]
+    keys = k_cache[paged.block_tables].reshape(batch, -1, kv_heads, head_dim)[:, : paged.max_context]
+    values = v_cache[paged.block_tables].reshape(batch, -1, kv_heads, head_dim)[:, : paged.max_context]
+    packed_queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
+    padded = torch.cat([packed_queries, packed_queries.new_zeros(1, *packed_queries.shape[1:])])
+    queries = padded[paged.query_index]        # [B, max_q, heads, head_dim]
+    key_positions = torch.arange(paged.max_context, device=query.device)
+    mask = key_positions.view(1, 1, -1) <= paged.query_positions.unsqueeze(-1)  # [B, max_q, max_context]
+    out = scaled_dot_product_attention(
+        queries.transpose(1, 2),
+        keys.transpose(1, 2).to(queries.dtype),
+        values.transpose(1, 2).to(queries.dtype),
+        attn_mask=mask.unsqueeze(1),
+        scale=scaling,
+        enable_gqa=True,
+    )  # [B, heads, max_q, head_dim]
+    heads = query.shape[1]
+    out = out.transpose(1, 2).reshape(-1, heads, head_dim)[paged.packed_index]  # [T, heads, head_dim]
+    return out.unsqueeze(0), None
+
+
+def use_paged_attention(model: Any) -> None:
+    """Register the paged attention function with transformers and switch `model` to it."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, paged_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.config._attn_implementation = ATTENTION_NAME

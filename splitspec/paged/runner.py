@@ -1,0 +1,72 @@
+"""Packed variable-length forward passes over the paged pool: one call runs many sequences'
+new tokens (prefill chunks, verification windows, draft steps) together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from splitspec.paged.attention import PagedMetadata, use_paged_attention
+from splitspec.paged.kv_pool import KVPool
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One sequence's part of a batch."""
+
+    token_ids: list[int]    # new tokens, written at positions start .. start + len - 1
+    start: int              # tokens already in the cache
+    slots: list[int]        # pool slot of each new token
+    block_table: list[int]  # the sequence's blocks, covering start + len tokens
+    num_logits: int         # logits wanted for the last num_logits new tokens
+
+
+class PagedRunner:
+    def __init__(self, model: Any, pool: KVPool) -> None:
+        self.model = model
+        self.pool = pool
+        self.device = next(model.parameters()).device
+        use_paged_attention(model)
+
+    @torch.inference_mode()
+    def forward(self, chunks: list[Chunk]) -> list[torch.Tensor]:
+        """Returns, per chunk, logits [num_logits, vocab] (float32, on the CPU)."""
+        device, lengths = self.device, [len(c.token_ids) for c in chunks]
+        total, max_q = sum(lengths), max(lengths)
+        offsets = [0]
+        for length in lengths[:-1]:
+            offsets.append(offsets[-1] + length)
+        max_blocks = max(len(c.block_table) for c in chunks)
+        query_index = torch.full((len(chunks), max_q), total, dtype=torch.long)
+        query_positions = torch.zeros((len(chunks), max_q), dtype=torch.long)
+        packed_index = torch.empty(total, dtype=torch.long)
+        logit_rows: list[int] = []
+        for b, (chunk, offset, length) in enumerate(zip(chunks, offsets, lengths)):
+            query_index[b, :length] = torch.arange(offset, offset + length)
+            query_positions[b, :length] = torch.arange(chunk.start, chunk.start + length)
+            packed_index[offset : offset + length] = torch.arange(b * max_q, b * max_q + length)
+            logit_rows.extend(range(offset + length - chunk.num_logits, offset + length))
+        metadata = PagedMetadata(
+            pool=self.pool,
+            slot_mapping=torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long, device=device),
+            block_tables=torch.tensor([c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
+                                      dtype=torch.long, device=device),
+            query_index=query_index.to(device),
+            query_positions=query_positions.to(device),
+            packed_index=packed_index.to(device),
+            max_context=max(c.start + length for c, length in zip(chunks, lengths)),
+        )
+        input_ids = torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long, device=device)
+        position_ids = query_positions.to(device)[query_index < total].unsqueeze(0)  # packed order
+        out = self.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),  # unused: no dense mask built
+            use_cache=False,
+            paged=metadata,
+            logits_to_keep=torch.tensor(logit_rows, dtype=torch.long, device=device),
+        )
+        logits = out.logits[0].float().cpu()
+        return list(torch.split(logits, [c.num_logits for c in chunks]))
