@@ -53,6 +53,7 @@ class Generation:
     finish_reason: str = ""
     spec: coordinator_pb2.SpecStats = field(default_factory=coordinator_pb2.SpecStats)
     session: DraftSession | None = None
+    preemptions: int = 0
 
     def __post_init__(self) -> None:
         self.history = list(self.request.prompt_token_ids)
@@ -64,19 +65,15 @@ class Generation:
         start = time.perf_counter()
         backend.metrics.running.inc()
         try:
-            first = await backend.target.prefill(seq_id, request.prompt_token_ids, request.params)
+            first = await backend.target.prefill(seq_id, request.prompt_token_ids, request.params,
+                                                 request.max_tokens, request.k + 1)
             backend.metrics.ttft.observe(time.perf_counter() - start)
             yield self._emit([first.token_id], [Origin.TOKEN_ORIGIN_TARGET])
             if request.k > 0 and backend.draft is not None:
                 self.session = backend.draft.open(seq_id, request.params)
             while not self.finish_reason:
                 proposal = await self._propose()
-                verdict = await backend.target.verify(
-                    seq_id,
-                    list(proposal.token_ids) if proposal else [],
-                    proposal.probs if proposal and proposal.HasField("probs") else None,
-                    len(self.history),
-                )
+                verdict = await self._verify(seq_id, proposal)
                 yield self._emit(*self._round_tokens(proposal, verdict))
             elapsed = time.perf_counter() - start
             backend.metrics.e2e_latency.observe(elapsed)
@@ -102,6 +99,24 @@ class Generation:
             await self.backend.target.release(seq_id)
         except Exception as exc:  # noqa: BLE001 - best effort; the worker may be gone
             log.warning("release failed", extra={"seq_id": seq_id, "error": repr(exc)})
+
+    async def _verify(self, seq_id: str, proposal: draft_pb2.DraftResponse | None) -> Any:
+        """Verify the proposal; when the target preempted the sequence to free memory, recompute
+        its KV from the history held here (the target queues that until blocks are free) and retry."""
+        target, request = self.backend.target, self.request
+        while True:
+            verdict = await target.verify(
+                seq_id,
+                list(proposal.token_ids) if proposal else [],
+                proposal.probs if proposal and proposal.HasField("probs") else None,
+                len(self.history),
+            )
+            if not verdict.preempted:
+                return verdict
+            self.preemptions += 1
+            log.info("sequence preempted; resuming", extra={"request_id": request.request_id})
+            await target.prefill(seq_id, self.history, request.params,
+                                 request.max_tokens - len(self.generated), request.k + 1, resume=True)
 
     def _round_k(self) -> int:
         """Tokens to draft this round; closes the draft stream once its context is exhausted."""

@@ -46,9 +46,20 @@ class TargetClient:
     async def info(self) -> common_pb2.ModelInfo:
         return await self.stub.GetModelInfo(common_pb2.ModelInfoRequest())
 
-    async def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> target_pb2.PrefillResponse:
+    async def prefill(
+        self,
+        seq_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        max_new_tokens: int,
+        num_lookahead_slots: int,
+        resume: bool = False,
+    ) -> target_pb2.PrefillResponse:
         return await self.stub.Prefill(
-            target_pb2.PrefillRequest(seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params))
+            target_pb2.PrefillRequest(
+                seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params), max_new_tokens=max_new_tokens,
+                num_lookahead_slots=num_lookahead_slots, resume=resume,
+            )
         )
 
     async def verify(

@@ -1,28 +1,36 @@
-"""Drafting for one sequence: roll back to the accepted prefix, absorb new tokens, propose k.
+"""Batched drafting over the paged KV pool.
+
+For each sequence in a step: roll back to the accepted prefix, absorb the new tokens, then draft.
+All sequences draft together: draft step j is one forward pass over every sequence still short
+of its k (the first pass feeds each sequence's uncached tokens, later passes one token each).
 
 After a proposal d_1..d_k the cache holds history + d_1..d_{k-1} (d_k was sampled, never fed).
 The next request says how many were accepted (a) and which tokens follow (the recovered or bonus
-token): the cache is cut to history + d_1..d_a and the first forward of the next proposal feeds
+token): the cache is cut to history + d_1..d_a and the first pass of the next proposal feeds
 whatever is not cached yet, d_k included when all were accepted. So the bonus token costs no
-extra round trip and no extra forward pass.
+extra round trip and no extra forward pass. All methods run on the worker's model thread, except
+`start` and `check`, which only read the sequence that their own stream owns.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from splitspec.errors import InvalidArgument
-from splitspec.kv_cache import SequenceKVCache
+from splitspec.errors import InvalidArgument, ResourceExhausted
 from splitspec.models import LoadedModel
+from splitspec.paged.block_manager import BlockManager
+from splitspec.paged.runner import Chunk, PagedRunner
+from splitspec.paged.stats import EngineStats
 from splitspec.sampling import (
     SamplingParams,
     draw_exponentials,
     make_generator,
+    penalty_context,
     process_logits,
     sample,
-    penalty_context,
 )
 
 DRAFT_STREAM = 2
@@ -33,9 +41,21 @@ class DraftSequence:
     seq_id: str
     params: SamplingParams
     generator: torch.Generator
-    cache: SequenceKVCache
     token_ids: list[int] = field(default_factory=list)
     proposal: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ProposeItem:
+    sequence: DraftSequence
+    num_accepted: int
+    new_token_ids: list[int]
+    k: int
+
+
+@dataclass(slots=True)
+class CloseItem:
+    sequence: DraftSequence
 
 
 @dataclass(slots=True)
@@ -46,59 +66,115 @@ class Proposal:
 
 
 @dataclass(slots=True)
+class _Drafting:
+    index: int
+    item: ProposeItem
+    slots: list[int]
+    feed: list[int]
+    start: int
+    seen: torch.Tensor | None
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class DraftEngine:
     loaded: LoadedModel
+    blocks: BlockManager
+    runner: PagedRunner
     max_k: int = 16
+    stats: EngineStats = field(default_factory=EngineStats)
+    open_sequences: int = 0
 
     def start(self, seq_id: str, params: SamplingParams) -> DraftSequence:
         if not seq_id:
             raise InvalidArgument("seq_id", "the first message of a stream must name the sequence")
         params.validate()
-        return DraftSequence(
-            seq_id, params, make_generator(params.seed, DRAFT_STREAM), SequenceKVCache(self.loaded.model)
-        )
+        return DraftSequence(seq_id, params, make_generator(params.seed, DRAFT_STREAM))
 
     def max_proposal(self, num_tokens: int) -> int:
         """Largest k this draft can propose after `num_tokens` tokens without passing its context."""
         return max(0, min(self.max_k, self.loaded.max_model_len + 1 - num_tokens))
 
-    def propose(self, sequence: DraftSequence, num_accepted: int, new_token_ids: list[int], k: int) -> Proposal:
-        vocab = self.loaded.vocab_size
-        if not 0 <= num_accepted <= len(sequence.proposal):
+    def check(self, item: ProposeItem) -> None:
+        sequence, vocab = item.sequence, self.loaded.vocab_size
+        if not 0 <= item.num_accepted <= len(sequence.proposal):
             raise InvalidArgument(
-                "num_accepted", f"must be in [0, {len(sequence.proposal)}] (the last proposal's length), got {num_accepted}"
+                "num_accepted",
+                f"must be in [0, {len(sequence.proposal)}] (the last proposal's length), got {item.num_accepted}",
             )
-        if not new_token_ids:
+        if not item.new_token_ids:
             raise InvalidArgument("new_token_ids", "must hold at least the token that follows the accepted prefix")
-        bad = [t for t in new_token_ids if not 0 <= t < vocab]
+        bad = [t for t in item.new_token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidArgument("new_token_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        history_len = len(sequence.token_ids)
-        limit = self.max_proposal(history_len + num_accepted + len(new_token_ids))
-        if not 1 <= k <= limit:
+        limit = self.max_proposal(len(sequence.token_ids) + item.num_accepted + len(item.new_token_ids))
+        if not 1 <= item.k <= limit:
             raise InvalidArgument(
-                "k", f"must be in [1, {limit}] here (--max-k {self.max_k}, draft context {self.loaded.max_model_len}), got {k}"
+                "k", f"must be in [1, {limit}] here (--max-k {self.max_k}, draft context {self.loaded.max_model_len}), "
+                     f"got {item.k}"
             )
-        sequence.token_ids.extend([*sequence.proposal[:num_accepted], *new_token_ids])
-        sequence.cache.truncate(history_len + num_accepted)
-        sequence.proposal = []
-        return self._draft(sequence, k)
 
-    def _draft(self, sequence: DraftSequence, k: int) -> Proposal:
+    # --- one step ------------------------------------------------------------------------------
+    def step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
+        outcomes: dict[int, Any] = {}
+        drafting: list[_Drafting] = []
+        for index, item in enumerate(items):
+            if isinstance(item, CloseItem):
+                outcomes[index] = self.blocks.free(item.sequence.seq_id)
+        for index, item in enumerate(items):
+            if isinstance(item, ProposeItem):
+                try:
+                    drafting.append(self._prepare(index, item))
+                except ResourceExhausted as exc:
+                    outcomes[index] = exc
+        for depth in range(max((d.item.k for d in drafting), default=0)):
+            active = [d for d in drafting if depth < d.item.k]
+            chunks = []
+            for d in active:
+                table = list(self.blocks.tables[d.item.sequence.seq_id].block_ids)
+                used = len(d.feed)
+                chunks.append(Chunk(d.feed, d.start, d.slots[:used], table, 1))
+                d.slots, d.start = d.slots[used:], d.start + used
+            self.stats.record_step(len(chunks), sum(len(c.token_ids) for c in chunks))
+            for d, logits in zip(active, self.runner.forward(chunks)):
+                d.feed = [self._sample(d, logits)]
+        for d in drafting:
+            sequence = d.item.sequence
+            probs = None if sequence.params.greedy else torch.stack(d.rows)
+            outcomes[d.index] = Proposal(list(sequence.proposal), probs, len(sequence.token_ids))
+        return outcomes, []
+
+    def _prepare(self, index: int, item: ProposeItem) -> _Drafting:
+        """Roll back, absorb the new tokens, and reserve the slots the whole proposal will write."""
+        sequence, seq_id = item.sequence, item.sequence.seq_id
+        history_len = len(sequence.token_ids)
+        tokens = [*sequence.token_ids, *sequence.proposal[: item.num_accepted], *item.new_token_ids]
+        if seq_id in self.blocks.tables:
+            cached = min(self.blocks.tables[seq_id].num_tokens, history_len + item.num_accepted)
+            self.blocks.truncate(seq_id, cached)
+            needed = len(tokens) - cached + item.k - 1
+            if not self.blocks.can_append(seq_id, needed):
+                raise ResourceExhausted(f"draft KV pool is full ({self.blocks.num_blocks} blocks)")
+            slots, copies = self.blocks.append_slots(seq_id, needed)
+            self.runner.pool.copy_blocks(copies)
+        else:
+            if not self.blocks.can_allocate(tokens, item.k - 1):
+                raise ResourceExhausted(f"draft KV pool is full ({self.blocks.num_blocks} blocks)")
+            cached = self.blocks.allocate(seq_id, tokens)
+            slots, _ = self.blocks.append_slots(seq_id, item.k - 1)
+            slots = self.blocks.slots(seq_id, cached, len(tokens)) + slots
+        sequence.token_ids, sequence.proposal = tokens, []
+        self.blocks.commit(seq_id, tokens)
+        seen = penalty_context(sequence.params, tokens, [], self.loaded.vocab_size)
+        return _Drafting(index, item, slots, tokens[cached:], cached, seen)
+
+    def _sample(self, drafting: _Drafting, logits: torch.Tensor) -> int:
+        sequence = drafting.item.sequence
         params, vocab = sequence.params, self.loaded.vocab_size
-        seen = penalty_context(params, sequence.token_ids, [], vocab)
-        feed = sequence.token_ids[len(sequence.cache) :]
-        drafted: list[int] = []
-        rows: list[torch.Tensor] = []
-        for _ in range(k):
-            logits = sequence.cache.extend(feed, logits_to_keep=1)
-            q = process_logits(logits, params, seen)
-            token = int(sample(q[0], draw_exponentials(vocab, params.greedy, sequence.generator)))
-            drafted.append(token)
-            rows.append(q[0])
-            if seen is not None:
-                seen[:, token] = True
-            feed = [token]
-        sequence.proposal = drafted
-        probs = None if params.greedy else torch.stack(rows)
-        return Proposal(drafted, probs, len(sequence.token_ids))
+        q = process_logits(logits, params, drafting.seen)
+        token = int(sample(q[0], draw_exponentials(vocab, params.greedy, sequence.generator)))
+        sequence.proposal.append(token)
+        drafting.rows.append(q[0])
+        if drafting.seen is not None:
+            drafting.seen[:, token] = True
+        return token

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from draft_worker.engine import DraftEngine
 from draft_worker.metrics import DraftMetrics
 from draft_worker.servicer import DraftServicer
 from splitspec.config import WorkerConfig
 from splitspec.models import LoadedModel, load_model
+from splitspec.paged.cache import CacheConfig, build_paged_cache
+from splitspec.paged.step_loop import StepLoop
 from splitspec.service import RunningServer, model_thread, registration, serve_until_signal, start_server
 from splitspec.v1 import draft_pb2, draft_pb2_grpc
 
@@ -18,24 +20,32 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True, kw_only=True)
 class DraftConfig(WorkerConfig):
+    cache: CacheConfig = field(default_factory=CacheConfig)
     max_k: int = 16
 
 
-async def start_draft(loaded: LoadedModel, port: int = 0, host: str = "127.0.0.1", max_k: int = 16) -> RunningServer:
+async def start_draft(
+    loaded: LoadedModel, port: int = 0, host: str = "127.0.0.1", max_k: int = 16, cache: CacheConfig | None = None
+) -> RunningServer:
     """Serve an already loaded draft model (used by the CLI and by in-process tests)."""
+    blocks, runner = build_paged_cache(loaded, cache or CacheConfig())
+    engine = DraftEngine(loaded, blocks, runner, max_k=max_k)
     executor = model_thread("draft-model")
+    steps = StepLoop(engine.step, executor)
+    steps.start()
     metrics = DraftMetrics()
-    engine = DraftEngine(loaded, max_k=max_k)
     register = registration(
         draft_pb2_grpc.add_DraftWorkerServicer_to_server,
-        DraftServicer(engine, metrics, executor),
+        DraftServicer(engine, metrics, steps),
         draft_pb2.DESCRIPTOR.services_by_name["DraftWorker"],
     )
-    return await start_server(register, port, host, metrics.registry, engine, executor)
+    running = await start_server(register, port, host, metrics.registry, engine, executor)
+    running.on_stop_async.append(steps.stop)
+    return running
 
 
 async def serve_draft(config: DraftConfig) -> None:
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
-    running = await start_draft(loaded, config.port, config.host, config.max_k)
+    running = await start_draft(loaded, config.port, config.host, config.max_k, config.cache)
     log.info("draft worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)

@@ -2,40 +2,40 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import AsyncIterator
 
 import grpc
 
-from draft_worker.engine import DraftEngine, DraftSequence
+from draft_worker.engine import CloseItem, DraftEngine, DraftSequence, ProposeItem
 from draft_worker.metrics import DraftMetrics
 from splitspec.codec import encode_tensor
 from splitspec.convert import sampling_from_proto
+from splitspec.paged.stats import worker_stats
+from splitspec.paged.step_loop import StepLoop
 from splitspec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
-    def __init__(self, engine: DraftEngine, metrics: DraftMetrics, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, engine: DraftEngine, metrics: DraftMetrics, steps: StepLoop) -> None:
         self.engine = engine
         self.metrics = metrics
-        self.executor = executor
+        self.steps = steps
 
     async def Propose(
         self, request_iterator: AsyncIterator[draft_pb2.DraftRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[draft_pb2.DraftResponse]:
-        loop = asyncio.get_running_loop()
         sequence: DraftSequence | None = None
         self.metrics.open_streams.inc()
+        self.engine.open_sequences += 1
         try:
             async for request in request_iterator:
                 if sequence is None:
                     sequence = self.engine.start(request.seq_id, sampling_from_proto(request.sampling))
+                item = ProposeItem(sequence, request.num_accepted, list(request.new_token_ids), request.k)
+                self.engine.check(item)
                 start = time.perf_counter()
-                proposal = await loop.run_in_executor(
-                    self.executor, self.engine.propose, sequence, request.num_accepted, list(request.new_token_ids), request.k
-                )
+                proposal = await self.steps.submit(item)
                 self.metrics.propose_seconds.observe(time.perf_counter() - start)
                 self.metrics.proposals.inc()
                 self.metrics.draft_tokens.inc(len(proposal.token_ids))
@@ -44,7 +44,14 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
                     response.probs.CopyFrom(encode_tensor(proposal.probs))
                 yield response
         finally:
+            if sequence is not None:
+                self.steps.post(CloseItem(sequence))
+            self.engine.open_sequences -= 1
             self.metrics.open_streams.dec()
 
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
         return self.engine.loaded.info(max_k=self.engine.max_k)
+
+    async def GetStats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.WorkerStats:
+        engine = self.engine
+        return worker_stats(engine.blocks, engine.stats, engine.open_sequences, len(self.steps.pending))

@@ -33,6 +33,27 @@ def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     _add_service_args(parser)
 
 
+def _add_cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool")
+    parser.add_argument("--kv-cache-memory", default=None,
+                        help="pool size as bytes (2GiB, 5e8) or a fraction of free device memory (0.3)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences held at once")
+
+
+def _cache_config(args: argparse.Namespace) -> Any:
+    from splitspec.paged.cache import CacheConfig, parse_memory
+
+    memory = None
+    if args.kv_cache_memory is not None:
+        try:
+            memory = parse_memory(args.kv_cache_memory)
+        except ValueError as exc:
+            raise ValueError(f"--kv-cache-memory {args.kv_cache_memory!r}: not a size or fraction") from exc
+    return CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=memory,
+                       max_num_seqs=args.max_num_seqs)
+
+
 def _add_service_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight RPCs get on SIGTERM")
@@ -59,10 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     target = sub.add_parser("target", help="run a target worker")
     _add_model_args(target, 50052)
-    target.add_argument("--max-num-seqs", type=int, default=256)
+    _add_cache_args(target)
+    target.add_argument("--max-batch-tokens", type=int, default=None,
+                        help="tokens per forward pass (default: max(4096, context))")
+    target.add_argument("--no-batching", action="store_true", help="one sequence per forward pass (baseline)")
 
     draft = sub.add_parser("draft", help="run a draft worker")
     _add_model_args(draft, 50053)
+    _add_cache_args(draft)
     draft.add_argument("--max-k", type=int, default=16, help="largest proposal accepted")
 
     coord = sub.add_parser("coordinator", help="run the coordinator")
@@ -118,13 +143,14 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
         from target_worker.server import TargetConfig, serve_target
 
         _set_threads(args.threads)
-        config = TargetConfig(**_worker_fields(args), max_num_seqs=args.max_num_seqs)
+        config = TargetConfig(**_worker_fields(args), cache=_cache_config(args), max_batch_tokens=args.max_batch_tokens,
+                              batching=not args.no_batching)
         run(lambda: serve_target(config))
     elif name == "draft":
         from draft_worker.server import DraftConfig, serve_draft
 
         _set_threads(args.threads)
-        config = DraftConfig(**_worker_fields(args), max_k=args.max_k)
+        config = DraftConfig(**_worker_fields(args), cache=_cache_config(args), max_k=args.max_k)
         run(lambda: serve_draft(config))
     else:
         from coordinator.server import CoordinatorConfig, serve_coordinator

@@ -28,6 +28,7 @@ def rejection_sample(
     draft_token_ids: torch.Tensor,
     uniforms: torch.Tensor,
     exponentials: torch.Tensor,
+    num_draft_tokens: torch.Tensor | None = None,
 ) -> RejectionResult:
     """Accept a prefix of each proposal and sample the one token that follows it.
 
@@ -36,20 +37,24 @@ def rejection_sample(
     draft_token_ids: [batch, k]             the proposal
     uniforms:        [batch, k]             U[0, 1) acceptance draws
     exponentials:    [batch, vocab]         Exp(1) noise for the final draw (ones = argmax)
+    num_draft_tokens: [batch]               real proposal length of each row (rows are padded to k);
+                                            default k for every row
     """
     batch, k = draft_token_ids.shape
     rows = torch.arange(batch)
+    num_draft = torch.full((batch,), k, dtype=torch.long) if num_draft_tokens is None else num_draft_tokens.long()
     if k:
         index = draft_token_ids.long().unsqueeze(-1)
         p_x = target_probs[:, :k].gather(-1, index).squeeze(-1)
         q_x = draft_probs.gather(-1, index).squeeze(-1)
-        accepted = uniforms * q_x < p_x
+        in_proposal = torch.arange(k).unsqueeze(0) < num_draft.unsqueeze(1)
+        accepted = (uniforms * q_x < p_x) & in_proposal
         num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)
-        acceptance_probs = torch.where(q_x > 0, p_x / q_x, torch.ones_like(p_x)).clamp(max=1.0)
+        acceptance_probs = torch.where(q_x > 0, p_x / q_x, torch.ones_like(p_x)).clamp(max=1.0) * in_proposal
     else:
         num_accepted = torch.zeros(batch, dtype=torch.long)
         acceptance_probs = torch.zeros(batch, 0)
-    is_bonus = num_accepted == k
+    is_bonus = num_accepted == num_draft
     p_next = target_probs[rows, num_accepted]
     if k:
         q_next = draft_probs[rows, num_accepted.clamp(max=k - 1)]

@@ -10,7 +10,7 @@ import signal
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -73,6 +73,7 @@ class RunningServer:
     registry: CollectorRegistry
     state: Any = None  # the domain object behind the servicer (engine or backend), for introspection
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    on_stop_async: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -86,6 +87,8 @@ class RunningServer:
     async def stop(self, grace: float | None = None) -> None:
         await self.set_serving(False)
         await self.server.stop(grace)
+        for hook in self.on_stop_async:
+            await hook()
         for callback in self.on_stop:
             callback()
 

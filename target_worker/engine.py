@@ -1,29 +1,37 @@
-"""The target's per-sequence state machine: prefill, verify (accept/resample/bonus), release.
+"""The target's batched engine: each step packs every runnable prefill and verification into one
+forward pass over the paged KV pool, then samples, accepts/resamples and rolls back per sequence.
 
-Invariant: a sequence's KV cache holds every token except the last one (the pending token,
-which this worker sampled and feeds first in the next verify). All methods run on the worker's
-single model thread, so they never race with each other.
+Invariant: a sequence's KV holds every token except the last one (the pending token, which this
+worker sampled and feeds first in the next verify). Admission: a prefill runs only when blocks for
+its prompt plus `num_lookahead_slots` are free. Memory pressure: when a verification cannot get its
+k + 1 slots, the newest sequence is preempted (its blocks freed, its generator state kept); its
+next verify answers `preempted` and the coordinator resumes it with a prefill of its history.
+All methods run on the worker's single model thread.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from splitspec.codec import decode_tensor
 from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from splitspec.kv_cache import SequenceKVCache
 from splitspec.models import LoadedModel
+from splitspec.paged.block_manager import BlockManager
+from splitspec.paged.runner import Chunk, PagedRunner
+from splitspec.paged.stats import EngineStats
 from splitspec.rejection import rejection_sample
 from splitspec.sampling import (
     SamplingParams,
     draw_exponentials,
     draw_uniforms,
     make_generator,
+    penalty_context,
     process_logits,
     sample,
-    penalty_context,
 )
 from splitspec.v1 import common_pb2
 
@@ -31,12 +39,33 @@ TARGET_STREAM = 1
 
 
 @dataclass(slots=True)
-class TargetSequence:
+class PrefillItem:
     seq_id: str
     token_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
-    cache: SequenceKVCache
+    max_new_tokens: int = 0
+    num_lookahead_slots: int = 1
+    resume: bool = False  # recompute KV for token_ids[:-1]; token_ids[-1] is the pending token
+
+
+@dataclass(slots=True)
+class VerifyItem:
+    seq_id: str
+    draft_token_ids: list[int]
+    draft_probs: common_pb2.Tensor | None = None
+    expected_num_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ReleaseItem:
+    seq_id: str
+
+
+@dataclass(slots=True)
+class PrefillOutcome:
+    token_id: int          # first generated token; -1 for a resume
+    num_tokens: int
+    num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
 
 
 @dataclass(slots=True)
@@ -46,104 +75,250 @@ class VerifyOutcome:
     is_bonus: bool
     acceptance_probs: list[float]
     num_tokens: int
+    preempted: bool = False
+
+
+PREEMPTED = VerifyOutcome(0, -1, False, [], 0, preempted=True)
+
+
+@dataclass(slots=True)
+class TargetSequence:
+    seq_id: str
+    token_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    admitted: int  # admission order: the largest is the newest
+
+
+@dataclass(slots=True)
+class _Planned:
+    index: int
+    sequence: TargetSequence
+    chunk: Chunk
+    item: Any
+    draft_probs: torch.Tensor | None = None
+    num_cached: int = 0
 
 
 @dataclass(slots=True)
 class TargetEngine:
     loaded: LoadedModel
+    blocks: BlockManager
+    runner: PagedRunner
     max_num_seqs: int = 256
+    max_batch_tokens: int = 4096
+    batching: bool = True
     sequences: dict[str, TargetSequence] = field(default_factory=dict)
+    suspended: dict[str, torch.Tensor] = field(default_factory=dict)  # preempted: generator state
+    stats: EngineStats = field(default_factory=EngineStats)
+    _admissions: itertools.count = field(default_factory=itertools.count)
 
     @property
     def vocab_size(self) -> int:
         return self.loaded.vocab_size
 
+    # --- checks that need no model state (run before queueing) -------------------------------
     def _check_token_ids(self, field_name: str, token_ids: list[int]) -> None:
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
             raise InvalidArgument(field_name, f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
 
-    def prefill(self, seq_id: str, token_ids: list[int], params: SamplingParams) -> tuple[int, int]:
-        """Cache the prompt's KV and sample the first token. Returns (token_id, num_tokens)."""
-        if not seq_id:
+    def check_prefill(self, item: PrefillItem) -> None:
+        if not item.seq_id:
             raise InvalidArgument("seq_id", "must not be empty")
-        if not token_ids:
+        if not item.token_ids:
             raise InvalidArgument("token_ids", "must not be empty")
-        if len(token_ids) >= self.loaded.max_model_len:
-            raise InvalidArgument(
-                "token_ids", f"{len(token_ids)} tokens leave no room in the target's {self.loaded.max_model_len}-token context"
+        limit = self.loaded.max_model_len
+        if len(item.token_ids) >= limit + item.resume:
+            raise InvalidArgument("token_ids", f"{len(item.token_ids)} tokens leave no room in the target's {limit}-token context")
+        self._check_token_ids("token_ids", item.token_ids)
+        item.params.validate()
+        if item.max_new_tokens < 0 or item.num_lookahead_slots < 1:
+            raise InvalidArgument("max_new_tokens", "max_new_tokens must be >= 0 and num_lookahead_slots >= 1")
+        worst = len(item.token_ids) + item.max_new_tokens + item.num_lookahead_slots
+        needed = self.blocks.blocks_for(min(worst, limit + item.num_lookahead_slots))
+        if needed > self.blocks.num_blocks:
+            raise ResourceExhausted(
+                f"prompt ({len(item.token_ids)} tokens) + max_tokens ({item.max_new_tokens}) + lookahead "
+                f"({item.num_lookahead_slots}) needs {needed} KV blocks of {self.blocks.block_size} tokens; "
+                f"the pool has {self.blocks.num_blocks} (--num-blocks / --kv-cache-memory)"
             )
-        self._check_token_ids("token_ids", token_ids)
-        params.validate()
-        if seq_id in self.sequences:
-            raise FailedPrecondition(f"sequence {seq_id} already exists on this target")
-        if len(self.sequences) >= self.max_num_seqs:
-            raise ResourceExhausted(f"target holds --max-num-seqs={self.max_num_seqs} sequences")
-        sequence = TargetSequence(
-            seq_id, list(token_ids), params, make_generator(params.seed, TARGET_STREAM), SequenceKVCache(self.loaded.model)
-        )
-        self.sequences[seq_id] = sequence
-        try:
-            logits = sequence.cache.extend(token_ids, logits_to_keep=1)
-            probs = process_logits(logits, params, penalty_context(params, token_ids, [], self.vocab_size))
-            token = int(sample(probs[0], draw_exponentials(self.vocab_size, params.greedy, sequence.generator)))
-        except BaseException:
-            self.release(seq_id)
-            raise
-        sequence.token_ids.append(token)
-        return token, len(sequence.token_ids)
 
-    def verify(
-        self,
-        seq_id: str,
-        draft_token_ids: list[int],
-        draft_probs: common_pb2.Tensor | None,
-        expected_num_tokens: int = 0,
-    ) -> VerifyOutcome:
-        """Score pending token + proposal in one forward pass and accept a prefix of the proposal."""
-        sequence = self.sequences.get(seq_id)
-        if sequence is None:
-            raise NotFound(f"sequence {seq_id} is not on this target (never prefilled, released, or lost)")
-        if expected_num_tokens and expected_num_tokens != len(sequence.token_ids):
+    # --- one step ------------------------------------------------------------------------------
+    def step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
+        outcomes: dict[int, Any] = {}
+        waiting: list[Any] = []
+        planned: list[_Planned] = []
+        budget = self.max_batch_tokens
+        for index, item in enumerate(items):
+            if isinstance(item, ReleaseItem):
+                outcomes[index] = self.release(item.seq_id)
+        for index, item in enumerate(items):
+            if isinstance(item, VerifyItem):
+                budget = self._plan_verify(index, item, planned, outcomes, waiting, budget)
+        blocked = False
+        for index, item in enumerate(items):
+            if isinstance(item, PrefillItem):
+                if blocked:  # first come, first served: no overtaking a waiting prefill
+                    waiting.append(item)
+                    continue
+                budget, blocked = self._plan_prefill(index, item, planned, outcomes, waiting, budget)
+        if planned:
+            self._run(planned, outcomes)
+        return outcomes, waiting
+
+    def _room_for_another(self, planned: list[_Planned], tokens: int, budget: int) -> bool:
+        if not planned:
+            return True
+        return self.batching and tokens <= budget
+
+    def _plan_verify(self, index: int, item: VerifyItem, planned: list[_Planned], outcomes: dict[int, Any],
+                     waiting: list[Any], budget: int) -> int:
+        sequence = self.sequences.get(item.seq_id)
+        try:
+            if sequence is None:
+                if item.seq_id in self.suspended:
+                    outcomes[index] = PREEMPTED
+                    return budget
+                raise NotFound(f"sequence {item.seq_id} is not on this target (never prefilled, released, or lost)")
+            draft_probs = self._check_verify(sequence, item)
+        except Exception as exc:  # noqa: BLE001 - an outcome for this item only
+            outcomes[index] = exc
+            return budget
+        k = len(item.draft_token_ids)
+        if not self._room_for_another(planned, k + 1, budget):
+            waiting.append(item)
+            return budget
+        busy = {p.sequence.seq_id for p in planned}
+        while not self.blocks.can_append(sequence.seq_id, k + 1):
+            candidates = [s for s in self.sequences.values() if s.seq_id not in busy]
+            victim = max(candidates, key=lambda s: s.admitted)
+            self._preempt(victim)
+            if victim is sequence:
+                outcomes[index] = PREEMPTED
+                return budget
+        start = len(sequence.token_ids) - 1
+        slots, copies = self.blocks.append_slots(sequence.seq_id, k + 1)
+        self.runner.pool.copy_blocks(copies)
+        chunk = Chunk([sequence.token_ids[-1], *item.draft_token_ids], start, slots,
+                      list(self.blocks.tables[sequence.seq_id].block_ids), k + 1)
+        planned.append(_Planned(index, sequence, chunk, item, draft_probs))
+        return budget - (k + 1)
+
+    def _check_verify(self, sequence: TargetSequence, item: VerifyItem) -> torch.Tensor | None:
+        if item.expected_num_tokens and item.expected_num_tokens != len(sequence.token_ids):
             raise FailedPrecondition(
-                f"sequence {seq_id} has {len(sequence.token_ids)} tokens here, the caller expected {expected_num_tokens}"
+                f"sequence {sequence.seq_id} has {len(sequence.token_ids)} tokens here, the caller expected "
+                f"{item.expected_num_tokens}"
             )
-        k = len(draft_token_ids)
+        k = len(item.draft_token_ids)
         if len(sequence.token_ids) + k > self.loaded.max_model_len:
             raise InvalidArgument(
                 "draft_token_ids",
-                f"{k} draft tokens after {len(sequence.token_ids)} tokens exceed the target's {self.loaded.max_model_len}-token context",
+                f"{k} draft tokens after {len(sequence.token_ids)} tokens exceed the target's "
+                f"{self.loaded.max_model_len}-token context",
             )
-        self._check_token_ids("draft_token_ids", draft_token_ids)
-        params = sequence.params
-        proposal = torch.tensor(draft_token_ids, dtype=torch.long)
-        if params.greedy or k == 0:
-            q = torch.nn.functional.one_hot(proposal, self.vocab_size).float()
-        elif draft_probs is None:
+        self._check_token_ids("draft_token_ids", item.draft_token_ids)
+        if sequence.params.greedy or k == 0:
+            return None
+        if item.draft_probs is None:
             raise InvalidArgument("draft_probs", "required for sampled (temperature > 0) requests")
-        else:
-            q = decode_tensor(draft_probs, "draft_probs", (k, self.vocab_size))
+        return decode_tensor(item.draft_probs, "draft_probs", (k, self.vocab_size))
 
-        logits = sequence.cache.extend([sequence.token_ids[-1], *draft_token_ids], logits_to_keep=k + 1)
-        p = process_logits(logits, params, penalty_context(params, sequence.token_ids, draft_token_ids, self.vocab_size))
-        result = rejection_sample(
-            target_probs=p.unsqueeze(0),
-            draft_probs=q.unsqueeze(0),
-            draft_token_ids=proposal.unsqueeze(0),
-            uniforms=draw_uniforms(k, params.greedy, sequence.generator).unsqueeze(0),
-            exponentials=draw_exponentials(self.vocab_size, params.greedy, sequence.generator).unsqueeze(0),
+    def _plan_prefill(self, index: int, item: PrefillItem, planned: list[_Planned], outcomes: dict[int, Any],
+                      waiting: list[Any], budget: int) -> tuple[int, bool]:
+        if item.seq_id in self.sequences:
+            outcomes[index] = FailedPrecondition(f"sequence {item.seq_id} already exists on this target")
+            return budget, False
+        cache_tokens = item.token_ids[:-1] if item.resume else item.token_ids
+        fits = (
+            len(self.sequences) < self.max_num_seqs
+            and self._room_for_another(planned, len(cache_tokens), budget)
+            and self.blocks.can_allocate(cache_tokens, item.num_lookahead_slots)
         )
-        num_accepted = int(result.num_accepted[0])
-        token = int(result.token_ids[0])
-        sequence.token_ids.extend([*draft_token_ids[:num_accepted], token])
-        sequence.cache.truncate(len(sequence.token_ids) - 1)
-        return VerifyOutcome(
-            num_accepted=num_accepted,
-            token_id=token,
-            is_bonus=bool(result.is_bonus[0]),
-            acceptance_probs=result.acceptance_probs[0].tolist(),
-            num_tokens=len(sequence.token_ids),
-        )
+        if not fits:
+            waiting.append(item)
+            return budget, True
+        state = self.suspended.pop(item.seq_id, None) if item.resume else None
+        generator = make_generator(item.params.seed, TARGET_STREAM)
+        if state is not None:
+            generator.set_state(state)
+        sequence = TargetSequence(item.seq_id, list(item.token_ids), item.params, generator, next(self._admissions))
+        self.sequences[item.seq_id] = sequence
+        cached = self.blocks.allocate(item.seq_id, cache_tokens)
+        chunk = Chunk(cache_tokens[cached:], cached, self.blocks.slots(item.seq_id, cached, len(cache_tokens)),
+                      list(self.blocks.tables[item.seq_id].block_ids), 0 if item.resume else 1)
+        planned.append(_Planned(index, sequence, chunk, item, num_cached=cached))
+        return budget - len(chunk.token_ids), False
+
+    def _run(self, planned: list[_Planned], outcomes: dict[int, Any]) -> None:
+        logits = self.runner.forward([p.chunk for p in planned])
+        self.stats.record_step(len(planned), sum(len(p.chunk.token_ids) for p in planned))
+        verifies = []
+        for plan, rows in zip(planned, logits):
+            if isinstance(plan.item, PrefillItem):
+                outcomes[plan.index] = self._finish_prefill(plan, rows)
+            else:
+                verifies.append((plan, rows))
+        if verifies:
+            for plan, outcome in zip((p for p, _ in verifies), self._accept(verifies)):
+                outcomes[plan.index] = outcome
+
+    def _finish_prefill(self, plan: _Planned, logits: torch.Tensor) -> PrefillOutcome:
+        sequence, item = plan.sequence, plan.item
+        if not item.resume:
+            params = sequence.params
+            probs = process_logits(logits, params, penalty_context(params, sequence.token_ids, [], self.vocab_size))
+            exponentials = draw_exponentials(self.vocab_size, params.greedy, sequence.generator)
+            sequence.token_ids.append(int(sample(probs[0], exponentials)))
+        self.blocks.commit(sequence.seq_id, sequence.token_ids[:-1])
+        return PrefillOutcome(-1 if item.resume else sequence.token_ids[-1], len(sequence.token_ids), plan.num_cached)
+
+    def _accept(self, verifies: list[tuple[_Planned, torch.Tensor]]) -> list[VerifyOutcome]:
+        """Batched rejection sampling over sequences with different k and sampling settings."""
+        vocab = self.vocab_size
+        k_max = max(len(p.item.draft_token_ids) for p, _ in verifies)
+        batch = len(verifies)
+        target_probs = torch.zeros(batch, k_max + 1, vocab)
+        draft_probs = torch.zeros(batch, k_max, vocab)
+        draft_ids = torch.zeros(batch, k_max, dtype=torch.long)
+        uniforms = torch.zeros(batch, k_max)
+        exponentials = torch.ones(batch, vocab)
+        num_draft = torch.zeros(batch, dtype=torch.long)
+        for row, (plan, logits) in enumerate(verifies):
+            sequence, proposal = plan.sequence, plan.item.draft_token_ids
+            params, k = sequence.params, len(proposal)
+            seen = penalty_context(params, sequence.token_ids, proposal, vocab)
+            target_probs[row, : k + 1] = process_logits(logits, params, seen)
+            if k:
+                ids = torch.tensor(proposal, dtype=torch.long)
+                draft_ids[row, :k] = ids
+                draft_probs[row, :k] = plan.draft_probs if plan.draft_probs is not None else \
+                    torch.nn.functional.one_hot(ids, vocab).float()
+            uniforms[row, :k] = draw_uniforms(k, params.greedy, sequence.generator)
+            exponentials[row] = draw_exponentials(vocab, params.greedy, sequence.generator)
+            num_draft[row] = k
+        result = rejection_sample(target_probs, draft_probs, draft_ids, uniforms, exponentials, num_draft)
+        outcomes = []
+        for row, (plan, _) in enumerate(verifies):
+            sequence, proposal = plan.sequence, plan.item.draft_token_ids
+            accepted, token = int(result.num_accepted[row]), int(result.token_ids[row])
+            sequence.token_ids.extend([*proposal[:accepted], token])
+            self.blocks.truncate(sequence.seq_id, len(sequence.token_ids) - 1)
+            self.blocks.commit(sequence.seq_id, sequence.token_ids[:-1])
+            outcomes.append(VerifyOutcome(accepted, token, bool(result.is_bonus[row]),
+                                          result.acceptance_probs[row, : len(proposal)].tolist(),
+                                          len(sequence.token_ids)))
+        return outcomes
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def _preempt(self, sequence: TargetSequence) -> None:
+        self.blocks.free(sequence.seq_id)
+        del self.sequences[sequence.seq_id]
+        self.suspended[sequence.seq_id] = sequence.generator.get_state()
+        self.stats.preemptions += 1
 
     def release(self, seq_id: str) -> bool:
-        return self.sequences.pop(seq_id, None) is not None
+        held = self.sequences.pop(seq_id, None) is not None
+        self.blocks.free(seq_id)
+        return held or self.suspended.pop(seq_id, None) is not None

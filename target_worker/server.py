@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitspec.config import WorkerConfig
+from splitspec.errors import InvalidArgument
 from splitspec.models import LoadedModel, load_model
+from splitspec.paged.cache import CacheConfig, build_paged_cache
+from splitspec.paged.step_loop import StepLoop
 from splitspec.service import RunningServer, model_thread, registration, serve_until_signal, start_server
 from splitspec.v1 import target_pb2, target_pb2_grpc
 from target_worker.engine import TargetEngine
@@ -18,24 +21,45 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True, kw_only=True)
 class TargetConfig(WorkerConfig):
-    max_num_seqs: int = 256
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    max_batch_tokens: int | None = None  # default: max(4096, the context)
+    batching: bool = True
 
 
-async def start_target(loaded: LoadedModel, port: int = 0, host: str = "127.0.0.1", max_num_seqs: int = 256) -> RunningServer:
+async def start_target(
+    loaded: LoadedModel,
+    port: int = 0,
+    host: str = "127.0.0.1",
+    cache: CacheConfig | None = None,
+    max_batch_tokens: int | None = None,
+    batching: bool = True,
+) -> RunningServer:
     """Serve an already loaded model (used by the CLI and by in-process tests)."""
+    cache = cache or CacheConfig()
+    max_batch_tokens = max_batch_tokens or max(4096, loaded.max_model_len)
+    if max_batch_tokens < loaded.max_model_len:
+        raise InvalidArgument("--max-batch-tokens", f"must be at least the context ({loaded.max_model_len}): "
+                                                    "a whole prompt is prefilled in one step")
+    blocks, runner = build_paged_cache(loaded, cache)
+    engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
+                          max_batch_tokens=max_batch_tokens, batching=batching)
     executor = model_thread("target-model")
+    steps = StepLoop(engine.step, executor)
+    steps.start()
     metrics = TargetMetrics()
-    engine = TargetEngine(loaded, max_num_seqs=max_num_seqs)
     register = registration(
         target_pb2_grpc.add_TargetWorkerServicer_to_server,
-        TargetServicer(engine, metrics, executor),
+        TargetServicer(engine, metrics, steps),
         target_pb2.DESCRIPTOR.services_by_name["TargetWorker"],
     )
-    return await start_server(register, port, host, metrics.registry, engine, executor)
+    running = await start_server(register, port, host, metrics.registry, engine, executor)
+    running.on_stop_async.append(steps.stop)
+    return running
 
 
 async def serve_target(config: TargetConfig) -> None:
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
-    running = await start_target(loaded, config.port, config.host, config.max_num_seqs)
+    running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
+                                 config.batching)
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)

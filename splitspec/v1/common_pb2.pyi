@@ -59,3 +59,37 @@ class ModelInfo(_message.Message):
     device: str
     max_k: int
     def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., bos_token_id: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., max_k: _Optional[int] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("block_size", "blocks_total", "blocks_used", "blocks_free", "utilization", "running_sequences", "waiting_requests", "preemptions", "prefix_cache_hit_rate", "steps", "mean_batch_sequences", "max_batch_sequences", "mean_batch_tokens")
+    BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_size: int
+    blocks_total: int
+    blocks_used: int
+    blocks_free: int
+    utilization: float
+    running_sequences: int
+    waiting_requests: int
+    preemptions: int
+    prefix_cache_hit_rate: float
+    steps: int
+    mean_batch_sequences: float
+    max_batch_sequences: int
+    mean_batch_tokens: float
+    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., utilization: _Optional[float] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., steps: _Optional[int] = ..., mean_batch_sequences: _Optional[float] = ..., max_batch_sequences: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ...) -> None: ...

@@ -45,6 +45,11 @@ class DraftWorkerStub:
                 request_serializer=splitspec_dot_v1_dot_common__pb2.ModelInfoRequest.SerializeToString,
                 response_deserializer=splitspec_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/splitspec.v1.DraftWorker/GetStats',
+                request_serializer=splitspec_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+                response_deserializer=splitspec_dot_v1_dot_common__pb2.WorkerStats.FromString,
+                _registered_method=True)
 
 
 class DraftWorkerServicer:
@@ -66,6 +71,12 @@ class DraftWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DraftWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -78,6 +89,11 @@ def add_DraftWorkerServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=splitspec_dot_v1_dot_common__pb2.ModelInfoRequest.FromString,
                     response_serializer=splitspec_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=splitspec_dot_v1_dot_common__pb2.StatsRequest.FromString,
+                    response_serializer=splitspec_dot_v1_dot_common__pb2.WorkerStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +150,33 @@ class DraftWorker:
             '/splitspec.v1.DraftWorker/GetModelInfo',
             splitspec_dot_v1_dot_common__pb2.ModelInfoRequest.SerializeToString,
             splitspec_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitspec.v1.DraftWorker/GetStats',
+            splitspec_dot_v1_dot_common__pb2.StatsRequest.SerializeToString,
+            splitspec_dot_v1_dot_common__pb2.WorkerStats.FromString,
             options,
             channel_credentials,
             insecure,

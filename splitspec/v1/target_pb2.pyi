@@ -8,22 +8,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class PrefillRequest(_message.Message):
-    __slots__ = ("seq_id", "token_ids", "sampling")
+    __slots__ = ("seq_id", "token_ids", "sampling", "max_new_tokens", "num_lookahead_slots", "resume")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_LOOKAHEAD_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: _common_pb2.SamplingParams
-    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    max_new_tokens: int
+    num_lookahead_slots: int
+    resume: bool
+    def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., num_lookahead_slots: _Optional[int] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("token_id", "num_tokens")
+    __slots__ = ("token_id", "num_tokens", "num_cached_tokens")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     num_tokens: int
-    def __init__(self, token_id: _Optional[int] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    num_cached_tokens: int
+    def __init__(self, token_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens")
@@ -38,18 +46,20 @@ class VerifyRequest(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("num_accepted", "token_id", "is_bonus", "acceptance_probs", "num_tokens")
+    __slots__ = ("num_accepted", "token_id", "is_bonus", "acceptance_probs", "num_tokens", "preempted")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     IS_BONUS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_PROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     token_id: int
     is_bonus: bool
     acceptance_probs: _containers.RepeatedScalarFieldContainer[float]
     num_tokens: int
-    def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., acceptance_probs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ...) -> None: ...
+    preempted: bool
+    def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., acceptance_probs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., preempted: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_id",)

@@ -108,3 +108,14 @@ def test_zero_draft_tokens_samples_the_target():
     result = rejection_sample(p, torch.zeros(1, 0, VOCAB), torch.zeros(1, 0, dtype=torch.long),
                               torch.zeros(1, 0), torch.ones(1, VOCAB))
     assert (result.num_accepted.item(), result.token_ids.item(), result.is_bonus.item()) == (0, 1, True)
+
+
+def test_rows_with_shorter_proposals_get_their_bonus_at_their_own_length():
+    one_hot = torch.nn.functional.one_hot
+    target = one_hot(torch.tensor([[4, 6, 1], [4, 6, 1]]), VOCAB).float()
+    draft = one_hot(torch.tensor([[4, 6], [4, 0]]), VOCAB).float()
+    result = rejection_sample(target, draft, torch.tensor([[4, 6], [4, 0]]), torch.zeros(2, 2),
+                              torch.ones(2, VOCAB), num_draft_tokens=torch.tensor([2, 1]))
+    assert result.num_accepted.tolist() == [2, 1]
+    assert result.token_ids.tolist() == [1, 6]  # row 1: bonus from its position 1, the padding is ignored
+    assert result.is_bonus.tolist() == [True, True]

@@ -1,4 +1,4 @@
-"""Target engine: cache rollback after rejections, errors, release."""
+"""Target engine: batched steps, rollback, errors, admission, preemption, prefix reuse."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from splitspec.codec import encode_tensor
-from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound
+from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from splitspec.sampling import SamplingParams
-from target_worker.engine import TargetEngine
+from target_worker.engine import PrefillItem, ReleaseItem, VerifyItem
+from tests.support_engines import run_one, target_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 PROMPT = [1, 70, 80, 90, 100]
@@ -19,64 +20,114 @@ def full_logits(loaded, token_ids):
         return loaded.model(torch.tensor([token_ids])).logits[0].float()
 
 
-def test_verify_keeps_cache_equal_to_history_minus_pending(tiny):
-    engine = TargetEngine(tiny["target"])
-    token, n = engine.prefill("s", PROMPT, GREEDY)
-    assert n == len(PROMPT) + 1
-    proposals = [[5, 6, 7], [token, 9], [3], []]
-    for proposal in proposals:
-        outcome = engine.verify("s", proposal, None, 0)
-        sequence = engine.sequences["s"]
-        assert len(sequence.cache) == len(sequence.token_ids) - 1 == outcome.num_tokens - 1
-    # the greedy tokens chosen must be the argmax of a fresh full forward pass at each position
+def test_verify_rolls_back_and_keeps_greedy_tokens_exact(tiny):
+    engine = target_engine(tiny["target"])
+    token = run_one(engine, PrefillItem("s", PROMPT, GREEDY)).token_id
+    for proposal in ([5, 6, 7], [token, 9], [3], [], [1, 2, 3, 4, 5, 6]):
+        outcome = run_one(engine, VerifyItem("s", proposal))
+        table = engine.blocks.tables["s"]
+        assert table.num_tokens == len(engine.sequences["s"].token_ids) - 1 == outcome.num_tokens - 1
+        assert len(table.block_ids) == engine.blocks.blocks_for(table.num_tokens)  # empty blocks returned
     tokens = engine.sequences["s"].token_ids
     expected_next = full_logits(tiny["target"], tokens[:-1]).argmax(-1)
-    generated_from = len(PROMPT) - 1
-    # every emitted non-draft token is the argmax; accepted drafts are argmax too (greedy)
-    assert tokens[generated_from + 1 :] == expected_next[generated_from:].tolist()
+    assert tokens[len(PROMPT) :] == expected_next[len(PROMPT) - 1 :].tolist()
 
 
-def test_greedy_acceptance_is_exact_match(tiny):
-    engine = TargetEngine(tiny["target"])
-    first, _ = engine.prefill("s", PROMPT, GREEDY)
-    argmax = full_logits(tiny["target"], PROMPT + [first])[-1].argmax().item()
-    wrong = (argmax + 1) % 259
-    outcome = engine.verify("s", [argmax, wrong], None, 0)
-    assert outcome.num_accepted == 1 and not outcome.is_bonus
-    assert outcome.acceptance_probs == [1.0, 0.0]
+def test_batched_verification_equals_one_at_a_time(tiny):
+    prompts = {f"s{i}": [1] + list(range(10 + i, 10 + i + 3 * i + 2)) for i in range(6)}
+    proposals = [[4, 5, 6, 7], [8], [], [9, 9], [1, 2, 3], [7, 7, 7, 7, 7]]
+    solo = target_engine(tiny["target"])
+    expected = {}
+    for (seq_id, prompt), proposal in zip(prompts.items(), proposals):
+        run_one(solo, PrefillItem(seq_id, prompt, GREEDY))
+        expected[seq_id] = run_one(solo, VerifyItem(seq_id, proposal))
+    batched = target_engine(tiny["target"])
+    outcomes, _ = batched.step([PrefillItem(s, p, GREEDY) for s, p in prompts.items()])
+    assert len(outcomes) == 6 and batched.stats.max_batch_sequences == 6
+    outcomes, _ = batched.step([VerifyItem(s, p) for s, p in zip(prompts, proposals)])
+    for index, seq_id in enumerate(prompts):
+        got, want = outcomes[index], expected[seq_id]
+        assert (got.num_accepted, got.token_id, got.is_bonus) == (want.num_accepted, want.token_id, want.is_bonus)
+        assert batched.sequences[seq_id].token_ids == solo.sequences[seq_id].token_ids
 
 
 def test_sampled_verify_requires_matching_probs(tiny):
-    engine = TargetEngine(tiny["target"])
-    engine.prefill("s", PROMPT, SamplingParams(temperature=1.0, seed=1))
+    engine = target_engine(tiny["target"])
+    run_one(engine, PrefillItem("s", PROMPT, SamplingParams(temperature=1.0, seed=1)))
     with pytest.raises(InvalidArgument, match="^draft_probs: required"):
-        engine.verify("s", [4, 5], None, 0)
+        run_one(engine, VerifyItem("s", [4, 5]))
     with pytest.raises(InvalidArgument, match=r"^draft_probs: shape \[1, 259\]"):
-        engine.verify("s", [4, 5], encode_tensor(torch.full((1, 259), 1 / 259)), 0)
-    outcome = engine.verify("s", [4, 5], encode_tensor(torch.full((2, 259), 1 / 259)), 0)
+        run_one(engine, VerifyItem("s", [4, 5], encode_tensor(torch.full((1, 259), 1 / 259))))
+    outcome = run_one(engine, VerifyItem("s", [4, 5], encode_tensor(torch.full((2, 259), 1 / 259))))
     assert 0 <= outcome.num_accepted <= 2
 
 
 def test_errors_name_the_problem(tiny):
-    engine = TargetEngine(tiny["target"])
+    engine = target_engine(tiny["target"])
     with pytest.raises(NotFound):
-        engine.verify("missing", [], None, 0)
-    engine.prefill("s", PROMPT, GREEDY)
+        run_one(engine, VerifyItem("missing", []))
+    run_one(engine, PrefillItem("s", PROMPT, GREEDY))
     with pytest.raises(FailedPrecondition, match="expected 3"):
-        engine.verify("s", [], None, 3)
+        run_one(engine, VerifyItem("s", [], None, 3))
     with pytest.raises(InvalidArgument, match="^draft_token_ids: token ids \\[999\\]"):
-        engine.verify("s", [999], None, 0)
+        run_one(engine, VerifyItem("s", [999]))
     with pytest.raises(InvalidArgument, match="^token_ids: must not be empty"):
-        engine.prefill("t", [], GREEDY)
+        engine.check_prefill(PrefillItem("t", [], GREEDY))
     with pytest.raises(InvalidArgument, match="^token_ids: 160 tokens"):
-        engine.prefill("t", [5] * 160, GREEDY)
+        engine.check_prefill(PrefillItem("t", [5] * 160, GREEDY))
     with pytest.raises(FailedPrecondition, match="already exists"):
-        engine.prefill("s", PROMPT, GREEDY)
+        run_one(engine, PrefillItem("s", PROMPT, GREEDY))
 
 
-def test_release_frees_the_sequence(tiny):
-    engine = TargetEngine(tiny["target"])
-    engine.prefill("s", PROMPT, GREEDY)
-    assert engine.release("s") is True
-    assert engine.release("s") is False
-    assert engine.sequences == {}
+def test_a_request_that_can_never_fit_is_refused_naming_the_limit(tiny):
+    engine = target_engine(tiny["target"], num_blocks=8, block_size=4)  # 32 slots
+    engine.check_prefill(PrefillItem("ok", PROMPT, GREEDY, max_new_tokens=20, num_lookahead_slots=5))
+    with pytest.raises(ResourceExhausted, match="needs 9 KV blocks .* the pool has 8"):
+        engine.check_prefill(PrefillItem("big", PROMPT, GREEDY, max_new_tokens=26, num_lookahead_slots=5))
+
+
+def test_admission_waits_for_blocks_and_release_frees_them(tiny):
+    engine = target_engine(tiny["target"], num_blocks=6, block_size=4)
+    run_one(engine, PrefillItem("a", [1] + [7] * 14, GREEDY, num_lookahead_slots=5))  # 15 + 5 slots: 5 blocks
+    outcomes, waiting = engine.step([PrefillItem("b", [1, 2, 3, 4, 5], GREEDY, num_lookahead_slots=5)])
+    assert outcomes == {} and len(waiting) == 1  # not admitted: 3 blocks needed, 2 free
+    outcomes, waiting = engine.step([ReleaseItem("a"), waiting[0]])
+    assert outcomes[0] is True and outcomes[1].token_id >= 0 and waiting == []
+    assert engine.blocks.free("b") and engine.blocks.num_free_blocks == 6
+
+
+def test_pool_pressure_preempts_the_newest_and_resume_is_exact(tiny):
+    engine = target_engine(tiny["target"], num_blocks=7, block_size=4)
+    first_a = run_one(engine, PrefillItem("a", [1] + [40] * 10, GREEDY)).token_id  # 11 tokens: 3 blocks
+    first_b = run_one(engine, PrefillItem("b", [1] + [50] * 10, GREEDY)).token_id  # 3 blocks, 1 left
+    outcomes, _ = engine.step([VerifyItem("a", [3, 4, 5, 6, 7, 8])])  # needs 2 more blocks: b must go
+    assert not outcomes[0].preempted and engine.stats.preemptions == 1
+    assert "b" not in engine.sequences and "b" in engine.suspended
+    assert run_one(engine, VerifyItem("b", [1])).preempted
+    history_b = [1] + [50] * 10 + [first_b]
+    engine.step([ReleaseItem("a")])
+    resumed = run_one(engine, PrefillItem("b", history_b, GREEDY, resume=True))
+    assert resumed.token_id == -1 and resumed.num_tokens == len(history_b)
+    after = run_one(engine, VerifyItem("b", []))
+    assert after.token_id == full_logits(tiny["target"], history_b)[-1].argmax().item()
+    assert first_a >= 0
+
+
+def test_shared_prompt_prefix_is_reused(tiny):
+    engine = target_engine(tiny["target"], num_blocks=32, block_size=4)
+    system = [1] + list(range(30, 50))  # 21 tokens: 5 full blocks
+    a = run_one(engine, PrefillItem("a", system + [60, 61], GREEDY))
+    b = run_one(engine, PrefillItem("b", system + [70, 71, 72], GREEDY))
+    assert a.num_cached_tokens == 0 and b.num_cached_tokens == 20
+    assert engine.blocks.tables["a"].block_ids[:5] == engine.blocks.tables["b"].block_ids[:5]
+    expected = full_logits(tiny["target"], system + [70, 71, 72])[-1].argmax().item()
+    assert b.token_id == expected
+    assert engine.blocks.stats().prefix_hit_rate == pytest.approx(5 / 10)
+
+
+def test_release_frees_everything(tiny):
+    engine = target_engine(tiny["target"])
+    run_one(engine, PrefillItem("s", PROMPT, GREEDY))
+    assert run_one(engine, ReleaseItem("s")) is True
+    assert run_one(engine, ReleaseItem("s")) is False
+    assert engine.sequences == {} and engine.blocks.num_free_blocks == engine.blocks.num_blocks

@@ -1,0 +1,102 @@
+"""Iteration-level batching: requests queue up while a step runs; each step takes all of them.
+
+`step(items)` runs on the model thread and returns (outcomes, waiting): an outcome (a result
+or an exception) for every item it finished, and the items it could not run yet (admission
+control); those are offered again next step, ahead of newer arrivals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+Item = TypeVar("Item")
+
+
+@dataclass(slots=True, eq=False)
+class Pending(Generic[Item]):
+    item: Item
+    future: asyncio.Future
+
+
+StepFn = Callable[[list[Any]], tuple[dict[int, Any], list[Any]]]
+
+
+@dataclass(slots=True)
+class StepLoop:
+    step: StepFn                 # (items) -> ({index: result | BaseException}, still-waiting items)
+    executor: ThreadPoolExecutor
+    pending: list[Pending] = field(default_factory=list)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task | None = None
+    steps: int = 0
+
+    def start(self) -> None:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        for entry in self.pending:
+            if not entry.future.done():
+                entry.future.set_exception(RuntimeError("worker stopped"))
+
+    async def submit(self, item: Any) -> Any:
+        """Queue `item` for the next step and wait for its outcome."""
+        return await self.post(item)
+
+    def post(self, item: Any) -> asyncio.Future:
+        """Queue `item` without waiting (clean-up from a `finally` of a cancelled call)."""
+        future = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume)
+        self.pending.append(Pending(item, future))
+        self.wake.set()
+        return future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            batch = [entry for entry in self.pending if not entry.future.done()]  # drop cancelled callers
+            self.pending = []
+            if not batch:
+                continue
+            try:
+                outcomes, waiting = await loop.run_in_executor(self.executor, self.step, [e.item for e in batch])
+            except Exception as exc:  # noqa: BLE001 - a broken step fails its batch, not the loop
+                log.exception("step failed")
+                outcomes, waiting = {i: exc for i in range(len(batch))}, []
+            self.steps += 1
+            waiting_ids = {id(item) for item in waiting}
+            kept = []
+            for index, entry in enumerate(batch):
+                if index in outcomes:
+                    _resolve(entry.future, outcomes[index])
+                elif id(entry.item) in waiting_ids:
+                    kept.append(entry)
+                else:
+                    _resolve(entry.future, RuntimeError("the step neither ran nor kept this item"))
+            self.pending = kept + self.pending
+            if outcomes and self.pending:
+                self.wake.set()  # progress was made: the waiting items may fit now
+
+
+def _consume(future: asyncio.Future) -> None:
+    """Mark an outcome nobody awaits as retrieved, so asyncio does not log it."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _resolve(future: asyncio.Future, outcome: Any) -> None:
+    if future.done():  # the caller went away
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
