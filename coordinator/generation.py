@@ -16,10 +16,13 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+import grpc
+
 from coordinator.detokenizer import TextStream
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.request import GenerationRequest
 from coordinator.workers import DraftClient, DraftSession, TargetClient
+from splitspec.errors import Unavailable
 from splitspec.v1 import coordinator_pb2, draft_pb2
 
 log = logging.getLogger(__name__)
@@ -135,7 +138,16 @@ class Generation:
         k = self._round_k()
         if k == 0 or self.session is None:
             return None
-        return await self.session.propose(self.history, k)
+        try:
+            return await self.session.propose(self.history, k)
+        except (grpc.aio.AioRpcError, Unavailable) as exc:
+            # Speculation is an optimisation: without the draft the request continues target-only.
+            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "UNAVAILABLE"
+            log.warning("draft failed; continuing target-only",
+                        extra={"request_id": self.request.request_id, "code": code})
+            self.session.close()
+            self.session = None
+            return None
 
     def _round_tokens(self, proposal: draft_pb2.DraftResponse | None, verdict: Any) -> tuple[list[int], list[int]]:
         if proposal is None:

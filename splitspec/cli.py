@@ -112,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--startup-timeout", type=float, default=600.0)
     up.add_argument("--log-level", default="warning")
 
+    stats = sub.add_parser("stats", help="show a worker's KV pool and batching figures")
+    stats.add_argument("worker", metavar="HOST:PORT", help="a target or draft worker")
+    stats.add_argument("--json", action="store_true")
+
     gen = sub.add_parser("generate", help="stream a completion from a coordinator")
     gen.add_argument("prompt", nargs="?", default=None)
     gen.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
@@ -325,6 +329,38 @@ async def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _stats(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from splitspec.service import insecure_channel
+    from splitspec.v1 import common_pb2, draft_pb2_grpc, target_pb2_grpc
+
+    async with insecure_channel(args.worker) as channel:
+        try:
+            stats = await target_pb2_grpc.TargetWorkerStub(channel).GetStats(common_pb2.StatsRequest(), timeout=10)
+            kind = "target"
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise
+            stats = await draft_pb2_grpc.DraftWorkerStub(channel).GetStats(common_pb2.StatsRequest(), timeout=10)
+            kind = "draft"
+    if args.json:
+        fields = MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+        fields.update(preemptions=stats.preemptions, steps=stats.steps)  # int64: numbers, not strings
+        print(json.dumps({"worker": kind, **fields}))
+        return 0
+    print(f"{kind} worker {args.worker}")
+    print(f"  KV blocks      {stats.blocks_used} used / {stats.blocks_free} free / {stats.blocks_total} total "
+          f"({stats.utilization:.1%}), {stats.block_size} tokens per block")
+    print(f"  sequences      {stats.running_sequences} running, {stats.waiting_requests} waiting, "
+          f"{stats.preemptions} preemptions")
+    print(f"  prefix cache   {stats.prefix_cache_hit_rate:.1%} of full prompt blocks reused")
+    print(f"  batching       {stats.steps} steps, mean {stats.mean_batch_sequences:.2f} sequences / "
+          f"{stats.mean_batch_tokens:.1f} tokens per step, max {stats.max_batch_sequences} sequences")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     import grpc
@@ -337,6 +373,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = 0
         elif args.command == "up":
             code = _up(args)
+        elif args.command == "stats":
+            code = asyncio.run(_stats(args))
         else:
             code = asyncio.run(_generate(args))
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ import torch
 from coordinator.server import CoordinatorConfig, start_coordinator
 from draft_worker.server import start_draft
 from splitspec.models import LoadedModel
+from splitspec.paged.cache import CacheConfig
 from splitspec.service import RunningServer, insecure_channel
 from splitspec.v1 import coordinator_pb2_grpc
 from target_worker.server import start_target
@@ -94,11 +95,18 @@ class Stack:
 
 
 async def start_stack(
-    target: LoadedModel, draft: LoadedModel | None, k: int = 4, max_k: int = 16
+    target: LoadedModel,
+    draft: LoadedModel | None,
+    k: int = 4,
+    max_k: int = 16,
+    target_cache: CacheConfig | None = None,
+    draft_cache: CacheConfig | None = None,
+    batching: bool = True,
 ) -> Stack:
     """Real servers on free loopback ports, in this process."""
-    target_server = await start_target(target)
-    draft_server = await start_draft(draft, max_k=max_k) if draft is not None else None
+    target_server = await start_target(target, cache=target_cache or CacheConfig(num_blocks=512), batching=batching)
+    draft_server = (await start_draft(draft, max_k=max_k, cache=draft_cache or CacheConfig(num_blocks=512))
+                    if draft is not None else None)
     coordinator = await start_coordinator(
         CoordinatorConfig(
             target=target_server.address,
