@@ -27,9 +27,9 @@ class PagedMetadata:
     slot_mapping: torch.Tensor     # [T] pool slot of each new token
     block_tables: torch.Tensor     # [B, max_blocks] padded with 0
     query_index: torch.Tensor      # [B, max_q] index into the packed tokens (T = padding row)
-    query_positions: torch.Tensor  # [B, max_q] absolute position of each query (0 for padding)
     packed_index: torch.Tensor     # [T] index into the flattened [B * max_q] queries
     max_context: int               # longest context in the batch, new tokens included
+    mask: torch.Tensor             # [B, 1, max_q, max_context] key position <= query position
 
 
 def paged_attention(
@@ -61,13 +61,11 @@ def paged_attention(
     packed_queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
     padded = torch.cat([packed_queries, packed_queries.new_zeros(1, *packed_queries.shape[1:])])
     queries = padded[paged.query_index]        # [B, max_q, heads, head_dim]
-    key_positions = torch.arange(paged.max_context, device=query.device)
-    mask = key_positions.view(1, 1, -1) <= paged.query_positions.unsqueeze(-1)  # [B, max_q, max_context]
     out = scaled_dot_product_attention(
         queries.transpose(1, 2),
         keys.transpose(1, 2).to(queries.dtype),
         values.transpose(1, 2).to(queries.dtype),
-        attn_mask=mask.unsqueeze(1),
+        attn_mask=paged.mask,
         scale=scaling,
         enable_gqa=True,
     )  # [B, heads, max_q, head_dim]

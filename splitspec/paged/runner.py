@@ -48,18 +48,20 @@ class PagedRunner:
             query_positions[b, :length] = torch.arange(chunk.start, chunk.start + length)
             packed_index[offset : offset + length] = torch.arange(b * max_q, b * max_q + length)
             logit_rows.extend(range(offset + length - chunk.num_logits, offset + length))
+        max_context = max(c.start + length for c, length in zip(chunks, lengths))
+        mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
         metadata = PagedMetadata(
             pool=self.pool,
             slot_mapping=torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long, device=device),
             block_tables=torch.tensor([c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
                                       dtype=torch.long, device=device),
             query_index=query_index.to(device),
-            query_positions=query_positions.to(device),
             packed_index=packed_index.to(device),
-            max_context=max(c.start + length for c, length in zip(chunks, lengths)),
+            max_context=max_context,
+            mask=mask.unsqueeze(1).to(device),
         )
         input_ids = torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long, device=device)
-        position_ids = query_positions.to(device)[query_index < total].unsqueeze(0)  # packed order
+        position_ids = query_positions[query_index < total].unsqueeze(0).to(device)  # packed order
         out = self.model(
             input_ids=input_ids,
             position_ids=position_ids,

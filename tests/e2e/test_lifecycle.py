@@ -127,3 +127,19 @@ async def test_unknown_sequence_on_target_is_not_found(stack):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await target_pb2_grpc.TargetWorkerStub(channel).Verify(target_pb2.VerifyRequest(seq_id="nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_request_that_could_never_fit_is_refused_at_once(tiny):
+    from splitspec.paged.cache import CacheConfig
+
+    small = await start_stack(tiny["target"], tiny["draft_noisy"], k=4,
+                              target_cache=CacheConfig(num_blocks=6, block_size=8))  # 48 slots
+    try:
+        fits = await collect(small.stub, R(prompt="hi", max_tokens=30, temperature=0.0, ignore_eos=True))
+        assert len(fits["token_ids"]) == 30
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(small.stub, R(prompt="hi", max_tokens=60, temperature=0.0))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "the pool has 6" in info.value.details() and "max_tokens (60)" in info.value.details()
+    finally:
+        await small.stop()
