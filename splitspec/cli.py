@@ -193,12 +193,15 @@ def _up(args: argparse.Namespace) -> int:
     if args.threads:
         common += ["--threads", str(args.threads)]
     target_port = _free_port()
-    commands = {"target": [*python, "target", "--model", args.target, "--port", str(target_port), *common]}
+    # Both workers size their KV pool from the same free memory: give each a share of it.
+    commands = {"target": [*python, "target", "--model", args.target, "--port", str(target_port), *common,
+                           "--kv-cache-memory", "0.3"]}
     coordinator = [*python, "coordinator", "--port", str(args.port), "--target", f"127.0.0.1:{target_port}",
                    "--k", str(args.k if args.draft else 0), "--log-level", args.log_level]
     if args.draft:
         draft_port = _free_port()
-        commands["draft"] = [*python, "draft", "--model", args.draft, "--port", str(draft_port), *common]
+        commands["draft"] = [*python, "draft", "--model", args.draft, "--port", str(draft_port), *common,
+                             "--kv-cache-memory", "0.15"]
         coordinator += ["--draft", f"127.0.0.1:{draft_port}"]
     commands["coordinator"] = coordinator
     children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}

@@ -16,6 +16,10 @@ class TargetMetrics:
     accepted_tokens: Counter = field(init=False)
     step_seconds: Histogram = field(init=False)
     running_sequences: Gauge = field(init=False)
+    kv_blocks_used: Gauge = field(init=False)
+    kv_blocks_total: Gauge = field(init=False)
+    preemptions: Gauge = field(init=False)
+    prefix_cache_hit_rate: Gauge = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -28,3 +32,8 @@ class TargetMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
         self.running_sequences = Gauge("splitspec:target_running_sequences", "Sequences holding KV", registry=r)
+        self.kv_blocks_used = Gauge("splitspec:kv_blocks_used", "KV blocks in use", registry=r)
+        self.kv_blocks_total = Gauge("splitspec:kv_blocks_total", "KV blocks in the pool", registry=r)
+        self.preemptions = Gauge("splitspec:num_preemptions", "Sequences preempted so far", registry=r)
+        self.prefix_cache_hit_rate = Gauge("splitspec:prefix_cache_hit_rate", "Full prompt blocks reused",
+                                           registry=r)

@@ -26,7 +26,12 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             return await self.steps.submit(item)
         finally:
             self.metrics.step_seconds.labels(kind).observe(time.perf_counter() - start)
+            pool = self.engine.blocks.stats()
             self.metrics.running_sequences.set(len(self.engine.sequences))
+            self.metrics.kv_blocks_used.set(pool.num_used)
+            self.metrics.kv_blocks_total.set(pool.num_blocks)
+            self.metrics.preemptions.set(self.engine.stats.preemptions)
+            self.metrics.prefix_cache_hit_rate.set(pool.prefix_hit_rate)
 
     async def Prefill(self, request: target_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> target_pb2.PrefillResponse:
         item = PrefillItem(

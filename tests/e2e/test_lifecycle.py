@@ -95,6 +95,9 @@ async def test_finished_requests_leave_no_state(stack):
     await asyncio.gather(*(collect(stack.stub, R(prompt=f"p{i}", max_tokens=12)) for i in range(8)))
     await stack.coordinator.state.drain()
     assert stack.target.state.sequences == {}
+    registry = stack.target.registry
+    assert registry.get_sample_value("splitspec:kv_blocks_used") == 0
+    assert registry.get_sample_value("splitspec:kv_blocks_total") == stack.target.state.blocks.num_blocks
 
 
 async def test_incompatible_pair_is_refused_at_startup(tiny):
