@@ -11,8 +11,7 @@ from draft_worker.servicer import DraftServicer
 from splitspec.config import WorkerConfig
 from splitspec.models import LoadedModel, load_model
 from splitspec.paged.cache import CacheConfig, build_paged_cache
-from splitspec.paged.step_loop import StepLoop
-from splitspec.service import RunningServer, model_thread, registration, serve_until_signal, start_server
+from splitspec.service import RunningServer, serve_until_signal, start_stepped_server
 from splitspec.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -30,18 +29,11 @@ async def start_draft(
     """Serve an already loaded draft model (used by the CLI and by in-process tests)."""
     blocks, runner = build_paged_cache(loaded, cache or CacheConfig())
     engine = DraftEngine(loaded, blocks, runner, max_k=max_k)
-    executor = model_thread("draft-model")
-    steps = StepLoop(engine.step, executor)
-    steps.start()
     metrics = DraftMetrics()
-    register = registration(
-        draft_pb2_grpc.add_DraftWorkerServicer_to_server,
-        DraftServicer(engine, metrics, steps),
-        draft_pb2.DESCRIPTOR.services_by_name["DraftWorker"],
+    return await start_stepped_server(
+        engine, lambda steps: DraftServicer(engine, metrics, steps), draft_pb2_grpc.add_DraftWorkerServicer_to_server,
+        draft_pb2.DESCRIPTOR.services_by_name["DraftWorker"], metrics.registry, port, host, "draft-model",
     )
-    running = await start_server(register, port, host, metrics.registry, engine, executor)
-    running.on_stop_async.append(steps.stop)
-    return running
 
 
 async def serve_draft(config: DraftConfig) -> None:

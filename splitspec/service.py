@@ -169,3 +169,26 @@ def run(main: Callable[[], "asyncio.Future | object"]) -> None:
         asyncio.run(main())
         return
     uvloop.run(main())
+
+
+async def start_stepped_server(
+    engine: Any,
+    servicer_for: Callable[[Any], Any],
+    add_to_server: Callable[[Any, grpc.aio.Server], None],
+    service: Any,
+    registry: CollectorRegistry,
+    port: int,
+    host: str,
+    thread_name: str,
+) -> RunningServer:
+    """Serve a worker whose `engine.step` runs batched steps on one model thread; `servicer_for`
+    builds the servicer around the step loop."""
+    from splitspec.paged.step_loop import StepLoop
+
+    executor = model_thread(thread_name)
+    steps = StepLoop(engine.step, executor)
+    steps.start()
+    running = await start_server(registration(add_to_server, servicer_for(steps), service), port, host, registry,
+                                 engine, executor)
+    running.on_stop_async.append(steps.stop)
+    return running

@@ -9,8 +9,7 @@ from splitspec.config import WorkerConfig
 from splitspec.errors import InvalidArgument
 from splitspec.models import LoadedModel, load_model
 from splitspec.paged.cache import CacheConfig, build_paged_cache
-from splitspec.paged.step_loop import StepLoop
-from splitspec.service import RunningServer, model_thread, registration, serve_until_signal, start_server
+from splitspec.service import RunningServer, serve_until_signal, start_stepped_server
 from splitspec.v1 import target_pb2, target_pb2_grpc
 from target_worker.engine import TargetEngine
 from target_worker.metrics import TargetMetrics
@@ -43,18 +42,11 @@ async def start_target(
     blocks, runner = build_paged_cache(loaded, cache)
     engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
                           max_batch_tokens=max_batch_tokens, batching=batching)
-    executor = model_thread("target-model")
-    steps = StepLoop(engine.step, executor)
-    steps.start()
     metrics = TargetMetrics()
-    register = registration(
-        target_pb2_grpc.add_TargetWorkerServicer_to_server,
-        TargetServicer(engine, metrics, steps),
-        target_pb2.DESCRIPTOR.services_by_name["TargetWorker"],
+    return await start_stepped_server(
+        engine, lambda steps: TargetServicer(engine, metrics, steps), target_pb2_grpc.add_TargetWorkerServicer_to_server,
+        target_pb2.DESCRIPTOR.services_by_name["TargetWorker"], metrics.registry, port, host, "target-model",
     )
-    running = await start_server(register, port, host, metrics.registry, engine, executor)
-    running.on_stop_async.append(steps.stop)
-    return running
 
 
 async def serve_target(config: TargetConfig) -> None:
