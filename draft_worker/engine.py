@@ -156,7 +156,7 @@ class DraftEngine:
             if not self.blocks.can_append(seq_id, needed):
                 raise ResourceExhausted(f"draft KV pool is full ({self.blocks.num_blocks} blocks)")
             slots, copies = self.blocks.append_slots(seq_id, needed)
-            self.runner.pool.copy_blocks(copies)
+            self.runner.copy_blocks(copies)
         else:
             if not self.blocks.can_allocate(tokens, item.k - 1):
                 raise ResourceExhausted(f"draft KV pool is full ({self.blocks.num_blocks} blocks)")

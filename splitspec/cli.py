@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--max-batch-tokens", type=int, default=None,
                         help="tokens per forward pass (default: max(4096, context))")
     target.add_argument("--no-batching", action="store_true", help="one sequence per forward pass (baseline)")
+    target.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="shard the model over N devices (N processes on a CPU)")
 
     draft = sub.add_parser("draft", help="run a draft worker")
     _add_model_args(draft, 50053)
@@ -109,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--threads", type=int, default=None)
+    up.add_argument("--tensor-parallel-size", type=int, default=1, help="passed to the target worker")
     up.add_argument("--startup-timeout", type=float, default=600.0)
     up.add_argument("--log-level", default="warning")
 
@@ -147,8 +150,11 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
         from target_worker.server import TargetConfig, serve_target
 
         _set_threads(args.threads)
+        if args.tensor_parallel_size < 1:
+            raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
         config = TargetConfig(**_worker_fields(args), cache=_cache_config(args), max_batch_tokens=args.max_batch_tokens,
-                              batching=not args.no_batching)
+                              batching=not args.no_batching, tensor_parallel_size=args.tensor_parallel_size,
+                              threads=args.threads)
         run(lambda: serve_target(config))
     elif name == "draft":
         from draft_worker.server import DraftConfig, serve_draft
@@ -195,7 +201,7 @@ def _up(args: argparse.Namespace) -> int:
     target_port = _free_port()
     # Both workers size their KV pool from the same free memory: give each a share of it.
     commands = {"target": [*python, "target", "--model", args.target, "--port", str(target_port), *common,
-                           "--kv-cache-memory", "0.3"]}
+                           "--kv-cache-memory", "0.3", "--tensor-parallel-size", str(args.tensor_parallel_size)]}
     coordinator = [*python, "coordinator", "--port", str(args.port), "--target", f"127.0.0.1:{target_port}",
                    "--k", str(args.k if args.draft else 0), "--log-level", args.log_level]
     if args.draft:

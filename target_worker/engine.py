@@ -199,7 +199,7 @@ class TargetEngine:
                 return budget
         start = len(sequence.token_ids) - 1
         slots, copies = self.blocks.append_slots(sequence.seq_id, k + 1)
-        self.runner.pool.copy_blocks(copies)
+        self.runner.copy_blocks(copies)
         chunk = Chunk([sequence.token_ids[-1], *item.draft_token_ids], start, slots,
                       list(self.blocks.tables[sequence.seq_id].block_ids), k + 1)
         planned.append(_Planned(index, sequence, chunk, item, draft_probs))

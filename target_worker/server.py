@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 from dataclasses import dataclass, field
 
+import torch
+
 from splitspec.config import WorkerConfig
-from splitspec.errors import InvalidArgument
+from splitspec.errors import InvalidArgument, Unavailable
 from splitspec.models import LoadedModel, load_model
-from splitspec.paged.cache import CacheConfig, build_paged_cache
+from splitspec.paged.cache import CacheConfig, build_paged_cache, plan_num_blocks
 from splitspec.service import RunningServer, serve_until_signal, start_stepped_server
 from splitspec.v1 import target_pb2, target_pb2_grpc
 from target_worker.engine import TargetEngine
 from target_worker.metrics import TargetMetrics
 from target_worker.servicer import TargetServicer
+from target_worker.tensor_parallel import (
+    FollowerSpec,
+    TensorParallelGroup,
+    TensorParallelRunner,
+    check_devices,
+    check_divisible,
+    free_address,
+    init_group,
+    shard_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +37,8 @@ class TargetConfig(WorkerConfig):
     cache: CacheConfig = field(default_factory=CacheConfig)
     max_batch_tokens: int | None = None  # default: max(4096, the context)
     batching: bool = True
+    tensor_parallel_size: int = 1
+    threads: int | None = None
 
 
 async def start_target(
@@ -32,6 +48,7 @@ async def start_target(
     cache: CacheConfig | None = None,
     max_batch_tokens: int | None = None,
     batching: bool = True,
+    tensor_parallel_size: int = 1,
 ) -> RunningServer:
     """Serve an already loaded model (used by the CLI and by in-process tests)."""
     cache = cache or CacheConfig()
@@ -39,7 +56,10 @@ async def start_target(
     if max_batch_tokens < loaded.max_model_len:
         raise InvalidArgument("--max-batch-tokens", f"must be at least the context ({loaded.max_model_len}): "
                                                     "a whole prompt is prefilled in one step")
-    blocks, runner = build_paged_cache(loaded, cache)
+    if tensor_parallel_size > 1:
+        blocks, runner = build_paged_cache(loaded, cache, tensor_parallel_size, TensorParallelRunner)
+    else:
+        blocks, runner = build_paged_cache(loaded, cache)
     engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
                           max_batch_tokens=max_batch_tokens, batching=batching)
     metrics = TargetMetrics()
@@ -50,8 +70,67 @@ async def start_target(
 
 
 async def serve_target(config: TargetConfig) -> None:
+    if config.tensor_parallel_size > 1:
+        await serve_tensor_parallel(config)
+        return
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
                                  config.batching)
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)
+
+
+async def serve_tensor_parallel(config: TargetConfig) -> None:
+    """Rank 0: launch ranks 1..N-1, join the group, shard, serve; stop everything if a rank dies."""
+    size = config.tensor_parallel_size
+    check_devices(config.device, size)
+    device = "cuda:0" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) \
+        else "cpu"
+    loaded = load_model(config.model, device, config.dtype, config.max_model_len)
+    check_divisible(loaded.model.config, size)
+    num_blocks = plan_num_blocks(loaded, config.cache, size)
+    spec = FollowerSpec(config.model, config.device, config.dtype, config.max_model_len, num_blocks,
+                        config.cache.block_size, config.threads, free_address(), size)
+    group = TensorParallelGroup.launch(spec)
+    try:
+        await _join_group(group, spec.address, size, device)
+        shard_model(loaded.model, 0, size)
+        cache = CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks,
+                            max_num_seqs=config.cache.max_num_seqs)
+        running = await start_target(loaded, config.port, config.host, cache, config.max_batch_tokens,
+                                     config.batching, size)
+    except BaseException:
+        group.kill()
+        raise
+    watchdog = asyncio.get_running_loop().create_task(_watch(group, running))
+    log.info("target worker serving", extra={"port": running.port, "model": config.model,
+                                             "tensor_parallel_size": size})
+    try:
+        await serve_until_signal(running, config.grace, config.metrics_port)
+    finally:
+        watchdog.cancel()
+        running.state.runner.stop_followers()
+        group.kill()
+
+
+async def _join_group(group: TensorParallelGroup, address: str, size: int, device: str) -> None:
+    joining = asyncio.get_running_loop().run_in_executor(None, init_group, address, 0, size, device)
+    while not joining.done():
+        rank = group.dead_rank()
+        if rank is not None:
+            raise Unavailable(f"tensor-parallel rank {rank} exited during startup (see its log above)")
+        await asyncio.sleep(0.2)
+    joining.result()
+
+
+async def _watch(group: TensorParallelGroup, running: RunningServer) -> None:
+    """A dead rank ends the worker: health NOT_SERVING, the other ranks killed, exit code 1."""
+    while True:
+        rank = group.dead_rank()
+        if rank is not None:
+            log.error("tensor-parallel rank died; stopping the worker", extra={"rank": rank})
+            await running.set_serving(False)
+            group.kill()
+            await asyncio.sleep(0.2)  # let in-flight RPCs carry their UNAVAILABLE out
+            os._exit(1)
+        await asyncio.sleep(0.2)

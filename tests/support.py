@@ -131,3 +131,54 @@ async def collect(stub: coordinator_pb2_grpc.CoordinatorStub, request, timeout: 
         "text": "".join(r.text for r in responses),
         "last": responses[-1],
     }
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_up(*args: str, timeout: float = 180):
+    """`splitspec up ARGS` in its own session; returns (process, coordinator address) once healthy."""
+    import select
+    import subprocess
+    import sys
+    import time
+
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "splitspec.cli", "up", "--port", str(port), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, line = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline and "splitspec is up" not in line:
+        ready, _, _ = select.select([process.stdout], [], [], 1.0)
+        if ready:
+            line = process.stdout.readline()
+        if process.poll() is not None:
+            pytest.fail(f"splitspec up exited: {process.stderr.read()[-3000:]}")
+    if "splitspec is up" not in line:
+        process.kill()
+        pytest.fail("splitspec up did not become healthy")
+    return process, f"127.0.0.1:{port}"
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid's descendants (children first)."""
+    import subprocess
+
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    found = []
+    for child in map(int, children):
+        found.append(child)
+        found.extend(process_tree(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

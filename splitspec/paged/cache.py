@@ -33,7 +33,7 @@ def parse_memory(text: str) -> float:
     return float(lowered)
 
 
-def plan_num_blocks(loaded: LoadedModel, config: CacheConfig) -> int:
+def plan_num_blocks(loaded: LoadedModel, config: CacheConfig, shards: int = 1) -> int:
     """--num-blocks if given; else enough for --max-num-seqs full-length sequences, capped by
     --kv-cache-memory (default: half of the free device memory)."""
     if config.block_size < 1:
@@ -42,7 +42,7 @@ def plan_num_blocks(loaded: LoadedModel, config: CacheConfig) -> int:
         if config.num_blocks < 1:
             raise InvalidArgument("--num-blocks", f"must be >= 1, got {config.num_blocks}")
         return config.num_blocks
-    per_block = bytes_per_block(loaded.model.config, config.block_size, loaded.dtype)
+    per_block = bytes_per_block(loaded.model.config, config.block_size, loaded.dtype) // shards
     memory = config.kv_cache_memory if config.kv_cache_memory is not None else DEFAULT_MEMORY_FRACTION
     if memory <= 0:
         raise InvalidArgument("--kv-cache-memory", f"must be > 0, got {memory}")
@@ -54,10 +54,13 @@ def plan_num_blocks(loaded: LoadedModel, config: CacheConfig) -> int:
     return num_blocks
 
 
-def build_paged_cache(loaded: LoadedModel, config: CacheConfig) -> tuple[BlockManager, PagedRunner]:
-    num_blocks = plan_num_blocks(loaded, config)
-    pool = KVPool(loaded.model.config, num_blocks, config.block_size, loaded.dtype, loaded.device)
+def build_paged_cache(
+    loaded: LoadedModel, config: CacheConfig, shards: int = 1, runner_class: type[PagedRunner] = PagedRunner
+) -> tuple[BlockManager, PagedRunner]:
+    """`shards` > 1: this rank's pool holds only its share of the KV heads (tensor parallelism)."""
+    num_blocks = plan_num_blocks(loaded, config, shards)
+    pool = KVPool(loaded.model.config, num_blocks, config.block_size, loaded.dtype, loaded.device, shards)
     log.info("kv cache allocated", extra={"num_blocks": num_blocks, "block_size": config.block_size,
                                           "bytes": num_blocks * bytes_per_block(loaded.model.config, config.block_size,
                                                                                 loaded.dtype)})
-    return BlockManager(num_blocks, config.block_size), PagedRunner(loaded.model, pool)
+    return BlockManager(num_blocks, config.block_size), runner_class(loaded.model, pool)

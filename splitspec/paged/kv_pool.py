@@ -35,8 +35,11 @@ def available_memory(device: torch.device) -> int:
 
 
 class KVPool:
-    def __init__(self, config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(self, config: Any, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 shards: int = 1) -> None:
+        """`shards` > 1: this rank holds num_kv_heads / shards heads (tensor parallelism)."""
         layers, kv_heads, head_dim = kv_heads_and_dim(config)
+        kv_heads //= shards
         shape = (num_blocks, block_size, kv_heads, head_dim)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]

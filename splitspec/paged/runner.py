@@ -30,6 +30,10 @@ class PagedRunner:
         self.device = next(model.parameters()).device
         use_paged_attention(model)
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write of whole blocks (src, dst) before they are written."""
+        self.pool.copy_blocks(copies)
+
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> list[torch.Tensor]:
         """Returns, per chunk, logits [num_logits, vocab] (float32, on the CPU)."""
