@@ -7,8 +7,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-import torch
-
 from splitspec.config import WorkerConfig
 from splitspec.errors import InvalidArgument, Unavailable
 from splitspec.models import LoadedModel, load_model
@@ -23,10 +21,10 @@ from target_worker.tensor_parallel import (
     TensorParallelGroup,
     TensorParallelRunner,
     check_devices,
-    check_divisible,
     free_address,
     init_group,
-    shard_model,
+    load_shard,
+    rank_device,
 )
 
 log = logging.getLogger(__name__)
@@ -84,17 +82,14 @@ async def serve_tensor_parallel(config: TargetConfig) -> None:
     """Rank 0: launch ranks 1..N-1, join the group, shard, serve; stop everything if a rank dies."""
     size = config.tensor_parallel_size
     check_devices(config.device, size)
-    device = "cuda:0" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) \
-        else "cpu"
-    loaded = load_model(config.model, device, config.dtype, config.max_model_len)
-    check_divisible(loaded.model.config, size)
+    device = rank_device(config.device, 0)
+    loaded = load_shard(config.model, device, config.dtype, config.max_model_len, 0, size)
     num_blocks = plan_num_blocks(loaded, config.cache, size)
     spec = FollowerSpec(config.model, config.device, config.dtype, config.max_model_len, num_blocks,
                         config.cache.block_size, config.threads, free_address(), size)
     group = TensorParallelGroup.launch(spec)
     try:
         await _join_group(group, spec.address, size, device)
-        shard_model(loaded.model, 0, size)
         cache = CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks,
                             max_num_seqs=config.cache.max_num_seqs)
         running = await start_target(loaded, config.port, config.host, cache, config.max_batch_tokens,

@@ -100,6 +100,20 @@ def shard_model(model: Any, rank: int, size: int) -> None:
     head.register_forward_hook(_gather_vocab(vocab_size))
 
 
+def load_shard(model: str, device: str, dtype: str, max_model_len: int | None, rank: int, size: int) -> Any:
+    """Load on the host, keep this rank's slice, and move only the slice to `device`."""
+    from splitspec.models import load_model, resolve_device, resolve_dtype
+
+    target = resolve_device(device)
+    dtype_name = str(resolve_dtype(dtype, target)).removeprefix("torch.")  # "auto" means what it means on `target`
+    loaded = load_model(model, "cpu", dtype_name, max_model_len)
+    check_divisible(loaded.model.config, size)
+    shard_model(loaded.model, rank, size)
+    loaded.model.to(target)
+    loaded.device = target
+    return loaded
+
+
 # --- the step message --------------------------------------------------------------------------
 
 def encode_chunks(chunks: list[Chunk]) -> list[int]:
@@ -180,7 +194,7 @@ class FollowerSpec:
     size: int
 
 
-def _rank_device(device: str, rank: int) -> str:
+def rank_device(device: str, rank: int) -> str:
     return f"cuda:{rank}" if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) else "cpu"
 
 
@@ -199,16 +213,14 @@ def _exit_when_orphaned(parent: int) -> None:
 
 def follower_main(rank: int, spec: FollowerSpec, parent: int) -> None:
     """Ranks 1..N-1: load, shard, then run every step rank 0 broadcasts until told to stop."""
-    from splitspec.models import load_model
     from splitspec.paged.kv_pool import KVPool
 
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
     if spec.threads:
         torch.set_num_threads(spec.threads)
-    device = _rank_device(spec.device, rank)
-    loaded = load_model(spec.model, device, spec.dtype, spec.max_model_len)
+    device = rank_device(spec.device, rank)
+    loaded = load_shard(spec.model, device, spec.dtype, spec.max_model_len, rank, spec.size)
     init_group(spec.address, rank, spec.size, device)
-    shard_model(loaded.model, rank, spec.size)
     pool = KVPool(loaded.model.config, spec.num_blocks, spec.block_size, loaded.dtype, loaded.device, spec.size)
     runner = PagedRunner(loaded.model, pool)
     try:

@@ -7,7 +7,6 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 from splitspec.paged.cache import CacheConfig
 from splitspec.v1 import coordinator_pb2

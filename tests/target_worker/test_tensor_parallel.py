@@ -4,12 +4,6 @@ target's greedy tokens; a killed rank stops the worker with UNAVAILABLE and no o
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import time
-
-import grpc
 import pytest
 import torch
 import torch.multiprocessing as mp
