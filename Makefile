@@ -18,7 +18,7 @@ TARGET_MODEL ?= HuggingFaceTB/SmolLM2-360M
 DRAFT_MODEL ?= HuggingFaceTB/SmolLM2-135M
 endif
 
-.PHONY: install run test proto clean
+.PHONY: install run test proto clean browser
 
 install: $(VENV)/.installed
 
@@ -40,8 +40,15 @@ run: install
 	$(BIN)/splitspec generate --coordinator 127.0.0.1:$(PORT) "$(PROMPT)" --max-tokens 96 --temperature 0.8 --seed 0; \
 	if [ -z "$(RUN_ONCE)" ]; then echo "--- serving on 127.0.0.1:$(PORT); try: $(BIN)/splitspec generate --coordinator 127.0.0.1:$(PORT) 'Tom had a dog'  (Ctrl-C stops)"; wait $$up; fi
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q -ra
+
+# Debian's Chromium for the playground's browser test (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	  else echo "make: cannot install chromium (not root, no sudo): the browser test will skip"; exit 0; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
 # Regenerate the committed gRPC stubs after editing proto/ (a test checks they match).
 proto: install

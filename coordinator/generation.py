@@ -40,6 +40,7 @@ class Backend:
     tokenizer: Any
     metrics: CoordinatorMetrics
     releases: set[asyncio.Task] = field(default_factory=set)  # in-flight Release calls
+    running: int = 0                                          # requests in flight
 
     async def drain(self) -> None:
         if self.releases:
@@ -67,6 +68,7 @@ class Generation:
         seq_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
         backend.metrics.running.inc()
+        backend.running += 1
         try:
             first = await backend.target.prefill(seq_id, request.prompt_token_ids, request.params,
                                                  request.max_tokens, request.k + 1)
@@ -91,6 +93,7 @@ class Generation:
             })
         finally:
             backend.metrics.running.dec()
+            backend.running -= 1
             if self.session is not None:
                 self.session.close()
             task = asyncio.get_running_loop().create_task(self._release(seq_id))

@@ -8,6 +8,7 @@ import grpc
 
 from coordinator.generation import Backend, Generation
 from coordinator.request import Limits, validate_request
+from splitspec.errors import Unavailable
 from splitspec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -34,3 +35,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if self.draft_info is not None:
             info.draft.CopyFrom(self.draft_info)
         return info
+
+    async def GetStats(
+        self, request: coordinator_pb2.CoordinatorStatsRequest, context: grpc.aio.ServicerContext
+    ) -> coordinator_pb2.CoordinatorStats:
+        backend = self.backend
+        stats = coordinator_pb2.CoordinatorStats(running_requests=backend.running)
+        try:
+            stats.target.CopyFrom(await backend.target.stats())
+        except grpc.aio.AioRpcError as exc:
+            raise Unavailable(f"target worker {backend.target.address}: {exc.code().name}") from exc
+        if backend.draft is not None:
+            try:
+                stats.draft.CopyFrom(await backend.draft.stats())
+            except grpc.aio.AioRpcError as exc:
+                raise Unavailable(f"draft worker {backend.draft.address}: {exc.code().name}") from exc
+        return stats

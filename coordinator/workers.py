@@ -70,6 +70,9 @@ class TargetClient:
             request.draft_probs.CopyFrom(draft_probs)
         return await self.stub.Verify(request)
 
+    async def stats(self, timeout: float = 5.0) -> common_pb2.WorkerStats:
+        return await self.stub.GetStats(common_pb2.StatsRequest(), timeout=timeout)
+
     async def release(self, seq_id: str) -> None:
         await self.stub.Release(target_pb2.ReleaseRequest(seq_id=seq_id), timeout=10.0)
 
@@ -89,6 +92,9 @@ class DraftClient:
 
     async def info(self) -> common_pb2.ModelInfo:
         return await self.stub.GetModelInfo(common_pb2.ModelInfoRequest())
+
+    async def stats(self, timeout: float = 5.0) -> common_pb2.WorkerStats:
+        return await self.stub.GetStats(common_pb2.StatsRequest(), timeout=timeout)
 
     def open(self, seq_id: str, params: SamplingParams) -> "DraftSession":
         return DraftSession(self.stub.Propose(), seq_id, params)

@@ -111,8 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--threads", type=int, default=None)
     up.add_argument("--tensor-parallel-size", type=int, default=1, help="passed to the target worker")
+    up.add_argument("--http-port", type=int, default=8000, help="the gateway's port (0: no gateway)")
+    up.add_argument("--api-key", default=None, help="passed to the gateway")
     up.add_argument("--startup-timeout", type=float, default=600.0)
     up.add_argument("--log-level", default="warning")
+
+    gateway = sub.add_parser("gateway", help="run the OpenAI-compatible HTTP gateway")
+    gateway.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
+    gateway.add_argument("--port", type=int, default=8000)
+    gateway.add_argument("--host", default="0.0.0.0")
+    gateway.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1")
+    gateway.add_argument("--served-model-name", default=None, help="default: the target's model path/id")
+    gateway.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
+    gateway.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    gateway.add_argument("--log-level", default="info")
 
     stats = sub.add_parser("stats", help="show a worker's KV pool and batching figures")
     stats.add_argument("worker", metavar="HOST:PORT", help="a target or draft worker")
@@ -161,6 +173,13 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
         _set_threads(args.threads)
         config = DraftConfig(**_worker_fields(args), cache=_cache_config(args), max_k=args.max_k)
         run(lambda: serve_draft(config))
+    elif name == "gateway":
+        from gateway.server import GatewaySettings, serve_gateway
+
+        settings = GatewaySettings(coordinator=args.coordinator, port=args.port, host=args.host, api_key=args.api_key,
+                                   served_model_name=args.served_model_name, tokenizer=args.tokenizer,
+                                   max_body_bytes=args.max_body_bytes)
+        run(lambda: serve_gateway(settings))
     else:
         from coordinator.server import CoordinatorConfig, serve_coordinator
 
@@ -192,6 +211,17 @@ def _serving(address: str) -> bool:
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _http_ok(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 def _up(args: argparse.Namespace) -> int:
     python = [sys.executable, "-m", "splitspec.cli"]
     common = ["--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1", "--log-level", args.log_level]
@@ -209,6 +239,11 @@ def _up(args: argparse.Namespace) -> int:
                              "--kv-cache-memory", "0.15"]
         coordinator += ["--draft", f"127.0.0.1:{draft_port}"]
     commands["coordinator"] = coordinator
+    if args.http_port:
+        commands["gateway"] = [*python, "gateway", "--coordinator", f"127.0.0.1:{args.port}", "--port",
+                               str(args.http_port), "--host", "127.0.0.1", "--log-level", args.log_level]
+        if args.api_key:
+            commands["gateway"] += ["--api-key", args.api_key]
     children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
 
     stopping = False
@@ -232,9 +267,10 @@ def _up(args: argparse.Namespace) -> int:
                 code = EXIT_FAILURE
                 break
             if not ready:
-                if _serving(address):
+                if _serving(address) and (not args.http_port or _http_ok(args.http_port)):
                     ready = True
-                    print(f"splitspec is up: coordinator at {address} (Ctrl-C stops it)", flush=True)
+                    web = f", HTTP at http://127.0.0.1:{args.http_port}" if args.http_port else ""
+                    print(f"splitspec is up: coordinator at {address}{web} (Ctrl-C stops it)", flush=True)
                 elif time.monotonic() > deadline:
                     print(f"splitspec up: not healthy after {args.startup_timeout:.0f}s", file=sys.stderr)
                     code = EXIT_FAILURE
@@ -376,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from splitspec.errors import SplitspecError
 
     try:
-        if args.command in ("target", "draft", "coordinator"):
+        if args.command in ("target", "draft", "coordinator", "gateway"):
             _run_service(args, args.command)
             code = 0
         elif args.command == "up":

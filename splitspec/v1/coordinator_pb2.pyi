@@ -102,3 +102,17 @@ class CoordinatorInfo(_message.Message):
     default_k: int
     max_k: int
     def __init__(self, target: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., draft: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., default_k: _Optional[int] = ..., max_k: _Optional[int] = ...) -> None: ...
+
+class CoordinatorStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CoordinatorStats(_message.Message):
+    __slots__ = ("running_requests", "target", "draft")
+    RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    running_requests: int
+    target: _common_pb2.WorkerStats
+    draft: _common_pb2.WorkerStats
+    def __init__(self, running_requests: _Optional[int] = ..., target: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ..., draft: _Optional[_Union[_common_pb2.WorkerStats, _Mapping]] = ...) -> None: ...

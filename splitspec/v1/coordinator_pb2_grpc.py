@@ -44,6 +44,11 @@ class CoordinatorStub:
                 request_serializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorInfoRequest.SerializeToString,
                 response_deserializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorInfo.FromString,
                 _registered_method=True)
+        self.GetStats = channel.unary_unary(
+                '/splitspec.v1.Coordinator/GetStats',
+                request_serializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorStatsRequest.SerializeToString,
+                response_deserializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorStats.FromString,
+                _registered_method=True)
 
 
 class CoordinatorServicer:
@@ -63,6 +68,13 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStats(self, request, context):
+        """Requests in flight and each worker's stats; UNAVAILABLE when a required worker does not answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CoordinatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorInfoRequest.FromString,
                     response_serializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorInfo.SerializeToString,
+            ),
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorStatsRequest.FromString,
+                    response_serializer=splitspec_dot_v1_dot_coordinator__pb2.CoordinatorStats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -131,6 +148,33 @@ class Coordinator:
             '/splitspec.v1.Coordinator/GetModelInfo',
             splitspec_dot_v1_dot_coordinator__pb2.CoordinatorInfoRequest.SerializeToString,
             splitspec_dot_v1_dot_coordinator__pb2.CoordinatorInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitspec.v1.Coordinator/GetStats',
+            splitspec_dot_v1_dot_coordinator__pb2.CoordinatorStatsRequest.SerializeToString,
+            splitspec_dot_v1_dot_coordinator__pb2.CoordinatorStats.FromString,
             options,
             channel_credentials,
             insecure,

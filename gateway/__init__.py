@@ -1,0 +1,1 @@
+"""Web gateway: OpenAI-compatible HTTP API with SSE streaming, Prometheus metrics, and a playground."""

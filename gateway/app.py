@@ -1,0 +1,219 @@
+"""The FastAPI application: OpenAI-compatible routes, health, metrics and the playground."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from gateway.completions import ChoiceDelta, merged, open_choices
+from gateway.errors import OpenAIError, from_grpc
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now, spec_stats
+from splitspec.service import insecure_channel
+from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "function-after", "function-before"}
+
+
+@dataclass(slots=True)
+class GatewayConfig:
+    coordinator: str
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+
+
+def _param(error: dict) -> str | None:
+    parts: list[str] = []
+    for part in error.get("loc", ()):
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part):
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+def _sse(payload: Any) -> str:
+    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
+
+
+def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | None = None) -> FastAPI:
+    metrics = metrics or GatewayMetrics()
+    app = FastAPI(title="splitspec gateway", docs_url=None, redoc_url=None)
+    channel = insecure_channel(config.coordinator)
+    stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+    app.state.metrics, app.state.channel = metrics, channel
+
+    @app.exception_handler(OpenAIError)
+    async def openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
+        metrics.http_errors.labels(str(exc.status)).inc()
+        return exc.response()
+
+    def authorize(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else ""
+        if not secrets.compare_digest(token.encode(), config.api_key.encode()):
+            raise OpenAIError(401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error",
+                              None, "invalid_api_key")
+
+    async def parse(request: Request, model: type[BaseModel]) -> Any:
+        authorize(request)
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
+            raise OpenAIError(413, f"request body exceeds {config.max_body_bytes} bytes", param=None,
+                              code="body_too_large")
+        body = await request.body()
+        if len(body) > config.max_body_bytes:
+            raise OpenAIError(413, f"request body exceeds {config.max_body_bytes} bytes", code="body_too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OpenAIError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
+        if not isinstance(data, dict):
+            raise OpenAIError(400, "the body must be a JSON object", code="invalid_json")
+        try:
+            parsed = model.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            param = _param(first)
+            raise OpenAIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from exc
+        if parsed.model != config.model_name:
+            raise OpenAIError(404, f"model {parsed.model!r} does not exist; this server serves {config.model_name!r}",
+                              "not_found_error", "model", "model_not_found")
+        return parsed
+
+    async def start(request: SamplingFields) -> tuple[list, list[ChoiceDelta]]:
+        try:
+            return await open_choices(stub, tokenizer, request, metrics)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc) from exc
+
+    async def respond(body: SamplingFields, chat: bool) -> Response:
+        streams, firsts = await start(body)
+        metrics.running.inc(len(streams))
+        kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
+        request_id, created = new_id(kind[0]), now()
+        if body.stream:
+            return StreamingResponse(stream_events(body, chat, streams, firsts, request_id, created, kind[1]),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            choices: dict[int, dict[str, Any]] = {}
+            async for delta in merged(streams, firsts):
+                choice = choices.setdefault(delta.index, {"text": "", "tokens": 0})
+                choice["text"] += delta.text
+                if delta.finish_reason:
+                    choice.update(finish_reason=delta.finish_reason, tokens=delta.completion_tokens,
+                                  prompt_tokens=delta.prompt_tokens, spec=delta.spec)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc(exc) from exc
+        finally:
+            metrics.running.dec(len(streams))
+        ordered = [choices[i] for i in sorted(choices)]
+        return JSONResponse({
+            "id": request_id,
+            "object": kind[1],
+            "created": created,
+            "model": config.model_name,
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
+                 "logprobs": None} if chat else
+                {"index": i, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
+                for i, c in enumerate(ordered)
+            ],
+            "usage": usage(ordered, body.n),
+            "splitspec": combined_spec(ordered),
+        })
+
+    def usage(choices: list[dict[str, Any]], n: int) -> dict[str, int]:
+        prompt = sum(c.get("prompt_tokens", 0) for c in choices[::n])  # each prompt counted once
+        completion = sum(c["tokens"] for c in choices)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def combined_spec(choices: list[dict[str, Any]]) -> dict[str, Any]:
+        specs = [c.get("spec") or {} for c in choices]
+        return spec_stats(sum(s.get("draft_tokens", 0) for s in specs), sum(s.get("accepted_tokens", 0) for s in specs),
+                          sum(s.get("rounds", 0) for s in specs))
+
+    async def stream_events(body: SamplingFields, chat: bool, streams: list, firsts: list[ChoiceDelta],
+                            request_id: str, created: int, object_name: str) -> AsyncIterator[str]:
+        chunk_object = "chat.completion.chunk" if chat else object_name
+        finished: list[dict[str, Any]] = []
+        started_roles: set[int] = set()
+        try:
+            async for delta in merged(streams, firsts):
+                choice: dict[str, Any] = {"index": delta.index, "finish_reason": delta.finish_reason, "logprobs": None}
+                if chat:
+                    choice["delta"] = {"content": delta.text}
+                    if delta.index not in started_roles:
+                        choice["delta"]["role"] = "assistant"
+                        started_roles.add(delta.index)
+                else:
+                    choice["text"] = delta.text
+                choice["splitspec"] = {"token_ids": delta.token_ids, "origins": delta.origins, "pieces": delta.pieces}
+                if delta.finish_reason:
+                    choice["splitspec"]["stats"] = delta.spec
+                    finished.append({"tokens": delta.completion_tokens, "prompt_tokens": delta.prompt_tokens,
+                                     "spec": delta.spec, "index": delta.index})
+                yield _sse({"id": request_id, "object": chunk_object, "created": created, "model": config.model_name,
+                            "choices": [choice]})
+            if body.stream_options is not None and body.stream_options.include_usage:
+                finished.sort(key=lambda c: c["index"])
+                yield _sse({"id": request_id, "object": chunk_object, "created": created, "model": config.model_name,
+                            "choices": [], "usage": usage(finished, body.n), "splitspec": combined_spec(finished)})
+        except grpc.aio.AioRpcError as exc:  # mid-stream failure: an error event, then [DONE]
+            error = from_grpc(exc)
+            metrics.http_errors.labels(str(error.status)).inc()
+            yield _sse(error.body())
+        finally:
+            metrics.running.dec(len(streams))
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await respond(await parse(request, CompletionRequest), chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await respond(await parse(request, ChatCompletionRequest), chat=True)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [
+            {"id": config.model_name, "object": "model", "created": now(), "owned_by": "splitspec"}]})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        try:
+            stats = await stub.GetStats(coordinator_pb2.CoordinatorStatsRequest(), timeout=5)
+        except grpc.aio.AioRpcError as exc:
+            return JSONResponse({"status": "unavailable", "detail": exc.details() or exc.code().name}, status_code=503)
+        return JSONResponse({"status": "ok", "running_requests": stats.running_requests})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        try:
+            metrics.update_from(await stub.GetStats(coordinator_pb2.CoordinatorStatsRequest(), timeout=2))
+        except grpc.aio.AioRpcError:
+            log.warning("metrics: coordinator stats unavailable")
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/")
+    async def playground() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    return app

@@ -1,0 +1,171 @@
+"""Turning an OpenAI request into coordinator streams, and their output into OpenAI responses.
+
+`n` choices (times the prompts of a batched completion) run as concurrent Generate streams whose
+deltas are merged as they arrive. Each choice also feeds its tokens through a TextStream of its
+own, so the stream can carry one text piece per token (with its origin) for the playground. The
+authoritative `text` / `delta.content` is the coordinator's, which already withholds stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import grpc
+
+from coordinator.detokenizer import TextStream
+from gateway.metrics import GatewayMetrics
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, spec_stats
+from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
+
+ORIGIN_NAMES = {
+    coordinator_pb2.TOKEN_ORIGIN_TARGET: "target",
+    coordinator_pb2.TOKEN_ORIGIN_ACCEPTED: "accepted",
+    coordinator_pb2.TOKEN_ORIGIN_RECOVERED: "recovered",
+    coordinator_pb2.TOKEN_ORIGIN_BONUS: "bonus",
+}
+PLAIN_CHAT_SUFFIX = "assistant:"
+
+
+def render_chat(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+    """The tokenizer's chat template when it has one; otherwise the documented plain fallback:
+    one "role: content" line per message, then "assistant:" (BOS added by the tokenizer)."""
+    messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + PLAIN_CHAT_SUFFIX
+    return list(tokenizer(text).input_ids)
+
+
+def prompts_of(tokenizer: Any, request: SamplingFields) -> list[str | list[int]]:
+    if isinstance(request, ChatCompletionRequest):
+        return [render_chat(tokenizer, request)]
+    assert isinstance(request, CompletionRequest)
+    prompt = request.prompt
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def generate_request(request: SamplingFields, prompt: str | list[int], choice: int) -> coordinator_pb2.GenerateRequest:
+    message = coordinator_pb2.GenerateRequest(ignore_eos=request.ignore_eos)
+    if isinstance(prompt, str):
+        message.prompt = prompt
+    else:
+        message.prompt_token_ids.extend(prompt)
+    if request.token_limit is not None:
+        message.max_tokens = request.token_limit
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+        value = getattr(request, name)
+        if value is not None:
+            setattr(message, name, value)
+    if request.top_k is not None:
+        message.top_k = max(request.top_k, 0)
+    # n > 1 with a seed: seed, seed + 1, ... so the choices differ and the request stays reproducible
+    message.seed = request.seed + choice if request.seed is not None else secrets.randbits(63)
+    if request.stop:
+        message.stop.extend(request.stop)
+    if request.speculative is not None and request.speculative.k is not None:
+        message.k = request.speculative.k
+    return message
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    token_ids: list[int]
+    origins: list[str]
+    pieces: list[str]
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    spec: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class ChoiceStream:
+    """One choice: a coordinator Generate stream plus the per-token text pieces."""
+
+    index: int
+    call: Any
+    pieces: TextStream
+    metrics: GatewayMetrics
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    accepted_run: int = 0  # accepted tokens of the round in progress (per-position metrics)
+
+    async def next(self) -> ChoiceDelta | None:
+        response = await self.call.read()
+        if response is grpc.aio.EOF:
+            return None
+        pieces = []
+        for token in response.token_ids:
+            self.pieces.add(token)
+            pieces.append(self.pieces.delta(final=False))
+        if response.token_ids and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+            self.metrics.ttft.observe(self.first_token_at - self.started)
+        origins = [ORIGIN_NAMES.get(o, "target") for o in response.origins]
+        self.accepted_run = self.metrics.record_origins(origins, self.accepted_run)
+        delta = ChoiceDelta(self.index, response.text, list(response.token_ids), origins, pieces)
+        if response.finish_reason:
+            spec = response.spec
+            delta.finish_reason = response.finish_reason
+            delta.completion_tokens = response.usage.completion_tokens
+            delta.prompt_tokens = response.usage.prompt_tokens
+            delta.spec = spec_stats(spec.draft_tokens, spec.accepted_tokens, spec.rounds)
+            self.metrics.record_finished(self, response)
+        return delta
+
+    def cancel(self) -> None:
+        self.call.cancel()
+
+
+async def open_choices(stub: coordinator_pb2_grpc.CoordinatorStub, tokenizer: Any, request: SamplingFields,
+                       metrics: GatewayMetrics) -> tuple[list[ChoiceStream], list[ChoiceDelta]]:
+    """Start every choice's stream and wait for its first message, so that request errors surface
+    as HTTP errors before any streaming starts. Returns the streams and their first deltas."""
+    streams: list[ChoiceStream] = []
+    for prompt_index, prompt in enumerate(prompts_of(tokenizer, request)):
+        prompt_ids = prompt if isinstance(prompt, list) else list(tokenizer(prompt).input_ids)
+        for n in range(request.n):
+            index = prompt_index * request.n + n
+            call = stub.Generate(generate_request(request, prompt, n))
+            streams.append(ChoiceStream(index, call, TextStream(tokenizer, prompt_ids), metrics))
+    try:
+        firsts = await asyncio.gather(*(s.next() for s in streams))
+    except BaseException:
+        for stream in streams:
+            stream.cancel()
+        raise
+    return streams, [f for f in firsts if f is not None]
+
+
+async def merged(streams: list[ChoiceStream], firsts: list[ChoiceDelta]) -> AsyncIterator[ChoiceDelta]:
+    """Yield deltas of all choices as they arrive (each choice's in order)."""
+    for first in firsts:
+        yield first
+    live = {asyncio.ensure_future(s.next()): s for s, f in zip(streams, firsts) if f.finish_reason is None}
+    try:
+        while live:
+            done, _ = await asyncio.wait(live, return_when=asyncio.FIRST_COMPLETED)
+            for future in done:
+                stream = live.pop(future)
+                delta = future.result()
+                if delta is None:
+                    continue
+                yield delta
+                if delta.finish_reason is None:
+                    live[asyncio.ensure_future(stream.next())] = stream
+    finally:
+        for future in live:
+            future.cancel()
+        for stream in streams:
+            stream.cancel()
