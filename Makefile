@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PORT ?= 50051
+HTTP_PORT ?= 8000
 PROMPT ?= Once upon a time
 MODEL_DIR ?= $(SPLITSPEC_MODEL_DIR)
 ifneq ($(strip $(MODEL_DIR)),)
@@ -31,14 +32,14 @@ $(VENV)/.installed: pyproject.toml
 # Start target + draft + coordinator, stream one sample, keep serving until Ctrl-C.
 run: install
 	@set -e; log=$$(mktemp); \
-	$(BIN)/splitspec up --target "$(TARGET_MODEL)" --draft "$(DRAFT_MODEL)" --port $(PORT) >"$$log" 2>&1 & up=$$!; \
+	$(BIN)/splitspec up --target "$(TARGET_MODEL)" --draft "$(DRAFT_MODEL)" --port $(PORT) --http-port $(HTTP_PORT) >"$$log" 2>&1 & up=$$!; \
 	trap 'kill -TERM $$up 2>/dev/null; wait $$up; rm -f "$$log"' EXIT INT TERM; \
 	until grep -q "splitspec is up" "$$log"; do \
 	  if ! kill -0 $$up 2>/dev/null; then cat "$$log"; exit 1; fi; sleep 0.5; done; \
 	grep "splitspec is up" "$$log"; \
 	echo "--- sample (temperature 0.8, k=4):"; printf "%s" "$(PROMPT)"; \
 	$(BIN)/splitspec generate --coordinator 127.0.0.1:$(PORT) "$(PROMPT)" --max-tokens 96 --temperature 0.8 --seed 0; \
-	if [ -z "$(RUN_ONCE)" ]; then echo "--- serving on 127.0.0.1:$(PORT); try: $(BIN)/splitspec generate --coordinator 127.0.0.1:$(PORT) 'Tom had a dog'  (Ctrl-C stops)"; wait $$up; fi
+	if [ -z "$(RUN_ONCE)" ]; then echo "--- serving: playground and OpenAI API at http://127.0.0.1:$(HTTP_PORT), gRPC at 127.0.0.1:$(PORT) (Ctrl-C stops)"; wait $$up; fi
 
 test: install browser
 	$(BIN)/python -m pytest -q -ra

@@ -149,6 +149,8 @@ def launch_up(*args: str, timeout: float = 180):
     import time
 
     port = free_port()
+    if "--http-port" not in args:
+        args = (*args, "--http-port", "0")  # no gateway unless the test asks for one
     process = subprocess.Popen([sys.executable, "-m", "splitspec.cli", "up", "--port", str(port), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, line = time.monotonic() + timeout, ""

@@ -33,7 +33,7 @@ def up(tiny_dirs):
     port = free_port()
     process = subprocess.Popen(
         [*SPLITSPEC, "up", "--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft_noisy"]),
-         "--port", str(port), "--k", "3", "--threads", "1"],
+         "--port", str(port), "--k", "3", "--threads", "1", "--http-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.monotonic() + 120
@@ -121,7 +121,7 @@ def test_unreachable_worker_is_one_line():
 def test_sigterm_stops_all_services(up):
     process, address = up
     children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
-    assert len(children) == 3
+    assert len(children) == 3  # target, draft, coordinator (no gateway: --http-port 0)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == 0
     for pid in children:
