@@ -5,6 +5,13 @@ sequence with "stop" (the token is kept in token_ids, not in text); a completed 
 it with "stop" and is not emitted; reaching max_tokens ends it with "length". Speculation is
 skipped for a round when only one token is left, and switched off for good once the sequence
 would outgrow the draft's context; the request then continues target-only on the same path.
+
+Faults never lose a token: tokens are streamed only after a verify succeeded, and the history
+held here is the truth. A draft that fails or misses --draft-timeout is replaced by another draft
+replica (which gets the whole history) or the request goes on target-only. A target that fails
+(transport error, deadline, lost sequence) is marked unhealthy; the request is re-prefilled from
+its history on another replica and the round is verified again there. Verify is never retried on
+the same worker. The client's deadline bounds every downstream call.
 """
 
 from __future__ import annotations
@@ -20,25 +27,37 @@ import grpc
 
 from coordinator.detokenizer import TextStream
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.pool import Endpoint, WorkerPool
 from coordinator.request import GenerationRequest
-from coordinator.workers import DraftClient, DraftSession, TargetClient
-from splitspec.errors import Unavailable
+from coordinator.workers import DraftSession
+from splitspec.errors import DeadlineExceeded, Unavailable
 from splitspec.v1 import coordinator_pb2, draft_pb2
 
 log = logging.getLogger(__name__)
 Origin = coordinator_pb2.TokenOrigin
+# Statuses that mean "this worker cannot carry the request on", not "the request is wrong".
+WORKER_FAILURES = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+})
+
+
+@dataclass(slots=True, frozen=True)
+class Timeouts:
+    target: float = 30.0   # longest a prefill or verify may take before the worker counts as failed
+    draft: float = 5.0     # --draft-timeout: longest a proposal may take before speculation moves on
 
 
 @dataclass(slots=True)
 class Backend:
-    """What every request needs: the workers, their limits, and the tokenizer."""
+    """What every request needs: the worker pools, their limits, and the tokenizer."""
 
-    target: TargetClient
-    draft: DraftClient | None
-    draft_max_len: int
+    targets: WorkerPool
+    drafts: WorkerPool | None
     eos_token_ids: frozenset[int]
     tokenizer: Any
     metrics: CoordinatorMetrics
+    timeouts: Timeouts = field(default_factory=Timeouts)
     releases: set[asyncio.Task] = field(default_factory=set)  # in-flight Release calls
     running: int = 0                                          # requests in flight
 
@@ -46,18 +65,37 @@ class Backend:
         if self.releases:
             await asyncio.gather(*self.releases, return_exceptions=True)
 
+    def release_later(self, endpoint: Endpoint, seq_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(_release(endpoint, seq_id))
+        self.releases.add(task)
+        task.add_done_callback(self.releases.discard)
+
+
+async def _release(endpoint: Endpoint, seq_id: str) -> None:
+    try:
+        await endpoint.client.release(seq_id)
+    except Exception as exc:  # noqa: BLE001 - best effort; the worker may be gone
+        log.info("release failed", extra={"seq_id": seq_id, "address": endpoint.address, "error": repr(exc)})
+
 
 @dataclass(slots=True)
 class Generation:
     request: GenerationRequest
     backend: Backend
+    deadline: float | None = None  # time.monotonic() by which the client wants its answer
     history: list[int] = field(init=False)
     generated: list[int] = field(default_factory=list)
     text: TextStream = field(init=False)
     finish_reason: str = ""
     spec: coordinator_pb2.SpecStats = field(default_factory=coordinator_pb2.SpecStats)
+    seq_id: str = ""
+    target: Endpoint | None = None
+    draft: Endpoint | None = None
     session: DraftSession | None = None
+    tried_targets: set[str] = field(default_factory=set)
+    tried_drafts: set[str] = field(default_factory=set)
     preemptions: int = 0
+    failovers: int = 0
 
     def __post_init__(self) -> None:
         self.history = list(self.request.prompt_token_ids)
@@ -65,99 +103,187 @@ class Generation:
 
     async def stream(self) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         request, backend = self.request, self.backend
-        seq_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
+        self.seq_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
         backend.metrics.running.inc()
         backend.running += 1
         try:
-            first = await backend.target.prefill(seq_id, request.prompt_token_ids, request.params,
-                                                 request.max_tokens, request.k + 1)
+            first = await self._prefill()
             backend.metrics.ttft.observe(time.perf_counter() - start)
-            yield self._emit([first.token_id], [Origin.TOKEN_ORIGIN_TARGET])
-            if request.k > 0 and backend.draft is not None:
-                self.session = backend.draft.open(seq_id, request.params)
+            yield self._emit([first], [Origin.TOKEN_ORIGIN_TARGET])
+            if request.k > 0:
+                self._open_draft()
             while not self.finish_reason:
                 proposal = await self._propose()
-                verdict = await self._verify(seq_id, proposal)
+                verdict = await self._verify(proposal)
                 yield self._emit(*self._round_tokens(proposal, verdict))
-            elapsed = time.perf_counter() - start
-            backend.metrics.e2e_latency.observe(elapsed)
-            if len(self.generated) > 1:
-                backend.metrics.time_per_output_token.observe(elapsed / len(self.generated))
-            backend.metrics.requests.labels(self.finish_reason).inc()
-            log.info("request finished", extra={
-                "request_id": request.request_id, "finish_reason": self.finish_reason,
-                "prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(self.generated),
-                "k": request.k, "rounds": self.spec.rounds, "draft_tokens": self.spec.draft_tokens,
-                "accepted_tokens": self.spec.accepted_tokens, "seconds": round(elapsed, 4),
-            })
+            self._record(time.perf_counter() - start)
         finally:
             backend.metrics.running.dec()
             backend.running -= 1
-            if self.session is not None:
-                self.session.close()
-            task = asyncio.get_running_loop().create_task(self._release(seq_id))
-            backend.releases.add(task)
-            task.add_done_callback(backend.releases.discard)
+            self._close_draft()
+            if self.target is not None:
+                self.target.pinned -= 1
+                backend.release_later(self.target, self.seq_id)
 
-    async def _release(self, seq_id: str) -> None:
-        try:
-            await self.backend.target.release(seq_id)
-        except Exception as exc:  # noqa: BLE001 - best effort; the worker may be gone
-            log.warning("release failed", extra={"seq_id": seq_id, "error": repr(exc)})
+    def _record(self, elapsed: float) -> None:
+        metrics, request = self.backend.metrics, self.request
+        metrics.e2e_latency.observe(elapsed)
+        if len(self.generated) > 1:
+            metrics.time_per_output_token.observe(elapsed / len(self.generated))
+        metrics.requests.labels(self.finish_reason).inc()
+        log.info("request finished", extra={
+            "request_id": request.request_id, "finish_reason": self.finish_reason,
+            "prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(self.generated),
+            "k": request.k, "rounds": self.spec.rounds, "draft_tokens": self.spec.draft_tokens,
+            "accepted_tokens": self.spec.accepted_tokens, "failovers": self.failovers,
+            "preemptions": self.preemptions, "seconds": round(elapsed, 4),
+        })
 
-    async def _verify(self, seq_id: str, proposal: draft_pb2.DraftResponse | None) -> Any:
-        """Verify the proposal; when the target preempted the sequence to free memory, recompute
-        its KV from the history held here (the target queues that until blocks are free) and retry."""
-        target, request = self.backend.target, self.request
+    # --- deadlines -----------------------------------------------------------------------------
+    def _timeout(self, cap: float) -> float:
+        if self.deadline is None:
+            return cap
+        remaining = self.deadline - time.monotonic()
+        if remaining <= 0:
+            raise DeadlineExceeded(f"the client's deadline passed after {len(self.generated)} tokens")
+        return min(cap, remaining)
+
+    # --- target --------------------------------------------------------------------------------
+    def _pin_target(self, failure: str = "") -> Endpoint:
+        endpoint = self.backend.targets.pick(exclude=self.tried_targets)
+        if endpoint is None:
+            tried = ", ".join(sorted(self.tried_targets)) or "none"
+            raise Unavailable(f"no target worker can serve this request{failure} (tried: {tried})")
+        self.tried_targets.add(endpoint.address)
+        endpoint.pinned += 1
+        self.target = endpoint
+        return endpoint
+
+    def _target_failed(self, exc: grpc.aio.AioRpcError) -> str:
+        """Forget the pinned target after a failure; returns a phrase for the final error."""
+        assert self.target is not None
+        failed = self.target
+        self.backend.targets.mark_failed(failed)
+        failed.pinned -= 1
+        self.backend.release_later(failed, self.seq_id)
+        self.target = None
+        self.failovers += 1
+        log.warning("target failed; failing over", extra={
+            "request_id": self.request.request_id, "address": failed.address, "code": exc.code().name})
+        return f" after {failed.address} failed ({exc.code().name}: {exc.details()})"
+
+    async def _prefill(self) -> int:
+        """Prefill the prompt (first token) on a pinned target, moving to another on failure."""
+        request, failure = self.request, ""
         while True:
-            verdict = await target.verify(
-                seq_id,
-                list(proposal.token_ids) if proposal else [],
-                proposal.probs if proposal and proposal.HasField("probs") else None,
-                len(self.history),
-            )
+            endpoint = self._pin_target(failure)
+            try:
+                reply = await endpoint.client.prefill(
+                    self.seq_id, request.prompt_token_ids, request.params, request.max_tokens, request.k + 1,
+                    timeout=self._timeout(self.backend.timeouts.target))
+                return reply.token_id
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in WORKER_FAILURES:
+                    raise
+                failure = self._target_failed(exc)
+
+    async def _resume(self, endpoint: Endpoint) -> None:
+        """Recompute the sequence's KV on `endpoint` from the history held here."""
+        request = self.request
+        await endpoint.client.prefill(
+            self.seq_id, self.history, request.params, request.max_tokens - len(self.generated), request.k + 1,
+            resume=True, timeout=self._timeout(self.backend.timeouts.target))
+
+    async def _verify(self, proposal: draft_pb2.DraftResponse | None) -> Any:
+        """Verify the proposal. Preempted (the pool ran dry): resume on the same target, verify again.
+        Failed target: resume on another replica, verify again there."""
+        failure = ""
+        while True:
+            endpoint = self.target
+            try:
+                if endpoint is None:
+                    endpoint = self._pin_target(failure)
+                    await self._resume(endpoint)
+                verdict = await endpoint.client.verify(
+                    self.seq_id,
+                    list(proposal.token_ids) if proposal else [],
+                    proposal.probs if proposal and proposal.HasField("probs") else None,
+                    len(self.history),
+                    timeout=self._timeout(self.backend.timeouts.target),
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in WORKER_FAILURES:
+                    raise
+                failure = self._target_failed(exc)
+                continue
             if not verdict.preempted:
                 return verdict
             self.preemptions += 1
-            log.info("sequence preempted; resuming", extra={"request_id": request.request_id})
-            await target.prefill(seq_id, self.history, request.params,
-                                 request.max_tokens - len(self.generated), request.k + 1, resume=True)
+            log.info("sequence preempted; resuming", extra={"request_id": self.request.request_id})
+            try:
+                await self._resume(endpoint)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in WORKER_FAILURES:
+                    raise
+                failure = self._target_failed(exc)
+
+    # --- draft ---------------------------------------------------------------------------------
+    def _open_draft(self) -> None:
+        pool = self.backend.drafts
+        endpoint = pool.pick(exclude=self.tried_drafts) if pool is not None else None
+        if endpoint is None:
+            return
+        self.tried_drafts.add(endpoint.address)
+        endpoint.pinned += 1
+        self.draft = endpoint
+        self.session = endpoint.client.open(self.seq_id, self.request.params)
+
+    def _close_draft(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.draft is not None:
+            self.draft.pinned -= 1
+            self.draft = None
 
     def _round_k(self) -> int:
         """Tokens to draft this round; closes the draft stream once its context is exhausted."""
-        if self.session is None:
+        if self.session is None or self.draft is None:
             return 0
-        draft_room = self.backend.draft_max_len + 1 - len(self.history)
+        draft_room = self.draft.info.max_model_len + 1 - len(self.history)
         if draft_room < 1:
             log.info("draft context exhausted; continuing target-only", extra={"request_id": self.request.request_id})
-            self.session.close()
-            self.session = None
+            self._close_draft()
             return 0
         remaining = self.request.max_tokens - len(self.generated)
         return max(0, min(self.request.k, remaining - 1, draft_room))
 
     async def _propose(self) -> draft_pb2.DraftResponse | None:
-        k = self._round_k()
-        if k == 0 or self.session is None:
-            return None
-        try:
-            return await self.session.propose(self.history, k)
-        except (grpc.aio.AioRpcError, Unavailable) as exc:
-            # Speculation is an optimisation: without the draft the request continues target-only.
-            code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else "UNAVAILABLE"
-            log.warning("draft failed; continuing target-only",
-                        extra={"request_id": self.request.request_id, "code": code})
-            self.session.close()
-            self.session = None
-            return None
+        while True:
+            k = self._round_k()
+            if k == 0 or self.session is None:
+                return None
+            try:
+                return await asyncio.wait_for(self.session.propose(self.history, k),
+                                              self._timeout(self.backend.timeouts.draft))
+            except (grpc.aio.AioRpcError, Unavailable, asyncio.TimeoutError) as exc:
+                # Speculation is an optimisation: another draft replica (sent the whole history) or none.
+                code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
+                assert self.draft is not None
+                log.warning("draft failed; moving on", extra={
+                    "request_id": self.request.request_id, "address": self.draft.address, "code": code})
+                if not (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED):
+                    self.backend.drafts.mark_failed(self.draft)
+                self._close_draft()
+                self._open_draft()
 
     def _round_tokens(self, proposal: draft_pb2.DraftResponse | None, verdict: Any) -> tuple[list[int], list[int]]:
         if proposal is None:
             return [verdict.token_id], [Origin.TOKEN_ORIGIN_TARGET]
         accepted = verdict.num_accepted
-        assert self.session is not None
-        self.session.accepted(accepted)
+        if self.session is not None:
+            self.session.accepted(accepted)
         self.spec.rounds += 1
         self.spec.draft_tokens += len(proposal.token_ids)
         self.spec.accepted_tokens += accepted

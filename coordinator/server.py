@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
-from coordinator.generation import Backend
+from coordinator.admission import Admission
+from coordinator.generation import Backend, Timeouts
 from coordinator.metrics import CoordinatorMetrics
+from coordinator.pool import WorkerPool
 from coordinator.request import Limits
 from coordinator.servicer import CoordinatorServicer
 from coordinator.workers import DraftClient, TargetClient, wait_until_serving
@@ -21,8 +24,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class CoordinatorConfig:
-    target: str
-    draft: str | None = None
+    target: str | list[str]                  # HOST:PORT, repeatable; a name may resolve to many replicas
+    draft: str | list[str] | None = None
     port: int = 50051
     host: str = "0.0.0.0"
     k: int = 4
@@ -31,6 +34,21 @@ class CoordinatorConfig:
     connect_timeout: float = 120.0
     metrics_port: int | None = None
     grace: float = 10.0
+    target_timeout: float = 30.0
+    draft_timeout: float = 5.0
+    max_running_requests: int = 512
+    max_queued_requests: int = 1024
+    health_interval: float = 1.0
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.target] if isinstance(self.target, str) else list(self.target)
+
+    @property
+    def drafts(self) -> list[str]:
+        if not self.draft:
+            return []
+        return [self.draft] if isinstance(self.draft, str) else list(self.draft)
 
 
 def check_compatible(target: common_pb2.ModelInfo, draft: common_pb2.ModelInfo) -> None:
@@ -43,19 +61,35 @@ def check_compatible(target: common_pb2.ModelInfo, draft: common_pb2.ModelInfo) 
         )
 
 
+def _same_vocabulary(reference: common_pb2.ModelInfo) -> Callable[[common_pb2.ModelInfo], None]:
+    def check(info: common_pb2.ModelInfo) -> None:
+        check_compatible(reference, info)
+
+    return check
+
+
 async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
     if not 0 <= config.k <= config.max_k:
         raise InvalidArgument("--k", f"must be in [0, --max-k={config.max_k}], got {config.k}")
-    target = TargetClient(config.target)
-    draft = DraftClient(config.draft) if config.draft else None
-    await wait_until_serving(target.channel, config.target, config.connect_timeout)
-    target_info = await target.info()
-    draft_info = None
-    max_k = config.max_k
-    if draft is not None:
-        await wait_until_serving(draft.channel, draft.address, config.connect_timeout)
-        draft_info = await draft.info()
+    targets = WorkerPool("target", config.targets, TargetClient, refresh_seconds=config.health_interval)
+    await targets.start()
+    first_target = await targets.wait_for_one(config.connect_timeout)
+    target_info = first_target.info or await first_target.client.info()
+    targets.check_info = _same_vocabulary(target_info)
+    drafts, draft_info, max_k = None, None, config.max_k
+    if config.drafts:
+        drafts = WorkerPool("draft", config.drafts, DraftClient, refresh_seconds=config.health_interval)
+        await drafts.refresh()
+        # The first draft decides at start-up: an incompatible pair is refused with both fingerprints.
+        probe = DraftClient(drafts.endpoints and next(iter(drafts.endpoints)) or config.drafts[0])
+        try:
+            await wait_until_serving(probe.channel, probe.address, config.connect_timeout)
+            draft_info = await probe.info()
+        finally:
+            await probe.close()
         check_compatible(target_info, draft_info)
+        drafts.check_info = _same_vocabulary(target_info)
+        await drafts.start()
         max_k = min(max_k, draft_info.max_k)
     tokenizer_name = config.tokenizer or target_info.model
     tokenizer = await asyncio.to_thread(load_tokenizer, tokenizer_name)
@@ -66,26 +100,31 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         )
     metrics = CoordinatorMetrics()
     backend = Backend(
-        target=target,
-        draft=draft,
-        draft_max_len=draft_info.max_model_len if draft_info else 0,
+        targets=targets,
+        drafts=drafts,
         eos_token_ids=frozenset(target_info.eos_token_ids),
         tokenizer=tokenizer,
         metrics=metrics,
+        timeouts=Timeouts(target=config.target_timeout, draft=config.draft_timeout),
     )
     limits = Limits(
         max_model_len=target_info.max_model_len,
         vocab_size=target_info.vocab_size,
-        default_k=min(config.k, max_k) if draft else 0,
-        max_k=max_k if draft else 0,
+        default_k=min(config.k, max_k) if drafts else 0,
+        max_k=max_k if drafts else 0,
     )
+    admission = Admission(config.max_running_requests, config.max_queued_requests)
     register = registration(
         coordinator_pb2_grpc.add_CoordinatorServicer_to_server,
-        CoordinatorServicer(backend, limits, target_info, draft_info),
+        CoordinatorServicer(backend, limits, target_info, draft_info, admission),
         coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
     )
     running = await start_server(register, config.port, config.host, metrics.registry, backend)
-    log.info("coordinator serving", extra={"port": running.port, "target": config.target, "draft": config.draft,
+    running.on_stop_async.append(backend.drain)  # let in-flight Release calls land before channels close
+    running.on_stop_async.append(targets.stop)
+    if drafts is not None:
+        running.on_stop_async.append(drafts.stop)
+    log.info("coordinator serving", extra={"port": running.port, "targets": config.targets, "drafts": config.drafts,
                                            "k": limits.default_k})
     return running
 
@@ -93,4 +132,3 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
 async def serve_coordinator(config: CoordinatorConfig) -> None:
     running = await start_coordinator(config)
     await serve_until_signal(running, config.grace, config.metrics_port)
-    await running.state.drain()

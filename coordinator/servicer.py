@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import time
 from typing import AsyncIterator
 
 import grpc
 
+from coordinator.admission import Admission
 from coordinator.generation import Backend, Generation
 from coordinator.request import Limits, validate_request
 from splitspec.errors import Unavailable
 from splitspec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 
+NO_DEADLINE = 1e7  # seconds
+
+
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def __init__(self, backend: Backend, limits: Limits, target_info: common_pb2.ModelInfo,
-                 draft_info: common_pb2.ModelInfo | None) -> None:
+                 draft_info: common_pb2.ModelInfo | None, admission: Admission | None = None) -> None:
         self.backend = backend
+        self.admission = admission or Admission()
         self.limits = limits
         self.target_info = target_info
         self.draft_info = draft_info
@@ -23,9 +29,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        generation = Generation(validate_request(request, self.backend.tokenizer, self.limits), self.backend)
-        async for response in generation.stream():
-            yield response
+        validated = validate_request(request, self.backend.tokenizer, self.limits)
+        remaining = context.time_remaining()
+        # No client deadline shows as None or as an enormous value (grpc issue #26236): no deadline then.
+        deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE else None
+        async with self.admission.slot():
+            async for response in Generation(validated, self.backend, deadline).stream():
+                yield response
 
     async def GetModelInfo(
         self, request: coordinator_pb2.CoordinatorInfoRequest, context: grpc.aio.ServicerContext
@@ -41,13 +51,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ) -> coordinator_pb2.CoordinatorStats:
         backend = self.backend
         stats = coordinator_pb2.CoordinatorStats(running_requests=backend.running)
-        try:
-            stats.target.CopyFrom(await backend.target.stats())
-        except grpc.aio.AioRpcError as exc:
-            raise Unavailable(f"target worker {backend.target.address}: {exc.code().name}") from exc
-        if backend.draft is not None:
+        for pool, slot in ((backend.targets, stats.target), (backend.drafts, stats.draft)):
+            if pool is None:
+                continue
+            endpoint = pool.pick()
+            if endpoint is None:
+                raise Unavailable(f"no {pool.kind} worker is serving ({', '.join(pool.endpoints) or 'none known'})")
             try:
-                stats.draft.CopyFrom(await backend.draft.stats())
+                slot.CopyFrom(await endpoint.client.stats())
             except grpc.aio.AioRpcError as exc:
-                raise Unavailable(f"draft worker {backend.draft.address}: {exc.code().name}") from exc
+                raise Unavailable(f"{pool.kind} worker {endpoint.address}: {exc.code().name}") from exc
         return stats

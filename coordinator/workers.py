@@ -54,27 +54,30 @@ class TargetClient:
         max_new_tokens: int,
         num_lookahead_slots: int,
         resume: bool = False,
+        timeout: float | None = None,
     ) -> target_pb2.PrefillResponse:
         return await self.stub.Prefill(
             target_pb2.PrefillRequest(
                 seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params), max_new_tokens=max_new_tokens,
                 num_lookahead_slots=num_lookahead_slots, resume=resume,
-            )
+            ),
+            timeout=timeout,
         )
 
     async def verify(
-        self, seq_id: str, draft_token_ids: list[int], draft_probs: common_pb2.Tensor | None, num_tokens: int
+        self, seq_id: str, draft_token_ids: list[int], draft_probs: common_pb2.Tensor | None, num_tokens: int,
+        timeout: float | None = None,
     ) -> target_pb2.VerifyResponse:
         request = target_pb2.VerifyRequest(seq_id=seq_id, draft_token_ids=draft_token_ids, num_tokens=num_tokens)
         if draft_probs is not None:
             request.draft_probs.CopyFrom(draft_probs)
-        return await self.stub.Verify(request)
+        return await self.stub.Verify(request, timeout=timeout)
 
     async def stats(self, timeout: float = 5.0) -> common_pb2.WorkerStats:
         return await self.stub.GetStats(common_pb2.StatsRequest(), timeout=timeout)
 
     async def release(self, seq_id: str) -> None:
-        await self.stub.Release(target_pb2.ReleaseRequest(seq_id=seq_id), timeout=10.0)
+        await self.stub.Release(target_pb2.ReleaseRequest(seq_id=seq_id), timeout=5.0)
 
     async def close(self) -> None:
         await self.channel.close()

@@ -24,7 +24,8 @@ class DraftConfig(WorkerConfig):
 
 
 async def start_draft(
-    loaded: LoadedModel, port: int = 0, host: str = "127.0.0.1", max_k: int = 16, cache: CacheConfig | None = None
+    loaded: LoadedModel, port: int = 0, host: str = "127.0.0.1", max_k: int = 16, cache: CacheConfig | None = None,
+    watchdog_seconds: float = 60.0,
 ) -> RunningServer:
     """Serve an already loaded draft model (used by the CLI and by in-process tests)."""
     blocks, runner = build_paged_cache(loaded, cache or CacheConfig())
@@ -33,11 +34,12 @@ async def start_draft(
     return await start_stepped_server(
         engine, lambda steps: DraftServicer(engine, metrics, steps), draft_pb2_grpc.add_DraftWorkerServicer_to_server,
         draft_pb2.DESCRIPTOR.services_by_name["DraftWorker"], metrics.registry, port, host, "draft-model",
+        watchdog_seconds,
     )
 
 
 async def serve_draft(config: DraftConfig) -> None:
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
-    running = await start_draft(loaded, config.port, config.host, config.max_k, config.cache)
+    running = await start_draft(loaded, config.port, config.host, config.max_k, config.cache, config.watchdog_seconds)
     log.info("draft worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)

@@ -33,6 +33,8 @@ def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
 
 
 def _add_cache_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--watchdog-seconds", type=float, default=60.0,
+                        help="health goes NOT_SERVING when no step finishes this long while there is work")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV blocks in the pool")
     parser.add_argument("--kv-cache-memory", default=None,
@@ -94,8 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     coord = sub.add_parser("coordinator", help="run the coordinator")
     coord.add_argument("--port", type=int, default=50051)
     coord.add_argument("--host", default="0.0.0.0")
-    coord.add_argument("--target", required=True, metavar="HOST:PORT")
-    coord.add_argument("--draft", default=None, metavar="HOST:PORT", help="omit for target-only serving")
+    coord.add_argument("--target", required=True, action="append", metavar="HOST:PORT",
+                       help="a target worker (repeatable; a name resolving to many addresses is a pool)")
+    coord.add_argument("--draft", default=None, action="append", metavar="HOST:PORT",
+                       help="a draft worker (repeatable); omit for target-only serving")
+    coord.add_argument("--target-timeout", type=float, default=30.0,
+                       help="seconds a prefill/verify may take before the target counts as failed")
+    coord.add_argument("--draft-timeout", type=float, default=5.0,
+                       help="seconds a proposal may take before the request moves to another draft or none")
+    coord.add_argument("--max-running-requests", type=int, default=512)
+    coord.add_argument("--max-queued-requests", type=int, default=1024,
+                       help="requests waiting for a slot; beyond it RESOURCE_EXHAUSTED at once")
+    coord.add_argument("--health-interval", type=float, default=1.0,
+                       help="seconds between health checks / DNS re-resolution of the worker pools")
     coord.add_argument("--k", type=int, default=4, help="default draft tokens per round")
     coord.add_argument("--max-k", type=int, default=16)
     coord.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
@@ -149,7 +162,7 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _worker_fields(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("model", "port", "host", "device", "dtype", "max_model_len", "metrics_port", "grace")
+    names = ("model", "port", "host", "device", "dtype", "max_model_len", "metrics_port", "grace", "watchdog_seconds")
     return {name: getattr(args, name) for name in names}
 
 
@@ -186,7 +199,9 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
         config = CoordinatorConfig(
             target=args.target, draft=args.draft, port=args.port, host=args.host, k=args.k, max_k=args.max_k,
             tokenizer=args.tokenizer, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port,
-            grace=args.grace,
+            grace=args.grace, target_timeout=args.target_timeout, draft_timeout=args.draft_timeout,
+            max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
+            health_interval=args.health_interval,
         )
         run(lambda: serve_coordinator(config))
 

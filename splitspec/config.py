@@ -15,3 +15,4 @@ class WorkerConfig:
     max_model_len: int | None = None
     metrics_port: int | None = None
     grace: float = 10.0
+    watchdog_seconds: float = 60.0

@@ -44,6 +44,14 @@ class Unavailable(SplitspecError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(SplitspecError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(SplitspecError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class ModelLoadError(SplitspecError):
     """A model path or id that cannot be loaded; the message names it and what is missing."""
 

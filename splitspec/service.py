@@ -79,12 +79,15 @@ class RunningServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    draining: bool = False  # set once stop() begins: health stays NOT_SERVING
+
     async def set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", *self.service_names):
             await self.health.set(name, status)
 
     async def stop(self, grace: float | None = None) -> None:
+        self.draining = True
         await self.set_serving(False)
         await self.server.stop(grace)
         for hook in self.on_stop_async:
@@ -180,9 +183,11 @@ async def start_stepped_server(
     port: int,
     host: str,
     thread_name: str,
+    watchdog_seconds: float = 60.0,
 ) -> RunningServer:
     """Serve a worker whose `engine.step` runs batched steps on one model thread; `servicer_for`
-    builds the servicer around the step loop."""
+    builds the servicer around the step loop. Health reflects progress: NOT_SERVING while the
+    loop has had work but finished no step for `watchdog_seconds`."""
     from splitspec.paged.step_loop import StepLoop
 
     executor = model_thread(thread_name)
@@ -190,5 +195,22 @@ async def start_stepped_server(
     steps.start()
     running = await start_server(registration(add_to_server, servicer_for(steps), service), port, host, registry,
                                  engine, executor)
-    running.on_stop_async.append(steps.stop)
+    watchdog = asyncio.get_running_loop().create_task(_watchdog(running, steps, watchdog_seconds))
+
+    async def stop_background() -> None:
+        watchdog.cancel()
+        await steps.stop()
+
+    running.on_stop_async.append(stop_background)
     return running
+
+
+async def _watchdog(running: RunningServer, steps: Any, limit: float) -> None:
+    stalled = False
+    while True:
+        await asyncio.sleep(min(1.0, limit / 4))
+        now_stalled = steps.stalled_for() > limit
+        if now_stalled != stalled and not running.draining:
+            stalled = now_stalled
+            log.warning("step watchdog", extra={"stalled": stalled, "limit_s": limit})
+            await running.set_serving(not stalled)

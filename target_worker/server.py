@@ -47,6 +47,7 @@ async def start_target(
     max_batch_tokens: int | None = None,
     batching: bool = True,
     tensor_parallel_size: int = 1,
+    watchdog_seconds: float = 60.0,
 ) -> RunningServer:
     """Serve an already loaded model (used by the CLI and by in-process tests)."""
     cache = cache or CacheConfig()
@@ -64,6 +65,7 @@ async def start_target(
     return await start_stepped_server(
         engine, lambda steps: TargetServicer(engine, metrics, steps), target_pb2_grpc.add_TargetWorkerServicer_to_server,
         target_pb2.DESCRIPTOR.services_by_name["TargetWorker"], metrics.registry, port, host, "target-model",
+        watchdog_seconds,
     )
 
 
@@ -73,7 +75,7 @@ async def serve_target(config: TargetConfig) -> None:
         return
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
-                                 config.batching)
+                                 config.batching, watchdog_seconds=config.watchdog_seconds)
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)
 
@@ -93,7 +95,7 @@ async def serve_tensor_parallel(config: TargetConfig) -> None:
         cache = CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks,
                             max_num_seqs=config.cache.max_num_seqs)
         running = await start_target(loaded, config.port, config.host, cache, config.max_batch_tokens,
-                                     config.batching, size)
+                                     config.batching, size, config.watchdog_seconds)
     except BaseException:
         group.kill()
         raise

@@ -87,8 +87,7 @@ class Stack:
     stub: coordinator_pb2_grpc.CoordinatorStub
 
     async def stop(self) -> None:
-        await self.coordinator.stop(0)
-        await self.coordinator.state.drain()  # let in-flight Release calls land first
+        await self.coordinator.stop(0)  # drains in-flight Release calls before closing its channels
         for server in (self.draft, self.target):
             if server is not None:
                 await server.stop(0)

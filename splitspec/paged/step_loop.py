@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
@@ -34,6 +35,14 @@ class StepLoop:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task | None = None
     steps: int = 0
+    running_since: float | None = None  # monotonic start of the step in flight
+    last_step_at: float = field(default_factory=time.monotonic)
+
+    def stalled_for(self) -> float:
+        """Seconds without a finished step while there is work (0 when idle or progressing)."""
+        if self.running_since is None and not self.pending:
+            return 0.0
+        return time.monotonic() - max(self.last_step_at, self.running_since or self.last_step_at)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self._run())
@@ -67,12 +76,14 @@ class StepLoop:
             self.pending = []
             if not batch:
                 continue
+            self.running_since = time.monotonic()
             try:
                 outcomes, waiting = await loop.run_in_executor(self.executor, self.step, [e.item for e in batch])
             except Exception as exc:  # noqa: BLE001 - a broken step fails its batch, not the loop
                 log.exception("step failed")
                 outcomes, waiting = {i: exc for i in range(len(batch))}, []
             self.steps += 1
+            self.last_step_at, self.running_since = time.monotonic(), None
             waiting_ids = {id(item) for item in waiting}
             kept = []
             for index, entry in enumerate(batch):

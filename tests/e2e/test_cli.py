@@ -115,7 +115,7 @@ def test_unreachable_worker_is_one_line():
     result = run("coordinator", "--target", f"127.0.0.1:{free_port()}", "--port", str(free_port()),
                  "--connect-timeout", "1")
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert "not serving" in result.stderr.strip().splitlines()[-1]
+    assert "no target worker is serving" in result.stderr.strip().splitlines()[-1]
 
 
 def test_sigterm_stops_all_services(up):
