@@ -169,6 +169,7 @@ class Generation:
         self.backend.release_later(failed, self.seq_id)
         self.target = None
         self.failovers += 1
+        self.backend.metrics.failovers.labels("target").inc()
         log.warning("target failed; failing over", extra={
             "request_id": self.request.request_id, "address": failed.address, "code": exc.code().name})
         return f" after {failed.address} failed ({exc.code().name}: {exc.details()})"
@@ -275,6 +276,7 @@ class Generation:
                     "request_id": self.request.request_id, "address": self.draft.address, "code": code})
                 if not (isinstance(exc, grpc.aio.AioRpcError) and exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED):
                     self.backend.drafts.mark_failed(self.draft)
+                self.backend.metrics.failovers.labels("draft").inc()
                 self._close_draft()
                 self._open_draft()
 

@@ -21,6 +21,7 @@ class CoordinatorMetrics:
     num_draft_tokens: Counter = field(init=False)
     num_accepted_tokens: Counter = field(init=False)
     num_accepted_tokens_per_pos: Counter = field(init=False)
+    failovers: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -43,6 +44,8 @@ class CoordinatorMetrics:
             "splitspec:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by position", ["position"],
             registry=r,
         )
+        self.failovers = Counter("splitspec:worker_failovers", "Requests moved off a failed worker", ["kind"],
+                                 registry=r)
 
     def record_round(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.num_drafts.inc()

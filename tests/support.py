@@ -183,3 +183,34 @@ def alive(pid: int) -> bool:
             return handle.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def spawn_worker(kind: str, model_dir, port: int | None = None, *extra: str, timeout: float = 60):
+    """`splitspec target|draft` as a real process on loopback; returns (process, address) once SERVING."""
+    import subprocess
+    import sys
+    import time
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = port or free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "splitspec.cli", kind, "--model", str(model_dir), "--port", str(port),
+         "--host", "127.0.0.1", "--threads", "1", "--log-level", "warning", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                pytest.fail(f"{kind} worker exited: {process.stderr.read()[-2000:]}")
+            try:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return process, address
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    process.kill()
+    pytest.fail(f"{kind} worker did not become healthy")

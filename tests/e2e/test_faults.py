@@ -1,0 +1,219 @@
+"""Fault injection on loopback with real worker processes: kill -9 and SIGSTOP of drafts and
+targets mid-stream, client cancel and deadline, overload. Greedy output must equal the
+fault-free run token for token; every test is bounded in time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from coordinator.server import CoordinatorConfig, start_coordinator
+from splitspec.service import insecure_channel
+from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
+from target_worker.server import start_target
+from draft_worker.server import start_draft
+from splitspec.paged.cache import CacheConfig
+from tests.e2e.test_greedy_identity import reference
+from tests.support import spawn_worker
+
+R = coordinator_pb2.GenerateRequest
+PROMPT = "fault tolerance"
+MAX_TOKENS = 140
+
+
+def request(**overrides) -> coordinator_pb2.GenerateRequest:
+    return R(**{"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True, "k": 2,
+                **overrides})
+
+
+@pytest.fixture(scope="module")
+def expected(tiny):
+    target = tiny["target"]
+    return reference(target, target.tokenizer(PROMPT).input_ids, MAX_TOKENS, False)
+
+
+async def coordinator_for(targets: list[str], drafts: list[str], **overrides):
+    config = CoordinatorConfig(target=targets, draft=drafts or None, port=0, host="127.0.0.1", k=2,
+                               connect_timeout=30, health_interval=0.2, draft_timeout=1.0, target_timeout=2.0,
+                               **overrides)
+    running = await start_coordinator(config)
+    return running, coordinator_pb2_grpc.CoordinatorStub(insecure_channel(running.address))
+
+
+def pinned(pool) -> str:
+    return next(e.address for e in pool.endpoints.values() if e.pinned)
+
+
+def failovers(running, kind: str) -> float:
+    return running.registry.get_sample_value("splitspec:worker_failovers_total", {"kind": kind}) or 0.0
+
+
+async def run_with_fault(stub, fault, **overrides) -> list[int]:
+    """Start a greedy request, inject `fault` after the first streamed message, return all tokens."""
+    call = stub.Generate(request(**overrides), timeout=60)
+    first = await call.read()
+    await fault()
+    tokens = list(first.token_ids)
+    while (message := await call.read()) != grpc.aio.EOF:
+        tokens += message.token_ids
+    return tokens
+
+
+def kill(processes: dict[str, object], address: str, sig: int = signal.SIGKILL) -> None:
+    os.kill(processes[address].pid, sig)
+
+
+def stop_all(processes) -> None:
+    for process in processes.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+        process.wait()
+
+
+@pytest.mark.parametrize("spare", [True, False], ids=["second-draft", "only-draft"])
+async def test_draft_killed_mid_stream(tiny, tiny_dirs, expected, spare):
+    target = await start_target(tiny["target"], cache=CacheConfig(num_blocks=512))
+    drafts = dict(spawn_worker("draft", tiny_dirs["draft_noisy"])[::-1] for _ in range(2 if spare else 1))
+    running, stub = await coordinator_for([target.address], list(drafts))
+    try:
+        pool = running.state.drafts
+
+        async def fault() -> None:
+            kill(drafts, pinned(pool))
+
+        started = time.monotonic()
+        tokens = await run_with_fault(stub, fault)
+        assert tokens == expected
+        assert failovers(running, "draft") >= 1
+        assert time.monotonic() - started < 30
+    finally:
+        await running.stop(0)
+        await target.stop(0)
+        stop_all(drafts)
+
+
+async def test_target_killed_mid_stream_fails_over(tiny, tiny_dirs, expected):
+    targets = dict(spawn_worker("target", tiny_dirs["target"])[::-1] for _ in range(2))
+    draft = await start_draft(tiny["draft_noisy"], cache=CacheConfig(num_blocks=512))
+    running, stub = await coordinator_for(list(targets), [draft.address])
+    try:
+        pool = running.state.targets
+
+        async def fault() -> None:
+            kill(targets, pinned(pool))
+
+        tokens = await run_with_fault(stub, fault)
+        assert tokens == expected  # nothing duplicated, nothing dropped
+        assert failovers(running, "target") >= 1
+    finally:
+        await running.stop(0)
+        await draft.stop(0)
+        stop_all(targets)
+
+
+async def test_last_target_killed_gives_a_prompt_unavailable(tiny, tiny_dirs):
+    targets = dict([spawn_worker("target", tiny_dirs["target"])[::-1]])
+    running, stub = await coordinator_for(list(targets), [])
+    try:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await run_with_fault(stub, lambda: asyncio.sleep(0, kill(targets, next(iter(targets)))), k=0)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "no target worker can serve this request" in info.value.details()
+        assert time.monotonic() - started < 10
+    finally:
+        await running.stop(0)
+        stop_all(targets)
+
+
+async def test_stopped_draft_misses_its_deadline_and_the_request_goes_on(tiny, tiny_dirs, expected):
+    target = await start_target(tiny["target"], cache=CacheConfig(num_blocks=512))
+    drafts = dict([spawn_worker("draft", tiny_dirs["draft_noisy"])[::-1]])
+    running, stub = await coordinator_for([target.address], list(drafts))
+    try:
+        started = time.monotonic()
+        tokens = await run_with_fault(stub, lambda: asyncio.sleep(0, kill(drafts, next(iter(drafts)), signal.SIGSTOP)))
+        assert tokens == expected
+        assert time.monotonic() - started < 15  # one --draft-timeout (1 s), not a hang
+        assert failovers(running, "draft") >= 1
+    finally:
+        await running.stop(0)
+        await target.stop(0)
+        stop_all(drafts)
+
+
+async def test_stopped_target_is_detected_and_the_request_completes_elsewhere(tiny, tiny_dirs, expected):
+    targets = dict(spawn_worker("target", tiny_dirs["target"])[::-1] for _ in range(2))
+    running, stub = await coordinator_for(list(targets), [])
+    try:
+        pool = running.state.targets
+        started = time.monotonic()
+        tokens = await run_with_fault(stub, lambda: asyncio.sleep(0, kill(targets, pinned(pool), signal.SIGSTOP)),
+                                      k=0)
+        assert tokens == expected
+        assert time.monotonic() - started < 15  # one --target-timeout (2 s), not a hang
+        assert failovers(running, "target") >= 1
+    finally:
+        await running.stop(0)
+        stop_all(targets)
+
+
+@pytest.fixture
+async def local_stack(tiny):
+    target = await start_target(tiny["target"], cache=CacheConfig(num_blocks=512))
+    draft = await start_draft(tiny["draft_noisy"], cache=CacheConfig(num_blocks=512))
+    running, stub = await coordinator_for([target.address], [draft.address], max_running_requests=1,
+                                          max_queued_requests=1)
+    yield target, draft, running, stub
+    await running.stop(0)
+    await draft.stop(0)
+    await target.stop(0)
+
+
+async def wait_for_baseline(target, draft) -> None:
+    for _ in range(100):
+        t, d = target.state, draft.state
+        if (not t.sequences and t.blocks.num_free_blocks == t.blocks.num_blocks and d.open_sequences == 0
+                and d.blocks.num_free_blocks == d.blocks.num_blocks):
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"not back to baseline: target sequences {list(target.state.sequences)}, draft open "
+                f"{draft.state.open_sequences}, free blocks {target.state.blocks.num_free_blocks}/"
+                f"{draft.state.blocks.num_free_blocks}")
+
+
+async def test_client_cancel_and_deadline_return_workers_to_baseline(local_stack):
+    target, draft, _, stub = local_stack
+    call = stub.Generate(request())
+    await call.read()
+    assert target.state.sequences
+    call.cancel()
+    await wait_for_baseline(target, draft)
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.Generate(request(), timeout=0.15):
+            pass
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    await wait_for_baseline(target, draft)
+
+
+async def test_full_queue_refuses_at_once(local_stack):
+    _, _, _, stub = local_stack
+    running = stub.Generate(request(max_tokens=MAX_TOKENS))
+    await running.read()                    # holds the only running slot
+    queued = stub.Generate(request())       # waits in the only queue place
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for _ in stub.Generate(request()):
+            pass
+    elapsed = time.monotonic() - started
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queued-requests" in info.value.details()
+    assert elapsed < 0.1, f"refused after {elapsed * 1000:.0f} ms"
+    running.cancel()
+    queued.cancel()
