@@ -125,8 +125,11 @@ class DraftSession:
             request.seq_id = self.seq_id
             request.sampling.CopyFrom(sampling_to_proto(self.params))
             self.started = True
-        await self.call.write(request)
-        response = await self.call.read()
+        try:
+            await self.call.write(request)
+            response = await self.call.read()
+        except asyncio.InvalidStateError as exc:  # the stream already ended: the worker went away
+            raise Unavailable(f"draft stream for {self.seq_id} has ended") from exc
         if response is grpc.aio.EOF:
             raise Unavailable(f"draft stream for {self.seq_id} ended unexpectedly")
         self.synced_len, self.num_accepted = len(history), 0

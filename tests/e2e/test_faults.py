@@ -38,9 +38,9 @@ def expected(tiny):
 
 
 async def coordinator_for(targets: list[str], drafts: list[str], **overrides):
-    config = CoordinatorConfig(target=targets, draft=drafts or None, port=0, host="127.0.0.1", k=2,
-                               connect_timeout=30, health_interval=0.2, draft_timeout=1.0, target_timeout=2.0,
-                               **overrides)
+    settings = {"connect_timeout": 30, "health_interval": 0.2, "draft_timeout": 1.0, "target_timeout": 2.0,
+                **overrides}
+    config = CoordinatorConfig(target=targets, draft=drafts or None, port=0, host="127.0.0.1", k=2, **settings)
     running = await start_coordinator(config)
     return running, coordinator_pb2_grpc.CoordinatorStub(insecure_channel(running.address))
 
@@ -217,3 +217,86 @@ async def test_full_queue_refuses_at_once(local_stack):
     assert elapsed < 0.1, f"refused after {elapsed * 1000:.0f} ms"
     running.cancel()
     queued.cancel()
+
+
+async def test_soak_2000_requests_with_cancellations_and_a_draft_restart(tiny, tiny_dirs):
+    """2,000 greedy requests, 32 at a time, ~15% cancelled by the client, two draft workers of which
+    one is killed and restarted on the same port halfway. Nothing lost, nothing leaked."""
+    import json
+    import random
+    from pathlib import Path
+
+    target_model = tiny["target"]
+    target = await start_target(target_model, cache=CacheConfig(num_blocks=400, block_size=8))
+    drafts = dict(spawn_worker("draft", tiny_dirs["draft_noisy"])[::-1] for _ in range(2))
+    running, stub = await coordinator_for([target.address], list(drafts), draft_timeout=2.0, target_timeout=10.0)
+    rng = random.Random(1)
+    prompts = [f"soak {i}: " + "ab" * (i % 7) for i in range(30)]
+    max_tokens = 16
+    expected = {p: reference(target_model, target_model.tokenizer(p).input_ids, max_tokens, False) for p in prompts}
+    semaphore = asyncio.Semaphore(32)
+    latencies, outcome = [], {"completed": 0, "cancelled": 0}
+    restarted = asyncio.Event()
+
+    async def restart_a_draft() -> None:
+        address = next(iter(drafts))
+        drafts[address].kill()
+        drafts[address].wait()
+        process, _ = await asyncio.to_thread(spawn_worker, "draft", tiny_dirs["draft_noisy"], int(address.split(":")[1]))
+        drafts[address] = process
+        restarted.set()
+
+    async def one(index: int) -> None:
+        prompt = rng.choice(prompts)
+        cancel_after = rng.randrange(3) if rng.random() < 0.15 else None
+        async with semaphore:
+            if index == 1000:
+                asyncio.get_running_loop().create_task(restart_a_draft())
+            started = time.monotonic()
+            call = stub.Generate(R(prompt=prompt, max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                   k=rng.choice([1, 2, 4])), timeout=120)
+            tokens = []
+            async for message in call:
+                tokens += message.token_ids
+                if cancel_after is not None and len(tokens) > cancel_after:
+                    call.cancel()
+                    outcome["cancelled"] += 1
+                    return
+            assert len(tokens) == max_tokens and tokens == expected[prompt], index
+            latencies.append(time.monotonic() - started)
+            outcome["completed"] += 1
+
+    started = time.monotonic()
+    try:
+        await asyncio.gather(*(one(i) for i in range(2000)))
+        wall = time.monotonic() - started
+        await asyncio.wait_for(restarted.wait(), 60)
+        assert outcome["completed"] + outcome["cancelled"] == 2000 and outcome["cancelled"] > 150
+        await running.state.drain()
+        engine = target.state
+        for _ in range(100):
+            if not engine.sequences and engine.blocks.num_free_blocks == engine.blocks.num_blocks:
+                break
+            await asyncio.sleep(0.05)
+        assert engine.sequences == {} and engine.suspended == {}
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+        for endpoint in running.state.drafts.endpoints.values():
+            for _ in range(100):
+                stats = await endpoint.client.stats()
+                if stats.blocks_used == 0 and stats.running_sequences == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert stats.blocks_used == 0 and stats.running_sequences == 0, endpoint.address
+        latencies.sort()
+        report = {"requests": 2000, **outcome, "wall_s": round(wall, 1),
+                  "p50_s": round(latencies[len(latencies) // 2], 3),
+                  "p99_s": round(latencies[int(len(latencies) * 0.99)], 3),
+                  "draft_failovers": failovers(running, "draft")}
+        artifacts = Path(__file__).resolve().parents[2] / "test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        (artifacts / "soak.json").write_text(json.dumps(report, indent=2))
+        print("soak:", report)
+    finally:
+        await running.stop(0)
+        await target.stop(0)
+        stop_all(drafts)
