@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from functools import partial
+from typing import Any, Callable
 
 from coordinator.admission import Admission
 from coordinator.generation import Backend, Timeouts
@@ -16,7 +17,8 @@ from coordinator.servicer import CoordinatorServicer
 from coordinator.workers import DraftClient, TargetClient, wait_until_serving
 from splitspec.errors import IncompatibleModels, InvalidArgument
 from splitspec.models import load_tokenizer, tokenizer_fingerprint
-from splitspec.service import RunningServer, registration, serve_until_signal, start_server
+from splitspec.security import TokenInterceptor
+from splitspec.service import RunningServer, ServerSecurity, registration, serve_until_signal, start_server
 from splitspec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class CoordinatorConfig:
     max_running_requests: int = 512
     max_queued_requests: int = 1024
     health_interval: float = 1.0
+    tls: Any = None                  # TLSConfig: serves TLS, and mTLS towards the workers
+    auth_token: str | None = None    # bearer token required on the Coordinator service
+    reflection: bool = False
 
     @property
     def targets(self) -> list[str]:
@@ -71,17 +76,19 @@ def _same_vocabulary(reference: common_pb2.ModelInfo) -> Callable[[common_pb2.Mo
 async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
     if not 0 <= config.k <= config.max_k:
         raise InvalidArgument("--k", f"must be in [0, --max-k={config.max_k}], got {config.k}")
-    targets = WorkerPool("target", config.targets, TargetClient, refresh_seconds=config.health_interval)
+    targets = WorkerPool("target", config.targets, partial(TargetClient, tls=config.tls),
+                         refresh_seconds=config.health_interval)
     await targets.start()
     first_target = await targets.wait_for_one(config.connect_timeout)
     target_info = first_target.info or await first_target.client.info()
     targets.check_info = _same_vocabulary(target_info)
     drafts, draft_info, max_k = None, None, config.max_k
     if config.drafts:
-        drafts = WorkerPool("draft", config.drafts, DraftClient, refresh_seconds=config.health_interval)
+        drafts = WorkerPool("draft", config.drafts, partial(DraftClient, tls=config.tls),
+                            refresh_seconds=config.health_interval)
         await drafts.refresh()
         # The first draft decides at start-up: an incompatible pair is refused with both fingerprints.
-        probe = DraftClient(drafts.endpoints and next(iter(drafts.endpoints)) or config.drafts[0])
+        probe = DraftClient(drafts.endpoints and next(iter(drafts.endpoints)) or config.drafts[0], config.tls)
         try:
             await wait_until_serving(probe.channel, probe.address, config.connect_timeout)
             draft_info = await probe.info()
@@ -119,7 +126,12 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         CoordinatorServicer(backend, limits, target_info, draft_info, admission),
         coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"],
     )
-    running = await start_server(register, config.port, config.host, metrics.registry, backend)
+    protected = "/" + coordinator_pb2.DESCRIPTOR.services_by_name["Coordinator"].full_name + "/"
+    security = ServerSecurity(
+        tls=config.tls, reflection=config.reflection,
+        interceptors=(TokenInterceptor(config.auth_token, protected),) if config.auth_token else (),
+    )
+    running = await start_server(register, config.port, config.host, metrics.registry, backend, security=security)
     running.on_stop_async.append(backend.drain)  # let in-flight Release calls land before channels close
     running.on_stop_async.append(targets.stop)
     if drafts is not None:

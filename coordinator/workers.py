@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -12,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitspec.convert import sampling_to_proto
 from splitspec.errors import Unavailable
 from splitspec.sampling import SamplingParams
-from splitspec.service import insecure_channel
+from splitspec.service import make_channel
 from splitspec.v1 import common_pb2, draft_pb2, draft_pb2_grpc, target_pb2, target_pb2_grpc
 
 
@@ -36,11 +37,12 @@ async def wait_until_serving(channel: grpc.aio.Channel, address: str, timeout: f
 @dataclass(slots=True)
 class TargetClient:
     address: str
+    tls: Any = None  # splitspec.security.TLSConfig: verify the worker, present our certificate (mTLS)
     channel: grpc.aio.Channel = field(init=False)
     stub: target_pb2_grpc.TargetWorkerStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = insecure_channel(self.address)
+        self.channel = make_channel(self.address, self.tls)
         self.stub = target_pb2_grpc.TargetWorkerStub(self.channel)
 
     async def info(self) -> common_pb2.ModelInfo:
@@ -86,11 +88,12 @@ class TargetClient:
 @dataclass(slots=True)
 class DraftClient:
     address: str
+    tls: Any = None
     channel: grpc.aio.Channel = field(init=False)
     stub: draft_pb2_grpc.DraftWorkerStub = field(init=False)
 
     def __post_init__(self) -> None:
-        self.channel = insecure_channel(self.address)
+        self.channel = make_channel(self.address, self.tls)
         self.stub = draft_pb2_grpc.DraftWorkerStub(self.channel)
 
     async def info(self) -> common_pb2.ModelInfo:

@@ -19,7 +19,7 @@ from gateway.completions import ChoiceDelta, merged, open_choices
 from gateway.errors import OpenAIError, from_grpc
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now, spec_stats
-from splitspec.service import insecure_channel
+from splitspec.service import make_channel
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class GatewayConfig:
     model_name: str
     api_key: str | None = None
     max_body_bytes: int = 1 << 20
+    coordinator_token: str | None = None  # the coordinator's --auth-token
+    tls: Any = None                       # TLSConfig towards the coordinator
 
 
 def _param(error: dict) -> str | None:
@@ -51,7 +53,7 @@ def _sse(payload: Any) -> str:
 def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | None = None) -> FastAPI:
     metrics = metrics or GatewayMetrics()
     app = FastAPI(title="splitspec gateway", docs_url=None, redoc_url=None)
-    channel = insecure_channel(config.coordinator)
+    channel = make_channel(config.coordinator, config.tls, config.coordinator_token)
     stub = coordinator_pb2_grpc.CoordinatorStub(channel)
     app.state.metrics, app.state.channel = metrics, channel
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from gateway.app import GatewayConfig, create_app
 from splitspec.errors import IncompatibleModels
 from splitspec.models import load_tokenizer, tokenizer_fingerprint
-from splitspec.service import insecure_channel
+from splitspec.service import make_channel
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -25,12 +26,14 @@ class GatewaySettings:
     tokenizer: str | None = None
     max_body_bytes: int = 1 << 20
     connect_timeout: float = 120.0
+    coordinator_token: str | None = None
+    tls: Any = None
 
 
 async def build_app(settings: GatewaySettings):  # -> FastAPI
     from coordinator.workers import wait_until_serving
 
-    async with insecure_channel(settings.coordinator) as channel:
+    async with make_channel(settings.coordinator, settings.tls, settings.coordinator_token) as channel:
         await wait_until_serving(channel, settings.coordinator, settings.connect_timeout)
         info = await coordinator_pb2_grpc.CoordinatorStub(channel).GetModelInfo(
             coordinator_pb2.CoordinatorInfoRequest())
@@ -38,7 +41,8 @@ async def build_app(settings: GatewaySettings):  # -> FastAPI
     if tokenizer_fingerprint(tokenizer) != info.target.tokenizer_fingerprint:
         raise IncompatibleModels(f"tokenizer {settings.tokenizer or info.target.model} does not match the target's")
     config = GatewayConfig(coordinator=settings.coordinator, model_name=settings.served_model_name or info.target.model,
-                           api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+                           api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                           coordinator_token=settings.coordinator_token, tls=settings.tls)
     return create_app(config, tokenizer)
 
 

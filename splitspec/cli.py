@@ -30,6 +30,7 @@ def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context below the model's")
     _add_service_args(parser)
+    _add_tls_args(parser, server=True)
 
 
 def _add_cache_args(parser: argparse.ArgumentParser) -> None:
@@ -53,6 +54,22 @@ def _cache_config(args: argparse.Namespace) -> Any:
             raise ValueError(f"--kv-cache-memory {args.kv_cache_memory!r}: not a size or fraction") from exc
     return CacheConfig(block_size=args.block_size, num_blocks=args.num_blocks, kv_cache_memory=memory,
                        max_num_seqs=args.max_num_seqs)
+
+
+def _add_tls_args(parser: argparse.ArgumentParser, server: bool) -> None:
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate (serve TLS / present for mTLS)")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-ca", default=None, help="PEM CA that peers must be signed by")
+    if server:
+        parser.add_argument("--require-client-cert", action="store_true",
+                            help="mutual TLS: refuse clients without a certificate from --tls-ca")
+        parser.add_argument("--reflection", action="store_true", help="enable gRPC server reflection")
+
+
+def _tls(args: argparse.Namespace) -> Any:
+    from splitspec.security import TLSConfig
+
+    return TLSConfig.from_paths(args.tls_cert, args.tls_key, args.tls_ca, getattr(args, "require_client_cert", False))
 
 
 def _add_service_args(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--max-k", type=int, default=16)
     coord.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
     coord.add_argument("--connect-timeout", type=float, default=120.0)
+    coord.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' from clients")
     _add_service_args(coord)
+    _add_tls_args(coord, server=True)
 
     up = sub.add_parser("up", help="start target, draft and coordinator locally")
     up.add_argument("--target", required=True, metavar="MODEL")
@@ -137,11 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--served-model-name", default=None, help="default: the target's model path/id")
     gateway.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
     gateway.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    gateway.add_argument("--coordinator-token", default=None, help="the coordinator's --auth-token")
     gateway.add_argument("--log-level", default="info")
+    _add_tls_args(gateway, server=False)
 
     stats = sub.add_parser("stats", help="show a worker's KV pool and batching figures")
     stats.add_argument("worker", metavar="HOST:PORT", help="a target or draft worker")
     stats.add_argument("--json", action="store_true")
+    _add_tls_args(stats, server=False)
 
     gen = sub.add_parser("generate", help="stream a completion from a coordinator")
     gen.add_argument("prompt", nargs="?", default=None)
@@ -150,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompts-file", default=None, help='JSON lines: {"prompt": ..., optional sampling fields}')
     gen.add_argument("--concurrency", type=int, default=1)
     gen.add_argument("--timeout", type=float, default=None, help="per-request deadline in seconds")
+    gen.add_argument("--auth-token", default=None, help="bearer token for a coordinator started with --auth-token")
+    _add_tls_args(gen, server=False)
     _add_sampling_args(gen)
     return parser
 
@@ -162,8 +186,9 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _worker_fields(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("model", "port", "host", "device", "dtype", "max_model_len", "metrics_port", "grace", "watchdog_seconds")
-    return {name: getattr(args, name) for name in names}
+    names = ("model", "port", "host", "device", "dtype", "max_model_len", "metrics_port", "grace", "watchdog_seconds",
+             "reflection")
+    return {**{name: getattr(args, name) for name in names}, "tls": _tls(args)}
 
 
 def _run_service(args: argparse.Namespace, name: str) -> None:
@@ -191,7 +216,8 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
 
         settings = GatewaySettings(coordinator=args.coordinator, port=args.port, host=args.host, api_key=args.api_key,
                                    served_model_name=args.served_model_name, tokenizer=args.tokenizer,
-                                   max_body_bytes=args.max_body_bytes)
+                                   max_body_bytes=args.max_body_bytes, coordinator_token=args.coordinator_token,
+                                   tls=_tls(args))
         run(lambda: serve_gateway(settings))
     else:
         from coordinator.server import CoordinatorConfig, serve_coordinator
@@ -201,7 +227,8 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
             tokenizer=args.tokenizer, connect_timeout=args.connect_timeout, metrics_port=args.metrics_port,
             grace=args.grace, target_timeout=args.target_timeout, draft_timeout=args.draft_timeout,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
-            health_interval=args.health_interval,
+            health_interval=args.health_interval, tls=_tls(args), auth_token=args.auth_token,
+            reflection=args.reflection,
         )
         run(lambda: serve_coordinator(config))
 
@@ -343,7 +370,7 @@ def _summary(responses: list[Any]) -> dict[str, Any]:
 
 
 async def _generate(args: argparse.Namespace) -> int:
-    from splitspec.service import insecure_channel
+    from splitspec.service import make_channel
     from splitspec.v1 import coordinator_pb2_grpc
 
     defaults = {name: getattr(args, name) for name in _REQUEST_FIELDS}
@@ -360,7 +387,7 @@ async def _generate(args: argparse.Namespace) -> int:
             raise ValueError("give a PROMPT or --prompts-file")
         requests = [_request_from({**defaults, "prompt": args.prompt})]
 
-    async with insecure_channel(args.coordinator) as channel:
+    async with make_channel(args.coordinator, _tls(args), args.auth_token) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         if not args.prompts_file and not args.json:
             last = None
@@ -392,10 +419,10 @@ async def _stats(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
-    from splitspec.service import insecure_channel
+    from splitspec.service import make_channel
     from splitspec.v1 import common_pb2, draft_pb2_grpc, target_pb2_grpc
 
-    async with insecure_channel(args.worker) as channel:
+    async with make_channel(args.worker, _tls(args)) as channel:
         try:
             stats = await target_pb2_grpc.TargetWorkerStub(channel).GetStats(common_pb2.StatsRequest(), timeout=10)
             kind = "target"

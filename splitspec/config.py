@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(slots=True, kw_only=True)
@@ -16,3 +17,5 @@ class WorkerConfig:
     metrics_port: int | None = None
     grace: float = 10.0
     watchdog_seconds: float = 60.0
+    tls: Any = None          # splitspec.security.TLSConfig
+    reflection: bool = False

@@ -20,12 +20,23 @@ from splitspec.errors import StatusInterceptor
 
 log = logging.getLogger(__name__)
 
-# Largest legitimate message: a proposal of k x vocab float32 probabilities (k <= 64, vocab ~256k).
+# Client channels accept the largest legitimate message of any service: a proposal of
+# k x vocab float32 probabilities (k <= 64, vocab ~256k). Servers set their own, tighter limit.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
+DEFAULT_SERVER_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def grpc_options(max_message_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def message_limit(vocab_size: int, max_k: int = 64) -> int:
+    """A worker's limit: k x vocab float32 probabilities plus headroom (oversize -> RESOURCE_EXHAUSTED)."""
+    return max(DEFAULT_SERVER_MESSAGE_BYTES, max_k * vocab_size * 4 + (1 << 20))
+
+
+GRPC_OPTIONS = grpc_options()
 _STANDARD_RECORD_KEYS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 
@@ -62,6 +73,29 @@ def configure_logging(service: str, level: str = "info") -> None:
 
 def insecure_channel(address: str) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+
+
+def make_channel(address: str, tls: Any = None, token: str | None = None) -> grpc.aio.Channel:
+    """A client channel: TLS (and a client certificate for mTLS) when `tls` is given, and a
+    bearer token on every call when `token` is given."""
+    from splitspec.security import bearer_token_interceptors
+
+    interceptors = bearer_token_interceptors(token) if token else None
+    if tls is None:
+        return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, tls.channel_credentials(), options=GRPC_OPTIONS,
+                                   interceptors=interceptors)
+
+
+@dataclass(slots=True, frozen=True)
+class ServerSecurity:
+    """How a server listens: TLS (mTLS with require_client_cert), extra interceptors (bearer token),
+    reflection (off unless asked for) and its message size limit."""
+
+    tls: Any = None
+    interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()
+    reflection: bool = False
+    max_message_bytes: int = DEFAULT_SERVER_MESSAGE_BYTES
 
 
 @dataclass(slots=True)
@@ -120,14 +154,25 @@ async def start_server(
     registry: CollectorRegistry | None = None,
     state: Any = None,
     executor: ThreadPoolExecutor | None = None,
+    security: "ServerSecurity | None" = None,
 ) -> RunningServer:
     """Start a grpc.aio server; `register` adds servicers and returns their full service names.
     `executor` (the model thread) is shut down when the server stops."""
-    server = grpc.aio.server(interceptors=[StatusInterceptor()], options=GRPC_OPTIONS)
+    security = security or ServerSecurity()
+    interceptors: list[grpc.aio.ServerInterceptor] = list(security.interceptors) + [StatusInterceptor()]
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(security.max_message_bytes))
     service_names = tuple(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if security.reflection:
+        from grpc_reflection.v1alpha import reflection
+
+        reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME,
+                                             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    if security.tls is not None:
+        bound = server.add_secure_port(f"{host}:{port}", security.tls.server_credentials())
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
@@ -184,6 +229,7 @@ async def start_stepped_server(
     host: str,
     thread_name: str,
     watchdog_seconds: float = 60.0,
+    security: ServerSecurity | None = None,
 ) -> RunningServer:
     """Serve a worker whose `engine.step` runs batched steps on one model thread; `servicer_for`
     builds the servicer around the step loop. Health reflects progress: NOT_SERVING while the
@@ -194,7 +240,7 @@ async def start_stepped_server(
     steps = StepLoop(engine.step, executor)
     steps.start()
     running = await start_server(registration(add_to_server, servicer_for(steps), service), port, host, registry,
-                                 engine, executor)
+                                 engine, executor, security)
     watchdog = asyncio.get_running_loop().create_task(_watchdog(running, steps, watchdog_seconds))
 
     async def stop_background() -> None:

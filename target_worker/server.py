@@ -6,12 +6,19 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 from splitspec.config import WorkerConfig
 from splitspec.errors import InvalidArgument, Unavailable
 from splitspec.models import LoadedModel, load_model
 from splitspec.paged.cache import CacheConfig, build_paged_cache, plan_num_blocks
-from splitspec.service import RunningServer, serve_until_signal, start_stepped_server
+from splitspec.service import (
+    RunningServer,
+    ServerSecurity,
+    message_limit,
+    serve_until_signal,
+    start_stepped_server,
+)
 from splitspec.v1 import target_pb2, target_pb2_grpc
 from target_worker.engine import TargetEngine
 from target_worker.metrics import TargetMetrics
@@ -48,6 +55,8 @@ async def start_target(
     batching: bool = True,
     tensor_parallel_size: int = 1,
     watchdog_seconds: float = 60.0,
+    tls: Any = None,
+    reflection: bool = False,
 ) -> RunningServer:
     """Serve an already loaded model (used by the CLI and by in-process tests)."""
     cache = cache or CacheConfig()
@@ -65,7 +74,7 @@ async def start_target(
     return await start_stepped_server(
         engine, lambda steps: TargetServicer(engine, metrics, steps), target_pb2_grpc.add_TargetWorkerServicer_to_server,
         target_pb2.DESCRIPTOR.services_by_name["TargetWorker"], metrics.registry, port, host, "target-model",
-        watchdog_seconds,
+        watchdog_seconds, ServerSecurity(tls=tls, reflection=reflection, max_message_bytes=message_limit(loaded.vocab_size)),
     )
 
 
@@ -75,7 +84,8 @@ async def serve_target(config: TargetConfig) -> None:
         return
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
-                                 config.batching, watchdog_seconds=config.watchdog_seconds)
+                                 config.batching, watchdog_seconds=config.watchdog_seconds, tls=config.tls,
+                                 reflection=config.reflection)
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)
 
@@ -95,7 +105,7 @@ async def serve_tensor_parallel(config: TargetConfig) -> None:
         cache = CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks,
                             max_num_seqs=config.cache.max_num_seqs)
         running = await start_target(loaded, config.port, config.host, cache, config.max_batch_tokens,
-                                     config.batching, size, config.watchdog_seconds)
+                                     config.batching, size, config.watchdog_seconds, config.tls, config.reflection)
     except BaseException:
         group.kill()
         raise
