@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--threads", type=int, default=None)
     up.add_argument("--tensor-parallel-size", type=int, default=1, help="passed to the target worker")
     up.add_argument("--http-port", type=int, default=8000, help="the gateway's port (0: no gateway)")
+    up.add_argument("--targets", type=int, default=1, help="target worker replicas (a local pool)")
+    up.add_argument("--drafts", type=int, default=1, help="draft worker replicas (a local pool)")
     up.add_argument("--api-key", default=None, help="passed to the gateway")
     up.add_argument("--startup-timeout", type=float, default=600.0)
     up.add_argument("--log-level", default="warning")
@@ -269,17 +271,25 @@ def _up(args: argparse.Namespace) -> int:
     common = ["--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1", "--log-level", args.log_level]
     if args.threads:
         common += ["--threads", str(args.threads)]
-    target_port = _free_port()
-    # Both workers size their KV pool from the same free memory: give each a share of it.
-    commands = {"target": [*python, "target", "--model", args.target, "--port", str(target_port), *common,
-                           "--kv-cache-memory", "0.3", "--tensor-parallel-size", str(args.tensor_parallel_size)]}
-    coordinator = [*python, "coordinator", "--port", str(args.port), "--target", f"127.0.0.1:{target_port}",
-                   "--k", str(args.k if args.draft else 0), "--log-level", args.log_level]
-    if args.draft:
-        draft_port = _free_port()
-        commands["draft"] = [*python, "draft", "--model", args.draft, "--port", str(draft_port), *common,
-                             "--kv-cache-memory", "0.15"]
-        coordinator += ["--draft", f"127.0.0.1:{draft_port}"]
+    if args.targets < 1 or args.drafts < 0:
+        raise ValueError("--targets must be >= 1 and --drafts >= 0")
+    # Workers size their KV pools from the same free memory: give each a share of it.
+    target_share, draft_share = 0.3 / args.targets, 0.15 / max(args.drafts, 1)
+    commands: dict[str, list[str]] = {}
+    coordinator = [*python, "coordinator", "--port", str(args.port), "--k", str(args.k if args.draft else 0),
+                   "--log-level", args.log_level]
+    for index in range(args.targets):
+        port = _free_port()
+        commands[f"target{index}" if args.targets > 1 else "target"] = [
+            *python, "target", "--model", args.target, "--port", str(port), *common, "--kv-cache-memory",
+            f"{target_share:.3f}", "--tensor-parallel-size", str(args.tensor_parallel_size)]
+        coordinator += ["--target", f"127.0.0.1:{port}"]
+    for index in range(args.drafts if args.draft else 0):
+        port = _free_port()
+        commands[f"draft{index}" if args.drafts > 1 else "draft"] = [
+            *python, "draft", "--model", args.draft, "--port", str(port), *common, "--kv-cache-memory",
+            f"{draft_share:.3f}"]
+        coordinator += ["--draft", f"127.0.0.1:{port}"]
     commands["coordinator"] = coordinator
     if args.http_port:
         commands["gateway"] = [*python, "gateway", "--coordinator", f"127.0.0.1:{args.port}", "--port",

@@ -126,3 +126,21 @@ def test_sigterm_stops_all_services(up):
     assert process.wait(timeout=60) == 0
     for pid in children:
         assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+
+
+def test_up_starts_a_local_pool(tiny_dirs):
+    from tests.support import alive, launch_up, process_tree
+
+    process, address = launch_up("--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft_noisy"]),
+                                 "--targets", "2", "--drafts", "2", "--threads", "1")
+    try:
+        commands = [open(f"/proc/{pid}/cmdline").read().split("\0") for pid in process_tree(process.pid) if alive(pid)]
+        roles = [c[3] for c in commands if len(c) > 3 and c[1:3] == ["-m", "splitspec.cli"]]
+        assert sorted(roles) == ["coordinator", "draft", "draft", "target", "target"]
+        coordinator = next(c for c in commands if "coordinator" in c)
+        assert coordinator.count("--target") == 2 and coordinator.count("--draft") == 2
+        result = run("generate", "--coordinator", address, "pool", "--max-tokens", "10", "--json")
+        assert result.returncode == 0 and json.loads(result.stdout)["usage"]["completion_tokens"] == 10
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
