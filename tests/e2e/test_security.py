@@ -63,9 +63,11 @@ def pki():
     server_cert, server_key = issue(ca, "worker")
     client_cert, client_key = issue(ca, "coordinator")
     rogue_cert, rogue_key = issue(other_ca, "rogue worker")
+    user_cert, user_key = issue(ca, "a client")
     return {
         "server_mtls": TLSConfig(server_cert, server_key, ca_pem, require_client_cert=True),
-        "coordinator": TLSConfig(client_cert, client_key, ca_pem),
+        "coordinator": TLSConfig(client_cert, client_key, ca_pem, require_client_cert=True),
+        "client": TLSConfig(user_cert, user_key, ca_pem),
         "client_ca_only": TLSConfig(ca=ca_pem),
         "rogue": TLSConfig(rogue_cert, rogue_key, ca_pem, require_client_cert=True),
     }
@@ -91,15 +93,20 @@ async def generate(channel) -> list[int]:
 
 
 async def test_happy_path_with_mtls_on_every_hop(secure_stack, pki):
+    """client -mTLS-> coordinator -mTLS-> target and draft, every peer verified against the CA."""
     _, _, coordinator = secure_stack
-    async with make_channel(f"localhost:{coordinator.port}", pki["client_ca_only"], TOKEN) as channel:
+    async with make_channel(f"localhost:{coordinator.port}", pki["client"], TOKEN) as channel:
         assert len(await generate(channel)) == 12
+    async with make_channel(f"localhost:{coordinator.port}", pki["client_ca_only"], TOKEN) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # no client certificate: refused
+            await generate(channel)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.parametrize("token", [None, "wrong"], ids=["no-token", "wrong-token"])
 async def test_missing_or_wrong_token_is_unauthenticated(secure_stack, pki, token):
     _, _, coordinator = secure_stack
-    async with make_channel(f"localhost:{coordinator.port}", pki["client_ca_only"], token) as channel:
+    async with make_channel(f"localhost:{coordinator.port}", pki["client"], token) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await generate(channel)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -139,7 +146,7 @@ async def test_worker_with_a_certificate_from_another_ca_is_not_used(tiny, pki):
 
 async def test_oversized_message_is_resource_exhausted(secure_stack, pki):
     _, _, coordinator = secure_stack
-    async with make_channel(f"localhost:{coordinator.port}", pki["client_ca_only"], TOKEN) as channel:
+    async with make_channel(f"localhost:{coordinator.port}", pki["client"], TOKEN) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             async for _ in stub.Generate(R(prompt="x" * (5 << 20)), timeout=30):
