@@ -265,9 +265,9 @@ class Generation:
             k = self._round_k()
             if k == 0 or self.session is None:
                 return None
+            timeout = self._timeout(self.backend.timeouts.draft)  # may raise: before the coroutine exists
             try:
-                return await asyncio.wait_for(self.session.propose(self.history, k),
-                                              self._timeout(self.backend.timeouts.draft))
+                return await asyncio.wait_for(self.session.propose(self.history, k), timeout)
             except (grpc.aio.AioRpcError, Unavailable, asyncio.TimeoutError) as exc:
                 # Speculation is an optimisation: another draft replica (sent the whole history) or none.
                 code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
