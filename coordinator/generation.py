@@ -114,8 +114,11 @@ class Generation:
             if request.k > 0:
                 self._open_draft()
             while not self.finish_reason:
+                round_start = time.perf_counter()
                 proposal = await self._propose()
+                proposed_at = time.perf_counter()
                 verdict = await self._verify(proposal)
+                self._time_round(proposal, verdict, round_start, proposed_at)
                 yield self._emit(*self._round_tokens(proposal, verdict))
             self._record(time.perf_counter() - start)
         finally:
@@ -206,13 +209,8 @@ class Generation:
                 if endpoint is None:
                     endpoint = self._pin_target(failure)
                     await self._resume(endpoint)
-                verdict = await endpoint.client.verify(
-                    self.seq_id,
-                    list(proposal.token_ids) if proposal else [],
-                    proposal.probs if proposal and proposal.HasField("probs") else None,
-                    len(self.history),
-                    timeout=self._timeout(self.backend.timeouts.target),
-                )
+                verdict = await endpoint.client.verify(self.seq_id, proposal, len(self.history),
+                                                       timeout=self._timeout(self.backend.timeouts.target))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in WORKER_FAILURES:
                     raise
@@ -279,6 +277,28 @@ class Generation:
                 self.backend.metrics.failovers.labels("draft").inc()
                 self._close_draft()
                 self._open_draft()
+
+    def _time_round(self, proposal: draft_pb2.DraftResponse | None, verdict: Any, start: float,
+                    proposed_at: float) -> None:
+        """Where the round's time went: draft, verify, and (the rest) coordinator and network."""
+        now, spec = time.perf_counter(), self.spec
+        if proposal is None:
+            spec.target_rounds += 1
+            spec.target_round_seconds += now - start
+            return
+        spec.round_seconds += now - start
+        spec.draft_seconds += proposed_at - start
+        spec.verify_seconds += now - proposed_at
+        spec.draft_step_seconds += proposal.step_seconds
+        spec.verify_step_seconds += verdict.step_seconds
+        spec.draft_payload_bytes += proposal.ByteSize()
+        k = len(proposal.token_ids)
+        while len(spec.proposed_per_position) < k:
+            spec.proposed_per_position.append(0)
+            spec.accepted_per_position.append(0)
+        for position in range(k):
+            spec.proposed_per_position[position] += 1
+            spec.accepted_per_position[position] += int(position < verdict.num_accepted)
 
     def _round_tokens(self, proposal: draft_pb2.DraftResponse | None, verdict: Any) -> tuple[list[int], list[int]]:
         if proposal is None:

@@ -67,12 +67,16 @@ class TargetClient:
         )
 
     async def verify(
-        self, seq_id: str, draft_token_ids: list[int], draft_probs: common_pb2.Tensor | None, num_tokens: int,
-        timeout: float | None = None,
+        self, seq_id: str, proposal: draft_pb2.DraftResponse | None, num_tokens: int, timeout: float | None = None,
     ) -> target_pb2.VerifyResponse:
-        request = target_pb2.VerifyRequest(seq_id=seq_id, draft_token_ids=draft_token_ids, num_tokens=num_tokens)
-        if draft_probs is not None:
-            request.draft_probs.CopyFrom(draft_probs)
+        """Verify `proposal` (None: a target-only round); its q travels on as received, dense or sparse."""
+        request = target_pb2.VerifyRequest(seq_id=seq_id, num_tokens=num_tokens)
+        if proposal is not None:
+            request.draft_token_ids.extend(proposal.token_ids)
+            if proposal.HasField("sparse_probs"):
+                request.draft_sparse_probs.CopyFrom(proposal.sparse_probs)
+            elif proposal.HasField("probs"):
+                request.draft_probs.CopyFrom(proposal.probs)
         return await self.stub.Verify(request, timeout=timeout)
 
     async def stats(self, timeout: float = 5.0) -> common_pb2.WorkerStats:

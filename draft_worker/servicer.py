@@ -9,7 +9,7 @@ import grpc
 
 from draft_worker.engine import CloseItem, DraftEngine, DraftSequence, ProposeItem
 from draft_worker.metrics import DraftMetrics
-from splitspec.codec import encode_tensor
+from splitspec.codec import encode_sparse, encode_tensor, sparse_is_smaller
 from splitspec.convert import sampling_from_proto
 from splitspec.paged.stats import worker_stats
 from splitspec.paged.step_loop import StepLoop
@@ -36,12 +36,17 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
                 self.engine.check(item)
                 start = time.perf_counter()
                 proposal = await self.steps.submit(item)
-                self.metrics.propose_seconds.observe(time.perf_counter() - start)
+                elapsed = time.perf_counter() - start
+                self.metrics.propose_seconds.observe(elapsed)
                 self.metrics.proposals.inc()
                 self.metrics.draft_tokens.inc(len(proposal.token_ids))
-                response = draft_pb2.DraftResponse(token_ids=proposal.token_ids, num_tokens=proposal.num_tokens)
-                if proposal.probs is not None:
-                    response.probs.CopyFrom(encode_tensor(proposal.probs))
+                response = draft_pb2.DraftResponse(token_ids=proposal.token_ids, num_tokens=proposal.num_tokens,
+                                                   step_seconds=elapsed)
+                if proposal.probs is not None:  # greedy proposals carry token ids only
+                    if sparse_is_smaller(proposal.probs):
+                        response.sparse_probs.CopyFrom(encode_sparse(proposal.probs))
+                    else:
+                        response.probs.CopyFrom(encode_tensor(proposal.probs))
                 yield response
         finally:
             if sequence is not None:

@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -29,8 +30,27 @@ def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context below the model's")
+    parser.add_argument("--cpu-cores", default=None, help="pin the worker to these cores, e.g. 1 or 2-7")
     _add_service_args(parser)
     _add_tls_args(parser, server=True)
+
+
+def parse_cores(text: str) -> set[int]:
+    """'3', '0,2', '0-3,6' -> core ids."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        start, _, end = part.strip().partition("-")
+        cores.update(range(int(start), int(end or start) + 1))
+    return cores
+
+
+def _pin(cores: str | None) -> None:
+    """Pin this process (and the torch threads it starts later) to the given CPU cores."""
+    if cores:
+        try:
+            os.sched_setaffinity(0, parse_cores(cores))
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"--cpu-cores {cores!r}: {exc}") from exc
 
 
 def _add_cache_args(parser: argparse.ArgumentParser) -> None:
@@ -197,6 +217,7 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
     from splitspec.service import configure_logging, run
 
     configure_logging(name, args.log_level)
+    _pin(getattr(args, "cpu_cores", None))
     if name == "target":
         from target_worker.server import TargetConfig, serve_target
 
@@ -266,6 +287,17 @@ def _http_ok(port: int) -> bool:
         return False
 
 
+def _split_cores(with_draft: bool) -> tuple[list[str], list[str]]:
+    """With two or more cores, drafts and targets get separate ones (a quarter, at least one, for
+    the drafts) so they never steal each other's core; coordinator and gateway float."""
+    cores = sorted(os.sched_getaffinity(0))
+    if not with_draft or len(cores) < 2:
+        return [], []
+    split = max(1, len(cores) // 4)
+    as_flag = lambda chosen: ["--cpu-cores", ",".join(map(str, chosen))]  # noqa: E731
+    return as_flag(cores[split:]), as_flag(cores[:split])
+
+
 def _up(args: argparse.Namespace) -> int:
     python = [sys.executable, "-m", "splitspec.cli"]
     common = ["--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1", "--log-level", args.log_level]
@@ -275,6 +307,7 @@ def _up(args: argparse.Namespace) -> int:
         raise ValueError("--targets must be >= 1 and --drafts >= 0")
     # Workers size their KV pools from the same free memory: give each a share of it.
     target_share, draft_share = 0.3 / args.targets, 0.15 / max(args.drafts, 1)
+    target_cores, draft_cores = _split_cores(args.draft is not None)
     commands: dict[str, list[str]] = {}
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", str(args.k if args.draft else 0),
                    "--log-level", args.log_level]
@@ -282,13 +315,13 @@ def _up(args: argparse.Namespace) -> int:
         port = _free_port()
         commands[f"target{index}" if args.targets > 1 else "target"] = [
             *python, "target", "--model", args.target, "--port", str(port), *common, "--kv-cache-memory",
-            f"{target_share:.3f}", "--tensor-parallel-size", str(args.tensor_parallel_size)]
+            f"{target_share:.3f}", "--tensor-parallel-size", str(args.tensor_parallel_size), *target_cores]
         coordinator += ["--target", f"127.0.0.1:{port}"]
     for index in range(args.drafts if args.draft else 0):
         port = _free_port()
         commands[f"draft{index}" if args.drafts > 1 else "draft"] = [
             *python, "draft", "--model", args.draft, "--port", str(port), *common, "--kv-cache-memory",
-            f"{draft_share:.3f}"]
+            f"{draft_share:.3f}", *draft_cores]
         coordinator += ["--draft", f"127.0.0.1:{port}"]
     commands["coordinator"] = coordinator
     if args.http_port:

@@ -45,3 +45,46 @@ def decode_tensor(message: common_pb2.Tensor, field: str, shape: tuple[int, ...]
         return torch.zeros(got_shape, dtype=torch.float32)
     tensor = torch.frombuffer(bytearray(message.data), dtype=dtype).reshape(got_shape)
     return tensor.float()
+
+
+def encode_sparse(probs: torch.Tensor) -> common_pb2.SparseProbs:
+    """probs: [rows, vocab] -> only the non-zero entries, values bit-exact (float32)."""
+    probs = probs.detach().to("cpu", torch.float32)
+    mask = probs > 0
+    counts = mask.sum(dim=-1)
+    offsets = torch.zeros(probs.shape[0] + 1, dtype=torch.int32)
+    offsets[1:] = counts.cumsum(0)
+    indices = mask.nonzero()[:, 1].to(torch.int32)
+    return common_pb2.SparseProbs(
+        vocab_size=probs.shape[-1],
+        offsets=offsets.numpy().tobytes(),
+        indices=indices.numpy().tobytes(),
+        values=probs[mask].contiguous().numpy().tobytes(),
+    )
+
+
+def sparse_is_smaller(probs: torch.Tensor) -> bool:
+    """8 bytes per non-zero (+4 per row) against 4 bytes per entry dense."""
+    return int((probs > 0).sum()) * 8 + 4 * (probs.shape[0] + 1) < probs.numel() * 4
+
+
+def decode_sparse(message: common_pb2.SparseProbs, field: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Back to a dense float32 [rows, vocab] tensor; errors name `field`."""
+    rows, vocab = shape
+    if message.vocab_size != vocab:
+        raise InvalidArgument(field, f"vocab_size {message.vocab_size} does not match the expected {vocab}")
+    if len(message.offsets) != 4 * (rows + 1) or len(message.indices) != len(message.values):
+        raise InvalidArgument(field, f"malformed sparse rows (expected {rows} rows)")
+    offsets = torch.frombuffer(bytearray(message.offsets), dtype=torch.int32).long()
+    count = len(message.indices) // 4
+    if offsets[0] != 0 or offsets[-1] != count or bool((offsets[1:] < offsets[:-1]).any()):
+        raise InvalidArgument(field, "offsets are not a valid row partition")
+    dense = torch.zeros(rows, vocab, dtype=torch.float32)
+    if count:
+        indices = torch.frombuffer(bytearray(message.indices), dtype=torch.int32).long()
+        if bool((indices < 0).any()) or bool((indices >= vocab).any()):
+            raise InvalidArgument(field, f"indices outside the vocabulary [0, {vocab})")
+        values = torch.frombuffer(bytearray(message.values), dtype=torch.float32)
+        row_ids = torch.repeat_interleave(torch.arange(rows), offsets[1:] - offsets[:-1])
+        dense[row_ids, indices] = values
+    return dense

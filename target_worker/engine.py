@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from splitspec.codec import decode_tensor
+from splitspec.codec import decode_sparse, decode_tensor
 from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from splitspec.models import LoadedModel
 from splitspec.paged.block_manager import BlockManager
@@ -52,7 +52,7 @@ class PrefillItem:
 class VerifyItem:
     seq_id: str
     draft_token_ids: list[int]
-    draft_probs: common_pb2.Tensor | None = None
+    draft_probs: common_pb2.Tensor | common_pb2.SparseProbs | None = None
     expected_num_tokens: int = 0
 
 
@@ -223,6 +223,8 @@ class TargetEngine:
             return None
         if item.draft_probs is None:
             raise InvalidArgument("draft_probs", "required for sampled (temperature > 0) requests")
+        if isinstance(item.draft_probs, common_pb2.SparseProbs):
+            return decode_sparse(item.draft_probs, "draft_sparse_probs", (k, self.vocab_size))
         return decode_tensor(item.draft_probs, "draft_probs", (k, self.vocab_size))
 
     def _plan_prefill(self, index: int, item: PrefillItem, planned: list[_Planned], outcomes: dict[int, Any],

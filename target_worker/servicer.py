@@ -49,13 +49,17 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                                           num_cached_tokens=outcome.num_cached_tokens)
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> target_pb2.VerifyResponse:
+        probs = request.draft_sparse_probs if request.HasField("draft_sparse_probs") else \
+            request.draft_probs if request.HasField("draft_probs") else None
         item = VerifyItem(
             seq_id=request.seq_id,
             draft_token_ids=list(request.draft_token_ids),
-            draft_probs=request.draft_probs if request.HasField("draft_probs") else None,
+            draft_probs=probs,
             expected_num_tokens=request.num_tokens,
         )
+        start = time.perf_counter()
         outcome = await self._submit("verify", item)
+        elapsed = time.perf_counter() - start
         self.metrics.verifies.inc()
         if not outcome.preempted:
             self.metrics.draft_tokens.inc(len(request.draft_token_ids))
@@ -67,6 +71,7 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             acceptance_probs=outcome.acceptance_probs,
             num_tokens=outcome.num_tokens,
             preempted=outcome.preempted,
+            step_seconds=elapsed,
         )
 
     async def Release(self, request: target_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> target_pb2.ReleaseResponse:

@@ -16,6 +16,18 @@ class Tensor(_message.Message):
     data: bytes
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class SparseProbs(_message.Message):
+    __slots__ = ("vocab_size", "offsets", "indices", "values")
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    vocab_size: int
+    offsets: bytes
+    indices: bytes
+    values: bytes
+    def __init__(self, vocab_size: _Optional[int] = ..., offsets: _Optional[bytes] = ..., indices: _Optional[bytes] = ..., values: _Optional[bytes] = ...) -> None: ...
+
 class SamplingParams(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]

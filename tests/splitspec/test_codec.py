@@ -37,3 +37,28 @@ def test_bad_payloads_name_the_field(message, problem):
 def test_shape_mismatch_names_the_field():
     with pytest.raises(InvalidArgument, match=r"^draft_probs: shape \[2, 3\]"):
         decode_tensor(encode_tensor(torch.zeros(2, 3)), "draft_probs", (2, 4))
+
+
+def test_sparse_rows_round_trip_exactly_and_are_smaller_when_truncated():
+    from splitspec.codec import decode_sparse, encode_sparse, sparse_is_smaller
+    from splitspec.sampling import SamplingParams, process_logits
+
+    logits = torch.randn(4, 512, generator=torch.Generator().manual_seed(0))
+    q = process_logits(logits, SamplingParams(temperature=0.8, top_k=20))
+    assert sparse_is_smaller(q)
+    message = encode_sparse(q)
+    assert torch.equal(decode_sparse(message, "draft_sparse_probs", (4, 512)), q)  # bit-exact
+    assert message.ByteSize() < encode_tensor(q).ByteSize() / 10
+    full = process_logits(logits, SamplingParams(temperature=0.8))
+    assert not sparse_is_smaller(full)
+
+
+def test_malformed_sparse_rows_name_the_field():
+    from splitspec.codec import decode_sparse, encode_sparse
+
+    message = encode_sparse(torch.tensor([[0.5, 0.5, 0.0]]))
+    with pytest.raises(InvalidArgument, match="^draft_sparse_probs: vocab_size"):
+        decode_sparse(message, "draft_sparse_probs", (1, 4))
+    message.indices = (7).to_bytes(4, "little") * 2
+    with pytest.raises(InvalidArgument, match="^draft_sparse_probs: indices outside"):
+        decode_sparse(message, "draft_sparse_probs", (1, 3))
