@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 
+from coordinator.adaptive import AUTO_K, AcceptanceEstimate, CostModel, choose_k
 from coordinator.detokenizer import TextStream
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Endpoint, WorkerPool
@@ -58,6 +59,8 @@ class Backend:
     tokenizer: Any
     metrics: CoordinatorMetrics
     timeouts: Timeouts = field(default_factory=Timeouts)
+    costs: CostModel = field(default_factory=CostModel)   # measured step costs for --k auto
+    max_k: int = 16
     releases: set[asyncio.Task] = field(default_factory=set)  # in-flight Release calls
     running: int = 0                                          # requests in flight
 
@@ -96,6 +99,7 @@ class Generation:
     tried_drafts: set[str] = field(default_factory=set)
     preemptions: int = 0
     failovers: int = 0
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
 
     def __post_init__(self) -> None:
         self.history = list(self.request.prompt_token_ids)
@@ -111,7 +115,7 @@ class Generation:
             first = await self._prefill()
             backend.metrics.ttft.observe(time.perf_counter() - start)
             yield self._emit([first], [Origin.TOKEN_ORIGIN_TARGET])
-            if request.k > 0:
+            if request.k != 0:
                 self._open_draft()
             while not self.finish_reason:
                 round_start = time.perf_counter()
@@ -256,7 +260,10 @@ class Generation:
             self._close_draft()
             return 0
         remaining = self.request.max_tokens - len(self.generated)
-        return max(0, min(self.request.k, remaining - 1, draft_room))
+        k = self.request.k
+        if k == AUTO_K:
+            k = choose_k(self.acceptance, self.backend.costs, self.backend.max_k)
+        return max(0, min(k, remaining - 1, draft_room))
 
     async def _propose(self) -> draft_pb2.DraftResponse | None:
         while True:
@@ -285,7 +292,10 @@ class Generation:
         if proposal is None:
             spec.target_rounds += 1
             spec.target_round_seconds += now - start
+            self.backend.costs.observe(0, 0.0, verdict.step_seconds)
             return
+        self.backend.costs.observe(len(proposal.token_ids), proposal.step_seconds, verdict.step_seconds)
+        self.acceptance.observe(len(proposal.token_ids), verdict.num_accepted)
         spec.round_seconds += now - start
         spec.draft_seconds += proposed_at - start
         spec.verify_seconds += now - proposed_at

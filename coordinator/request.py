@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from coordinator.adaptive import AUTO_K
 from splitspec.errors import InvalidArgument
 from splitspec.sampling import SamplingParams
 from splitspec.v1 import coordinator_pb2
@@ -18,7 +19,7 @@ DEFAULT_MAX_TOKENS = 16
 class Limits:
     max_model_len: int   # the target's context
     vocab_size: int
-    default_k: int
+    default_k: int   # AUTO_K with --k auto
     max_k: int
 
 
@@ -79,8 +80,8 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
     if bad_stop_ids:
         raise InvalidArgument("stop_token_ids", f"ids {bad_stop_ids[:5]} are outside the vocabulary [0, {limits.vocab_size})")
     k = _optional(message, "k", limits.default_k)
-    if not 0 <= k <= limits.max_k:
-        raise InvalidArgument("k", f"must be in [0, {limits.max_k}] (0 = target only), got {k}")
+    if k != AUTO_K or message.HasField("k"):
+        _check_k(k, limits)
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex,
         prompt_token_ids=prompt,
@@ -91,3 +92,8 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         ignore_eos=message.ignore_eos,
         k=k,
     )
+
+
+def _check_k(k: int, limits: Limits) -> None:
+    if not 0 <= k <= limits.max_k:
+        raise InvalidArgument("k", f"must be in [0, {limits.max_k}] (0 = target only), got {k}")

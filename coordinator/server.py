@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
+from coordinator.adaptive import AUTO_K
 from coordinator.admission import Admission
 from coordinator.generation import Backend, Timeouts
 from coordinator.metrics import CoordinatorMetrics
@@ -74,8 +75,8 @@ def _same_vocabulary(reference: common_pb2.ModelInfo) -> Callable[[common_pb2.Mo
 
 
 async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
-    if not 0 <= config.k <= config.max_k:
-        raise InvalidArgument("--k", f"must be in [0, --max-k={config.max_k}], got {config.k}")
+    if config.k != AUTO_K and not 0 <= config.k <= config.max_k:
+        raise InvalidArgument("--k", f"must be 'auto' or in [0, --max-k={config.max_k}], got {config.k}")
     targets = WorkerPool("target", config.targets, partial(TargetClient, tls=config.tls),
                          refresh_seconds=config.health_interval)
     await targets.start()
@@ -113,11 +114,12 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         tokenizer=tokenizer,
         metrics=metrics,
         timeouts=Timeouts(target=config.target_timeout, draft=config.draft_timeout),
+        max_k=max_k,
     )
     limits = Limits(
         max_model_len=target_info.max_model_len,
         vocab_size=target_info.vocab_size,
-        default_k=min(config.k, max_k) if drafts else 0,
+        default_k=(config.k if config.k == AUTO_K else min(config.k, max_k)) if drafts else 0,
         max_k=max_k if drafts else 0,
     )
     admission = Admission(config.max_running_requests, config.max_queued_requests)

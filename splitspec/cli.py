@@ -53,6 +53,12 @@ def _pin(cores: str | None) -> None:
             raise ValueError(f"--cpu-cores {cores!r}: {exc}") from exc
 
 
+def _k_value(text: str) -> int:
+    from coordinator.adaptive import AUTO_K
+
+    return AUTO_K if text == "auto" else int(text)
+
+
 def _add_cache_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watchdog-seconds", type=float, default=60.0,
                         help="health goes NOT_SERVING when no step finishes this long while there is work")
@@ -146,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests waiting for a slot; beyond it RESOURCE_EXHAUSTED at once")
     coord.add_argument("--health-interval", type=float, default=1.0,
                        help="seconds between health checks / DNS re-resolution of the worker pools")
-    coord.add_argument("--k", type=int, default=4, help="default draft tokens per round")
+    coord.add_argument("--k", type=_k_value, default=4,
+                       help="default draft tokens per round, or 'auto' (chosen per request by expected tokens/s)")
     coord.add_argument("--max-k", type=int, default=16)
     coord.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
     coord.add_argument("--connect-timeout", type=float, default=120.0)
@@ -157,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("up", help="start target, draft and coordinator locally")
     up.add_argument("--target", required=True, metavar="MODEL")
     up.add_argument("--draft", default=None, metavar="MODEL")
-    up.add_argument("--k", type=int, default=4)
+    up.add_argument("--k", default="4", help="draft tokens per round, or 'auto'")
     up.add_argument("--port", type=int, default=50051)
     up.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -181,6 +188,22 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--coordinator-token", default=None, help="the coordinator's --auth-token")
     gateway.add_argument("--log-level", default="info")
     _add_tls_args(gateway, server=False)
+
+    bench = sub.add_parser("bench", help="load-test a coordinator: speculation vs target-only, with plots")
+    bench.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
+    bench.add_argument("--prompts", required=True, help='JSON lines: {"prompt": ..., optional max_tokens}')
+    bench.add_argument("--concurrency", default="1,4,16,32", help="comma-separated sweep")
+    bench.add_argument("--k", default="4", help="comma-separated draft lengths, 'auto' for the coordinator's "
+                                                "--k auto; k=0 (the baseline) is always run")
+    bench.add_argument("--requests", type=int, default=32, help="requests per point (at least the concurrency)")
+    bench.add_argument("--max-tokens", type=int, default=64)
+    bench.add_argument("--temperature", type=float, default=0.0)
+    bench.add_argument("--top-k", type=int, default=0)
+    bench.add_argument("--output", default="bench-results", help="directory for bench.json and the PNG plots")
+    bench.add_argument("--label", default="", help="title for the plots")
+    bench.add_argument("--auth-token", default=None)
+    bench.add_argument("--no-progress", action="store_true")
+    _add_tls_args(bench, server=False)
 
     stats = sub.add_parser("stats", help="show a worker's KV pool and batching figures")
     stats.add_argument("worker", metavar="HOST:PORT", help="a target or draft worker")
@@ -309,7 +332,7 @@ def _up(args: argparse.Namespace) -> int:
     target_share, draft_share = 0.3 / args.targets, 0.15 / max(args.drafts, 1)
     target_cores, draft_cores = _split_cores(args.draft is not None)
     commands: dict[str, list[str]] = {}
-    coordinator = [*python, "coordinator", "--port", str(args.port), "--k", str(args.k if args.draft else 0),
+    coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
                    "--log-level", args.log_level]
     for index in range(args.targets):
         port = _free_port()
@@ -490,6 +513,33 @@ async def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from splitspec.bench import BenchSettings, run_bench, table
+
+    with open(args.prompts, encoding="utf-8") as handle:
+        prompts = [json.loads(line) for line in handle if line.strip()]
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts")
+    try:
+        concurrency = [int(c) for c in args.concurrency.split(",")]
+        named = [k.strip() for k in args.k.split(",")]
+        k_values = sorted({0, *(int(k) for k in named if k != "auto")}) + (["auto"] if "auto" in named else [])
+    except ValueError as exc:
+        raise ValueError(f"--concurrency/--k take comma-separated integers ({exc})") from exc
+    settings = BenchSettings(
+        coordinator=args.coordinator, prompts=prompts, concurrency=concurrency, k_values=k_values,
+        requests=args.requests, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+        output=Path(args.output),
+        tls=_tls(args), token=args.auth_token, progress=not args.no_progress, label=args.label)
+    report = await run_bench(settings)
+    print(table(report))
+    print(f"report: {Path(args.output) / 'bench.json'}; plots: {args.output}/tokens_per_s.png, "
+          f"generation_time.png, ttft.png")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     import grpc
@@ -504,6 +554,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = _up(args)
         elif args.command == "stats":
             code = asyncio.run(_stats(args))
+        elif args.command == "bench":
+            code = asyncio.run(_bench(args))
         else:
             code = asyncio.run(_generate(args))
     except KeyboardInterrupt:

@@ -112,7 +112,7 @@ async def start_stack(
             draft=draft_server.address if draft_server else None,
             port=0,
             host="127.0.0.1",
-            k=k if draft else 0,
+            k=k if draft else 0,  # may be AUTO_K
             max_k=max_k,
             connect_timeout=10,
         )

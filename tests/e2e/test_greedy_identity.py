@@ -89,3 +89,20 @@ async def test_real_pair_stops_at_a_stop_token_like_generate(real):
         assert result["last"].usage.completion_tokens == cut
     finally:
         await stack.stop()
+
+
+async def test_adaptive_k_keeps_greedy_output_identical(tiny):
+    from coordinator.adaptive import AUTO_K
+
+    stack = await start_stack(tiny["target"], tiny["draft_noisy"], k=AUTO_K, max_k=6)
+    try:
+        target = tiny["target"]
+        for prompt in ("auto one", "auto two, a little longer"):
+            expected = reference(target, target.tokenizer(prompt).input_ids, 60, stop_at_eos=False)
+            result = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+                prompt=prompt, max_tokens=60, temperature=0.0, ignore_eos=True))
+            assert result["token_ids"] == expected
+        costs = stack.coordinator.state.costs
+        assert set(range(1, 7)) <= set(costs.verify_points)  # every k was explored and measured
+    finally:
+        await stack.stop()
