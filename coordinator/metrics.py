@@ -1,55 +1,25 @@
-"""Prometheus metrics of the coordinator, with vLLM's speculative-decoding names."""
+"""Prometheus metrics of the coordinator: the shared serving metrics plus worker failovers."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+from splitspec.metrics import ServingMetrics
 
 
 @dataclass(slots=True)
-class CoordinatorMetrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    requests: Counter = field(init=False)
-    running: Gauge = field(init=False)
-    ttft: Histogram = field(init=False)
-    time_per_output_token: Histogram = field(init=False)
-    e2e_latency: Histogram = field(init=False)
-    num_drafts: Counter = field(init=False)
-    num_draft_tokens: Counter = field(init=False)
-    num_accepted_tokens: Counter = field(init=False)
-    num_accepted_tokens_per_pos: Counter = field(init=False)
+class CoordinatorMetrics(ServingMetrics):
     failovers: Counter = field(init=False)
 
     def __post_init__(self) -> None:
-        r = self.registry
-        self.requests = Counter("splitspec:request_success", "Finished requests", ["finished_reason"], registry=r)
-        self.running = Gauge("splitspec:num_requests_running", "Requests in flight", registry=r)
-        self.ttft = Histogram("splitspec:time_to_first_token_seconds", "TTFT", registry=r, buckets=_LATENCY_BUCKETS)
-        self.time_per_output_token = Histogram(
-            "splitspec:time_per_output_token_seconds", "Mean time per output token after the first", registry=r,
-            buckets=_LATENCY_BUCKETS,
-        )
-        self.e2e_latency = Histogram(
-            "splitspec:e2e_request_latency_seconds", "End-to-end request latency", registry=r, buckets=_LATENCY_BUCKETS
-        )
-        self.num_drafts = Counter("splitspec:spec_decode_num_drafts", "Proposals verified", registry=r)
-        self.num_draft_tokens = Counter("splitspec:spec_decode_num_draft_tokens", "Draft tokens proposed", registry=r)
-        self.num_accepted_tokens = Counter(
-            "splitspec:spec_decode_num_accepted_tokens", "Draft tokens accepted", registry=r
-        )
-        self.num_accepted_tokens_per_pos = Counter(
-            "splitspec:spec_decode_num_accepted_tokens_per_pos", "Accepted draft tokens by position", ["position"],
-            registry=r,
-        )
+        ServingMetrics.__post_init__(self)
         self.failovers = Counter("splitspec:worker_failovers", "Requests moved off a failed worker", ["kind"],
-                                 registry=r)
+                                 registry=self.registry)
 
     def record_round(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.num_drafts.inc()
         self.num_draft_tokens.inc(num_draft_tokens)
         self.num_accepted_tokens.inc(num_accepted)
-        for position in range(num_accepted):
-            self.num_accepted_tokens_per_pos.labels(str(position)).inc()
+        self.record_accepted_positions(num_accepted)

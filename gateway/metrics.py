@@ -10,52 +10,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge
+
+from splitspec.metrics import ServingMetrics
 
 from splitspec.v1 import coordinator_pb2
 
-_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
 
 @dataclass(slots=True)
-class GatewayMetrics:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-    requests: Counter = field(init=False)
+class GatewayMetrics(ServingMetrics):
     http_errors: Counter = field(init=False)
-    ttft: Histogram = field(init=False)
-    time_per_output_token: Histogram = field(init=False)
-    e2e_latency: Histogram = field(init=False)
-    running: Gauge = field(init=False)
     waiting: Gauge = field(init=False)
     kv_blocks_used: Gauge = field(init=False)
     kv_blocks_total: Gauge = field(init=False)
     kv_usage: Gauge = field(init=False)
-    num_drafts: Counter = field(init=False)
-    num_draft_tokens: Counter = field(init=False)
-    num_accepted_tokens: Counter = field(init=False)
-    num_accepted_tokens_per_pos: Counter = field(init=False)
 
     def __post_init__(self) -> None:
+        ServingMetrics.__post_init__(self)
         r = self.registry
-        self.requests = Counter("splitspec:request_success", "Finished sequences", ["finished_reason"], registry=r)
         self.http_errors = Counter("splitspec:http_errors", "Error responses", ["status"], registry=r)
-        self.ttft = Histogram("splitspec:time_to_first_token_seconds", "Time to first token", registry=r,
-                              buckets=_BUCKETS)
-        self.time_per_output_token = Histogram("splitspec:time_per_output_token_seconds",
-                                               "Time per output token after the first", registry=r, buckets=_BUCKETS)
-        self.e2e_latency = Histogram("splitspec:e2e_request_latency_seconds", "End-to-end latency", registry=r,
-                                     buckets=_BUCKETS)
-        self.running = Gauge("splitspec:num_requests_running", "Sequences in flight through the gateway", registry=r)
         self.waiting = Gauge("splitspec:num_requests_waiting", "Target work queued for admission", registry=r)
         self.kv_blocks_used = Gauge("splitspec:kv_blocks_used", "KV blocks in use", ["worker"], registry=r)
         self.kv_blocks_total = Gauge("splitspec:kv_blocks_total", "KV blocks in the pool", ["worker"], registry=r)
         self.kv_usage = Gauge("splitspec:kv_cache_usage_perc", "Fraction of KV blocks in use", ["worker"], registry=r)
-        self.num_drafts = Counter("splitspec:spec_decode_num_drafts", "Proposals verified", registry=r)
-        self.num_draft_tokens = Counter("splitspec:spec_decode_num_draft_tokens", "Draft tokens proposed", registry=r)
-        self.num_accepted_tokens = Counter("splitspec:spec_decode_num_accepted_tokens", "Draft tokens accepted",
-                                           registry=r)
-        self.num_accepted_tokens_per_pos = Counter("splitspec:spec_decode_num_accepted_tokens_per_pos",
-                                                   "Accepted draft tokens by position", ["position"], registry=r)
 
     def record_finished(self, stream: Any, response: coordinator_pb2.GenerateResponse) -> None:
         """Called once per finished choice with its last message."""
@@ -76,8 +53,7 @@ class GatewayMetrics:
             if origin == "accepted":
                 run += 1
             elif origin in ("recovered", "bonus"):
-                for position in range(run):
-                    self.num_accepted_tokens_per_pos.labels(str(position)).inc()
+                self.record_accepted_positions(run)
                 run = 0
         return run
 
