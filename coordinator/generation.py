@@ -61,6 +61,7 @@ class Backend:
     timeouts: Timeouts = field(default_factory=Timeouts)
     costs: CostModel = field(default_factory=CostModel)   # measured step costs for --k auto
     max_k: int = 16
+    overlap: bool = False  # draft round n+1 while round n is verified
     releases: set[asyncio.Task] = field(default_factory=set)  # in-flight Release calls
     running: int = 0                                          # requests in flight
 
@@ -117,13 +118,16 @@ class Generation:
             yield self._emit([first], [Origin.TOKEN_ORIGIN_TARGET])
             if request.k != 0:
                 self._open_draft()
+            ahead: draft_pb2.DraftResponse | None = None
             while not self.finish_reason:
                 round_start = time.perf_counter()
-                proposal = await self._propose()
+                proposal = ahead if ahead is not None else await self._propose()
                 proposed_at = time.perf_counter()
+                speculation = self._speculate(proposal)
                 verdict = await self._verify(proposal)
                 self._time_round(proposal, verdict, round_start, proposed_at)
                 yield self._emit(*self._round_tokens(proposal, verdict))
+                ahead = await self._settle(speculation, proposal, verdict)
             self._record(time.perf_counter() - start)
         finally:
             backend.metrics.running.dec()
@@ -309,6 +313,48 @@ class Generation:
         for position in range(k):
             spec.proposed_per_position[position] += 1
             spec.accepted_per_position[position] += int(position < verdict.num_accepted)
+
+    def _speculate(self, proposal: draft_pb2.DraftResponse | None) -> asyncio.Task | None:
+        """Overlap: while the target verifies `proposal`, the draft drafts the round after it,
+        assuming full acceptance and its own guess of the bonus token."""
+        if not self.backend.overlap or proposal is None or not proposal.token_ids or self.session is None:
+            return None
+        assumed = len(self.history) + len(proposal.token_ids) + 1
+        remaining = self.request.max_tokens - len(self.generated) - len(proposal.token_ids) - 1
+        assert self.draft is not None
+        room = self.draft.info.max_model_len + 1 - assumed
+        k = self.request.k if self.request.k != AUTO_K else len(proposal.token_ids)
+        k = min(k, remaining - 1, room)
+        if k < 1:
+            return None
+        return asyncio.get_running_loop().create_task(self.session.speculate(k))
+
+    async def _settle(self, speculation: asyncio.Task | None, proposal: draft_pb2.DraftResponse | None,
+                      verdict: Any) -> draft_pb2.DraftResponse | None:
+        """Use the speculative proposal when its assumption held; otherwise the draft rolls it back
+        on the next request. Returns the next round's proposal, or None to draft one as usual."""
+        if speculation is None:
+            return None
+        if self.finish_reason:  # nothing follows: drop the work instead of waiting for it
+            speculation.cancel()
+            return None
+        try:
+            ahead = await asyncio.wait_for(speculation, self._timeout(self.backend.timeouts.draft))
+        except (grpc.aio.AioRpcError, Unavailable, asyncio.TimeoutError):
+            if self.session is not None and self.draft is not None:
+                self.backend.drafts.mark_failed(self.draft)
+                self.backend.metrics.failovers.labels("draft").inc()
+                self._close_draft()
+                self._open_draft()
+            return None
+        held = (not self.finish_reason and self.session is not None and proposal is not None
+                and verdict.is_bonus and verdict.num_accepted == len(proposal.token_ids)
+                and ahead.HasField("guessed_token_id") and verdict.token_id == ahead.guessed_token_id)
+        self.backend.metrics.overlap.labels("held" if held else "missed").inc()
+        if not held:
+            return None
+        self.session.speculation_held(len(self.history))
+        return ahead
 
     def _round_tokens(self, proposal: draft_pb2.DraftResponse | None, verdict: Any) -> tuple[list[int], list[int]]:
         if proposal is None:

@@ -12,11 +12,14 @@ from splitspec.metrics import ServingMetrics
 @dataclass(slots=True)
 class CoordinatorMetrics(ServingMetrics):
     failovers: Counter = field(init=False)
+    overlap: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         ServingMetrics.__post_init__(self)
         self.failovers = Counter("splitspec:worker_failovers", "Requests moved off a failed worker", ["kind"],
                                  registry=self.registry)
+        self.overlap = Counter("splitspec:overlap_speculations", "Rounds drafted during verification, by outcome",
+                               ["outcome"], registry=self.registry)
 
     def record_round(self, num_draft_tokens: int, num_accepted: int) -> None:
         self.num_drafts.inc()

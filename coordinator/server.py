@@ -45,6 +45,7 @@ class CoordinatorConfig:
     tls: Any = None                  # TLSConfig: serves TLS, and mTLS towards the workers
     auth_token: str | None = None    # bearer token required on the Coordinator service
     reflection: bool = False
+    overlap: bool = False            # draft round n+1 while round n is verified
 
     @property
     def targets(self) -> list[str]:
@@ -115,6 +116,7 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         metrics=metrics,
         timeouts=Timeouts(target=config.target_timeout, draft=config.draft_timeout),
         max_k=max_k,
+        overlap=config.overlap,
     )
     limits = Limits(
         max_model_len=target_info.max_model_len,

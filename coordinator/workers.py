@@ -123,11 +123,25 @@ class DraftSession:
     synced_len: int = 0         # history tokens the draft held before its last proposal
     num_accepted: int = 0       # tokens of the last proposal that the target kept
     started: bool = False
+    held: bool = False          # the last speculative proposal held: say so in the next request
 
     async def propose(self, history: list[int], k: int) -> draft_pb2.DraftResponse:
         request = draft_pb2.DraftRequest(
             num_accepted=self.num_accepted, new_token_ids=history[self.synced_len + self.num_accepted :], k=k
         )
+        return await self._send(request, len(history))
+
+    async def speculate(self, k: int) -> draft_pb2.DraftResponse:
+        """Draft the next round now, assuming the current proposal is accepted in full and the bonus
+        token is the draft's guess. Bookkeeping changes only once the guess is known to hold."""
+        return await self._send(draft_pb2.DraftRequest(speculative=True, k=k), None)
+
+    def speculation_held(self, history_len: int) -> None:
+        """The speculative proposal is the next round's: the draft holds the history up to here."""
+        self.synced_len, self.num_accepted, self.held = history_len, 0, True
+
+    async def _send(self, request: draft_pb2.DraftRequest, history_len: int | None) -> draft_pb2.DraftResponse:
+        request.speculation_held, self.held = self.held, False
         if not self.started:
             request.seq_id = self.seq_id
             request.sampling.CopyFrom(sampling_to_proto(self.params))
@@ -139,7 +153,8 @@ class DraftSession:
             raise Unavailable(f"draft stream for {self.seq_id} has ended") from exc
         if response is grpc.aio.EOF:
             raise Unavailable(f"draft stream for {self.seq_id} ended unexpectedly")
-        self.synced_len, self.num_accepted = len(history), 0
+        if history_len is not None:
+            self.synced_len, self.num_accepted = history_len, 0
         return response
 
     def accepted(self, num_accepted: int) -> None:

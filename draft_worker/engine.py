@@ -43,6 +43,16 @@ class DraftSequence:
     generator: torch.Generator
     token_ids: list[int] = field(default_factory=list)
     proposal: list[int] = field(default_factory=list)
+    snapshot: tuple[list[int], list[int]] | None = None  # (token_ids, proposal) before a speculative request
+
+    def resolve(self, held: bool) -> None:
+        """Settle a pending speculation: keep its state, or go back to the state before it."""
+        if self.snapshot is not None and not held:
+            self.token_ids, self.proposal = self.snapshot
+        self.snapshot = None
+
+    def effective_proposal(self, held: bool) -> list[int]:
+        return self.snapshot[1] if self.snapshot is not None and not held else self.proposal
 
 
 @dataclass(slots=True)
@@ -51,6 +61,8 @@ class ProposeItem:
     num_accepted: int
     new_token_ids: list[int]
     k: int
+    speculative: bool = False
+    speculation_held: bool = False
 
 
 @dataclass(slots=True)
@@ -63,6 +75,7 @@ class Proposal:
     token_ids: list[int]
     probs: torch.Tensor | None  # q: [k, vocab] float32; None for greedy (one-hot at token_ids)
     num_tokens: int
+    guessed_token_id: int = -1   # speculative proposals: the bonus token they assume
 
 
 @dataclass(slots=True)
@@ -74,6 +87,11 @@ class _Drafting:
     start: int
     seen: torch.Tensor | None
     rows: list[torch.Tensor] = field(default_factory=list)
+    guess: int | None = None       # speculative: None until the bonus guess is made, then the token
+
+    @property
+    def depth(self) -> int:
+        return self.item.k + int(self.item.speculative)
 
 
 @dataclass(slots=True)
@@ -97,17 +115,27 @@ class DraftEngine:
 
     def check(self, item: ProposeItem) -> None:
         sequence, vocab = item.sequence, self.loaded.vocab_size
-        if not 0 <= item.num_accepted <= len(sequence.proposal):
+        proposal = sequence.effective_proposal(item.speculation_held)
+        if item.speculative:
+            if not proposal:
+                raise InvalidArgument("speculative", "needs a previous proposal to assume accepted")
+            limit = self.max_proposal(len(sequence.token_ids) + len(proposal) + 1)
+            if not 1 <= item.k <= limit:
+                raise InvalidArgument("k", f"must be in [1, {limit}] here, got {item.k}")
+            return
+        if not 0 <= item.num_accepted <= len(proposal):
             raise InvalidArgument(
                 "num_accepted",
-                f"must be in [0, {len(sequence.proposal)}] (the last proposal's length), got {item.num_accepted}",
+                f"must be in [0, {len(proposal)}] (the last proposal's length), got {item.num_accepted}",
             )
         if not item.new_token_ids:
             raise InvalidArgument("new_token_ids", "must hold at least the token that follows the accepted prefix")
         bad = [t for t in item.new_token_ids if not 0 <= t < vocab]
         if bad:
             raise InvalidArgument("new_token_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        limit = self.max_proposal(len(sequence.token_ids) + item.num_accepted + len(item.new_token_ids))
+        history = sequence.snapshot[0] if sequence.snapshot is not None and not item.speculation_held \
+            else sequence.token_ids
+        limit = self.max_proposal(len(history) + item.num_accepted + len(item.new_token_ids))
         if not 1 <= item.k <= limit:
             raise InvalidArgument(
                 "k", f"must be in [1, {limit}] here (--max-k {self.max_k}, draft context {self.loaded.max_model_len}), "
@@ -127,8 +155,8 @@ class DraftEngine:
                     drafting.append(self._prepare(index, item))
                 except ResourceExhausted as exc:
                     outcomes[index] = exc
-        for depth in range(max((d.item.k for d in drafting), default=0)):
-            active = [d for d in drafting if depth < d.item.k]
+        for depth in range(max((d.depth for d in drafting), default=0)):
+            active = [d for d in drafting if depth < d.depth]
             chunks = []
             for d in active:
                 table = list(self.blocks.tables[d.item.sequence.seq_id].block_ids)
@@ -141,12 +169,16 @@ class DraftEngine:
         for d in drafting:
             sequence = d.item.sequence
             probs = None if sequence.params.greedy else torch.stack(d.rows)
-            outcomes[d.index] = Proposal(list(sequence.proposal), probs, len(sequence.token_ids))
+            outcomes[d.index] = Proposal(list(sequence.proposal), probs, len(sequence.token_ids),
+                                         d.guess if d.guess is not None else -1)
         return outcomes, []
 
     def _prepare(self, index: int, item: ProposeItem) -> _Drafting:
         """Roll back, absorb the new tokens, and reserve the slots the whole proposal will write."""
         sequence, seq_id = item.sequence, item.sequence.seq_id
+        sequence.resolve(item.speculation_held)
+        if item.speculative:
+            return self._prepare_speculative(index, item)
         history_len = len(sequence.token_ids)
         tokens = [*sequence.token_ids, *sequence.proposal[: item.num_accepted], *item.new_token_ids]
         if seq_id in self.blocks.tables:
@@ -168,10 +200,36 @@ class DraftEngine:
         seen = penalty_context(sequence.params, tokens, [], self.loaded.vocab_size)
         return _Drafting(index, item, slots, tokens[cached:], cached, seen)
 
+    def _prepare_speculative(self, index: int, item: ProposeItem) -> _Drafting:
+        """Assume the whole current proposal is accepted: feed it (its last token was never fed),
+        guess the bonus token, and reserve slots for the guess and k - 1 more. Nothing new is
+        committed to the prefix cache, so the whole speculation can be rolled back by truncation."""
+        sequence, seq_id = item.sequence, item.sequence.seq_id
+        sequence.snapshot = (list(sequence.token_ids), list(sequence.proposal))
+        tokens = [*sequence.token_ids, *sequence.proposal]
+        cached = min(self.blocks.tables[seq_id].num_tokens, len(tokens))
+        self.blocks.truncate(seq_id, cached)
+        needed = len(tokens) - cached + item.k
+        if not self.blocks.can_append(seq_id, needed):
+            sequence.resolve(held=False)
+            raise ResourceExhausted(f"draft KV pool is full ({self.blocks.num_blocks} blocks)")
+        slots, copies = self.blocks.append_slots(seq_id, needed)
+        self.runner.copy_blocks(copies)
+        sequence.token_ids, sequence.proposal = tokens, []
+        seen = penalty_context(sequence.params, tokens, [], self.loaded.vocab_size)
+        return _Drafting(index, item, slots, tokens[cached:], cached, seen)
+
     def _sample(self, drafting: _Drafting, logits: torch.Tensor) -> int:
         sequence = drafting.item.sequence
         params, vocab = sequence.params, self.loaded.vocab_size
         q = process_logits(logits, params, drafting.seen)
+        if drafting.item.speculative and drafting.guess is None:  # the assumed bonus token: most likely one
+            token = int(q[0].argmax())
+            drafting.guess = token
+            sequence.token_ids.append(token)
+            if drafting.seen is not None:
+                drafting.seen[:, token] = True
+            return token
         token = int(sample(q[0], draw_exponentials(vocab, params.greedy, sequence.generator)))
         sequence.proposal.append(token)
         drafting.rows.append(q[0])

@@ -32,7 +32,8 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
             async for request in request_iterator:
                 if sequence is None:
                     sequence = self.engine.start(request.seq_id, sampling_from_proto(request.sampling))
-                item = ProposeItem(sequence, request.num_accepted, list(request.new_token_ids), request.k)
+                item = ProposeItem(sequence, request.num_accepted, list(request.new_token_ids), request.k,
+                                   request.speculative, request.speculation_held)
                 self.engine.check(item)
                 start = time.perf_counter()
                 proposal = await self.steps.submit(item)
@@ -42,6 +43,8 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
                 self.metrics.draft_tokens.inc(len(proposal.token_ids))
                 response = draft_pb2.DraftResponse(token_ids=proposal.token_ids, num_tokens=proposal.num_tokens,
                                                    step_seconds=elapsed)
+                if proposal.guessed_token_id >= 0:
+                    response.guessed_token_id = proposal.guessed_token_id
                 if proposal.probs is not None:  # greedy proposals carry token ids only
                     if sparse_is_smaller(proposal.probs):
                         response.sparse_probs.CopyFrom(encode_sparse(proposal.probs))

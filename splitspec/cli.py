@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
     coord.add_argument("--connect-timeout", type=float, default=120.0)
     coord.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' from clients")
+    coord.add_argument("--overlap", action="store_true",
+                       help="draft the next round while the target verifies this one (assuming full acceptance)")
     _add_service_args(coord)
     _add_tls_args(coord, server=True)
 
@@ -173,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=8000, help="the gateway's port (0: no gateway)")
     up.add_argument("--targets", type=int, default=1, help="target worker replicas (a local pool)")
     up.add_argument("--drafts", type=int, default=1, help="draft worker replicas (a local pool)")
+    up.add_argument("--overlap", action="store_true", help="passed to the coordinator")
     up.add_argument("--api-key", default=None, help="passed to the gateway")
     up.add_argument("--startup-timeout", type=float, default=600.0)
     up.add_argument("--log-level", default="warning")
@@ -274,7 +277,7 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
             grace=args.grace, target_timeout=args.target_timeout, draft_timeout=args.draft_timeout,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
             health_interval=args.health_interval, tls=_tls(args), auth_token=args.auth_token,
-            reflection=args.reflection,
+            reflection=args.reflection, overlap=args.overlap,
         )
         run(lambda: serve_coordinator(config))
 
@@ -333,7 +336,7 @@ def _up(args: argparse.Namespace) -> int:
     target_cores, draft_cores = _split_cores(args.draft is not None)
     commands: dict[str, list[str]] = {}
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
-                   "--log-level", args.log_level]
+                   "--log-level", args.log_level, *(["--overlap"] if args.overlap else [])]
     for index in range(args.targets):
         port = _free_port()
         commands[f"target{index}" if args.targets > 1 else "target"] = [

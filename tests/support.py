@@ -101,6 +101,7 @@ async def start_stack(
     target_cache: CacheConfig | None = None,
     draft_cache: CacheConfig | None = None,
     batching: bool = True,
+    overlap: bool = False,
 ) -> Stack:
     """Real servers on free loopback ports, in this process."""
     target_server = await start_target(target, cache=target_cache or CacheConfig(num_blocks=512), batching=batching)
@@ -115,6 +116,7 @@ async def start_stack(
             k=k if draft else 0,  # may be AUTO_K
             max_k=max_k,
             connect_timeout=10,
+            overlap=overlap,
         )
     )
     stub = coordinator_pb2_grpc.CoordinatorStub(insecure_channel(coordinator.address))

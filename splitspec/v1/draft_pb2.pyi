@@ -8,29 +8,35 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DraftRequest(_message.Message):
-    __slots__ = ("seq_id", "sampling", "num_accepted", "new_token_ids", "k")
+    __slots__ = ("seq_id", "sampling", "num_accepted", "new_token_ids", "k", "speculative", "speculation_held")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_HELD_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     sampling: _common_pb2.SamplingParams
     num_accepted: int
     new_token_ids: _containers.RepeatedScalarFieldContainer[int]
     k: int
-    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_accepted: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ...) -> None: ...
+    speculative: bool
+    speculation_held: bool
+    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_accepted: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., speculative: _Optional[bool] = ..., speculation_held: _Optional[bool] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
-    __slots__ = ("token_ids", "probs", "num_tokens", "step_seconds", "sparse_probs")
+    __slots__ = ("token_ids", "probs", "num_tokens", "step_seconds", "sparse_probs", "guessed_token_id")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SPARSE_PROBS_FIELD_NUMBER: _ClassVar[int]
+    GUESSED_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     probs: _common_pb2.Tensor
     num_tokens: int
     step_seconds: float
     sparse_probs: _common_pb2.SparseProbs
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ...) -> None: ...
+    guessed_token_id: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., step_seconds: _Optional[float] = ..., sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ..., guessed_token_id: _Optional[int] = ...) -> None: ...

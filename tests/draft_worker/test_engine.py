@@ -92,3 +92,26 @@ def test_protocol_errors_name_the_field(tiny):
         propose(engine, sequence, 0, [5] * 36, 2)  # 4 + 36 = 40 tokens: room for 1
     with pytest.raises(InvalidArgument, match="^seq_id"):
         engine.start("", GREEDY)
+
+
+@pytest.mark.parametrize("held", [True, False])
+def test_speculation_is_kept_or_rolled_back_exactly(tiny, held):
+    engine = draft_engine(tiny["draft_noisy"])
+    sequence = engine.start("s", GREEDY)
+    first = propose(engine, sequence, 0, HISTORY, 3)
+    speculative_item = ProposeItem(sequence, 0, [], 3, speculative=True)
+    engine.check(speculative_item)
+    ahead = run_one(engine, speculative_item)
+    assumed = HISTORY + first.token_ids
+    assert ahead.guessed_token_id == fresh_proposal(engine, assumed, 1)[0]  # the draft's own next token
+    assert ahead.token_ids == fresh_proposal(engine, assumed + [ahead.guessed_token_id], 3)
+    if held:  # all of `first` accepted and the bonus was the guess: continue from `ahead`
+        nxt = ProposeItem(sequence, 2, [55], 2, speculation_held=True)
+        history = assumed + [ahead.guessed_token_id] + ahead.token_ids[:2] + [55]
+    else:     # say 1 of `first` was accepted, then token 66: back to the state before the speculation
+        nxt = ProposeItem(sequence, 1, [66], 2, speculation_held=False)
+        history = HISTORY + first.token_ids[:1] + [66]
+    engine.check(nxt)
+    after = run_one(engine, nxt)
+    assert sequence.token_ids == history and sequence.snapshot is None
+    assert after.token_ids == fresh_proposal(engine, history, 2)

@@ -106,3 +106,25 @@ async def test_adaptive_k_keeps_greedy_output_identical(tiny):
         assert set(range(1, 7)) <= set(costs.verify_points)  # every k was explored and measured
     finally:
         await stack.stop()
+
+
+@pytest.mark.parametrize("draft_name", ["draft_same", "draft_noisy", "draft_short"])
+async def test_overlap_keeps_greedy_output_identical(tiny, draft_name):
+    """Drafting round n+1 during round n's verification changes timing, never tokens."""
+    stack = await start_stack(tiny["target"], tiny[draft_name], k=4, max_k=8, overlap=True)
+    try:
+        target = tiny["target"]
+        for k in (1, 2, 4, 8):
+            prompt = f"overlap {k}"
+            expected = reference(target, target.tokenizer(prompt).input_ids, 60, stop_at_eos=False)
+            result = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+                prompt=prompt, max_tokens=60, temperature=0.0, k=k, ignore_eos=True))
+            assert result["token_ids"] == expected, (draft_name, k)
+        held = stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
+                                                           {"outcome": "held"}) or 0
+        if draft_name == "draft_same":  # the draft is the target: every guess holds
+            missed = stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
+                                                                 {"outcome": "missed"}) or 0
+            assert held > 20 and missed == 0
+    finally:
+        await stack.stop()
