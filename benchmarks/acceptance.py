@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 
-from splitspec.service import insecure_channel
+from splitspec.service import make_channel
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
@@ -52,7 +52,7 @@ async def main() -> None:
     args = parser.parse_args()
     with open(args.prompts, encoding="utf-8") as handle:
         prompts = [json.loads(line)["prompt"] for line in handle if line.strip()][: args.limit]
-    async with insecure_channel(args.coordinator) as channel:
+    async with make_channel(args.coordinator) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         for temperature in args.temperature:
             for k in (args.k, 0):

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from splitspec.service import insecure_channel
+from splitspec.service import make_channel
 from splitspec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc, target_pb2_grpc
 
 
@@ -48,7 +48,7 @@ def start(args: argparse.Namespace, batching: bool) -> tuple[list[subprocess.Pop
 async def wait_ready(address: str) -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    async with insecure_channel(address) as channel:
+    async with make_channel(address) as channel:
         for _ in range(600):
             try:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -61,7 +61,7 @@ async def wait_ready(address: str) -> None:
 
 
 async def measure(address: str, prompts: list[str], concurrency: int, args: argparse.Namespace) -> dict:
-    async with insecure_channel(address) as channel:
+    async with make_channel(address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         semaphore = asyncio.Semaphore(concurrency)
         count = max(args.requests, 2 * concurrency)
@@ -93,7 +93,7 @@ async def run_mode(args: argparse.Namespace, prompts: list[str], batching: bool)
             row["batching"] = batching
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-        async with insecure_channel(target_address) as channel:
+        async with make_channel(target_address) as channel:
             stats = await target_pb2_grpc.TargetWorkerStub(channel).GetStats(common_pb2.StatsRequest())
         print(f"target: mean {stats.mean_batch_sequences:.2f} sequences per step, max {stats.max_batch_sequences}",
               file=sys.stderr)

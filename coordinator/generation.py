@@ -258,16 +258,20 @@ class Generation:
         """Tokens to draft this round; closes the draft stream once its context is exhausted."""
         if self.session is None or self.draft is None:
             return 0
-        draft_room = self.draft.info.max_model_len + 1 - len(self.history)
-        if draft_room < 1:
+        if self.draft.info.max_model_len + 1 - len(self.history) < 1:
             log.info("draft context exhausted; continuing target-only", extra={"request_id": self.request.request_id})
             self._close_draft()
             return 0
-        remaining = self.request.max_tokens - len(self.generated)
         k = self.request.k
         if k == AUTO_K:
             k = choose_k(self.acceptance, self.backend.costs, self.backend.max_k)
-        return max(0, min(k, remaining - 1, draft_room))
+        return max(0, self._fit_k(k, len(self.history), len(self.generated)))
+
+    def _fit_k(self, k: int, history_len: int, generated: int) -> int:
+        """k limited so that the round never outgrows max_tokens (its last token is the target's)
+        or the draft's context."""
+        assert self.draft is not None
+        return min(k, self.request.max_tokens - generated - 1, self.draft.info.max_model_len + 1 - history_len)
 
     async def _propose(self) -> draft_pb2.DraftResponse | None:
         while True:
@@ -319,12 +323,9 @@ class Generation:
         assuming full acceptance and its own guess of the bonus token."""
         if not self.backend.overlap or proposal is None or not proposal.token_ids or self.session is None:
             return None
-        assumed = len(self.history) + len(proposal.token_ids) + 1
-        remaining = self.request.max_tokens - len(self.generated) - len(proposal.token_ids) - 1
-        assert self.draft is not None
-        room = self.draft.info.max_model_len + 1 - assumed
+        produced = len(proposal.token_ids) + 1  # the whole proposal and the bonus token, if all is accepted
         k = self.request.k if self.request.k != AUTO_K else len(proposal.token_ids)
-        k = min(k, remaining - 1, room)
+        k = self._fit_k(k, len(self.history) + produced, len(self.generated) + produced)
         if k < 1:
             return None
         return asyncio.get_running_loop().create_task(self.session.speculate(k))

@@ -19,6 +19,7 @@ from typing import Any, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from splitspec.errors import Unavailable
 from splitspec.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,6 @@ class WorkerPool:
         while not self.healthy():
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
-                from splitspec.errors import Unavailable
-
                 raise Unavailable(f"no {self.kind} worker is serving after {timeout:.0f}s (tried: "
                                   f"{', '.join(self.endpoints) or ', '.join(self.specs)})")
             self.changed.clear()

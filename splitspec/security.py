@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 import grpc
 
-from splitspec.errors import InvalidArgument
+from splitspec.errors import InvalidArgument, with_behaviors
 
 
 @dataclass(slots=True, frozen=True)
@@ -92,15 +92,7 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token (--auth-token)")
             yield  # pragma: no cover - makes this an async generator
 
-        kwargs = dict(request_deserializer=handler.request_deserializer,
-                      response_serializer=handler.response_serializer)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
-        return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+        return with_behaviors(handler, lambda _: deny, lambda _: deny_stream)
 
 
 def _with_header(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:

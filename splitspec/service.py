@@ -71,10 +71,6 @@ def configure_logging(service: str, level: str = "info") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def insecure_channel(address: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
-
-
 def make_channel(address: str, tls: Any = None, token: str | None = None) -> grpc.aio.Channel:
     """A client channel: TLS (and a client certificate for mTLS) when `tls` is given, and a
     bearer token on every call when `token` is given."""

@@ -13,7 +13,7 @@ from coordinator.server import CoordinatorConfig, start_coordinator
 from draft_worker.server import start_draft
 from splitspec.models import LoadedModel
 from splitspec.paged.cache import CacheConfig
-from splitspec.service import RunningServer, insecure_channel
+from splitspec.service import RunningServer, make_channel
 from splitspec.v1 import coordinator_pb2_grpc
 from target_worker.server import start_target
 
@@ -119,7 +119,7 @@ async def start_stack(
             overlap=overlap,
         )
     )
-    stub = coordinator_pb2_grpc.CoordinatorStub(insecure_channel(coordinator.address))
+    stub = coordinator_pb2_grpc.CoordinatorStub(make_channel(coordinator.address))
     return Stack(target_server, draft_server, coordinator, stub)
 
 
@@ -132,6 +132,22 @@ async def collect(stub: coordinator_pb2_grpc.CoordinatorStub, request, timeout: 
         "text": "".join(r.text for r in responses),
         "last": responses[-1],
     }
+
+
+async def wait_until_idle(target: RunningServer, draft: RunningServer, timeout: float = 5.0) -> None:
+    """Poll until both in-process workers hold no sequence and every KV block is free; fail naming
+    what is left otherwise."""
+    import asyncio
+
+    for _ in range(int(timeout / 0.02)):
+        t, d = target.state, draft.state
+        if (not t.sequences and not t.suspended and t.blocks.num_free_blocks == t.blocks.num_blocks
+                and d.open_sequences == 0 and d.blocks.num_free_blocks == d.blocks.num_blocks):
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail(f"not back to baseline: target sequences {list(target.state.sequences)}, suspended "
+                f"{list(target.state.suspended)}, draft open {draft.state.open_sequences}, free blocks "
+                f"{target.state.blocks.num_free_blocks}/{draft.state.blocks.num_free_blocks}")
 
 
 def free_port() -> int:
@@ -164,6 +180,7 @@ def launch_up(*args: str, timeout: float = 180):
     if "splitspec is up" not in line:
         process.kill()
         pytest.fail("splitspec up did not become healthy")
+    assert f"127.0.0.1:{port}" in line, line
     return process, f"127.0.0.1:{port}"
 
 

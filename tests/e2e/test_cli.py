@@ -5,23 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
+from tests.support import free_port, launch_up
+
 SPLITSPEC = [sys.executable, "-m", "splitspec.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -30,22 +23,9 @@ def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def up(tiny_dirs):
-    port = free_port()
-    process = subprocess.Popen(
-        [*SPLITSPEC, "up", "--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft_noisy"]),
-         "--port", str(port), "--k", "3", "--threads", "1", "--http-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    line = ""
-    while time.monotonic() < deadline and "splitspec is up" not in line:
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if ready:
-            line = process.stdout.readline()
-        if process.poll() is not None:
-            pytest.fail(f"splitspec up exited: {process.stderr.read()[-2000:]}")
-    assert "splitspec is up" in line and f"127.0.0.1:{port}" in line
-    yield process, f"127.0.0.1:{port}"
+    process, address = launch_up("--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft_noisy"]),
+                                 "--k", "3", "--threads", "1")
+    yield process, address
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGKILL)
 
@@ -129,7 +109,7 @@ def test_sigterm_stops_all_services(up):
 
 
 def test_up_starts_a_local_pool(tiny_dirs):
-    from tests.support import alive, launch_up, process_tree
+    from tests.support import alive, process_tree
 
     process, address = launch_up("--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft_noisy"]),
                                  "--targets", "2", "--drafts", "2", "--threads", "1")

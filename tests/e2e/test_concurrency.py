@@ -11,19 +11,9 @@ import pytest
 from splitspec.paged.cache import CacheConfig
 from splitspec.v1 import coordinator_pb2
 from tests.e2e.test_greedy_identity import _prompts, reference
-from tests.support import collect, start_stack
+from tests.support import collect, start_stack, wait_until_idle
 
 R = coordinator_pb2.GenerateRequest
-
-
-async def wait_until_idle(stack, timeout: float = 10.0) -> None:
-    await stack.coordinator.state.drain()
-    for _ in range(int(timeout / 0.05)):
-        target, draft = stack.target.state, stack.draft.state
-        if (not target.sequences and not target.suspended and target.blocks.num_free_blocks == target.blocks.num_blocks
-                and draft.blocks.num_free_blocks == draft.blocks.num_blocks):
-            return
-        await asyncio.sleep(0.05)
 
 
 async def test_concurrency_16_mixed_lengths_and_k_is_exact(tiny):
@@ -93,7 +83,8 @@ async def test_soak_with_cancellations_and_preemption_leaks_nothing(tiny):
 
     try:
         await asyncio.gather(*(one(i) for i in range(1000)))
-        await wait_until_idle(stack)
+        await stack.coordinator.state.drain()
+        await wait_until_idle(stack.target, stack.draft, timeout=10.0)
         target_engine, draft_engine = stack.target.state, stack.draft.state
         assert outcomes["completed"] + outcomes["cancelled"] == 1000 and outcomes["cancelled"] > 100
         assert target_engine.stats.preemptions > 0, "the pool never ran dry: the test lost its point"

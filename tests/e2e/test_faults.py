@@ -13,13 +13,13 @@ import grpc
 import pytest
 
 from coordinator.server import CoordinatorConfig, start_coordinator
-from splitspec.service import insecure_channel
+from splitspec.service import make_channel
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 from target_worker.server import start_target
 from draft_worker.server import start_draft
 from splitspec.paged.cache import CacheConfig
 from tests.e2e.test_greedy_identity import reference
-from tests.support import spawn_worker
+from tests.support import spawn_worker, wait_until_idle
 
 R = coordinator_pb2.GenerateRequest
 PROMPT = "fault tolerance"
@@ -42,7 +42,7 @@ async def coordinator_for(targets: list[str], drafts: list[str], **overrides):
                 **overrides}
     config = CoordinatorConfig(target=targets, draft=drafts or None, port=0, host="127.0.0.1", k=2, **settings)
     running = await start_coordinator(config)
-    return running, coordinator_pb2_grpc.CoordinatorStub(insecure_channel(running.address))
+    return running, coordinator_pb2_grpc.CoordinatorStub(make_channel(running.address))
 
 
 def pinned(pool) -> str:
@@ -176,30 +176,18 @@ async def local_stack(tiny):
     await target.stop(0)
 
 
-async def wait_for_baseline(target, draft) -> None:
-    for _ in range(100):
-        t, d = target.state, draft.state
-        if (not t.sequences and t.blocks.num_free_blocks == t.blocks.num_blocks and d.open_sequences == 0
-                and d.blocks.num_free_blocks == d.blocks.num_blocks):
-            return
-        await asyncio.sleep(0.02)
-    pytest.fail(f"not back to baseline: target sequences {list(target.state.sequences)}, draft open "
-                f"{draft.state.open_sequences}, free blocks {target.state.blocks.num_free_blocks}/"
-                f"{draft.state.blocks.num_free_blocks}")
-
-
 async def test_client_cancel_and_deadline_return_workers_to_baseline(local_stack):
     target, draft, _, stub = local_stack
     call = stub.Generate(request())
     await call.read()
     assert target.state.sequences
     call.cancel()
-    await wait_for_baseline(target, draft)
+    await wait_until_idle(target, draft)
     with pytest.raises(grpc.aio.AioRpcError) as info:
         async for _ in stub.Generate(request(), timeout=0.15):
             pass
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    await wait_for_baseline(target, draft)
+    await wait_until_idle(target, draft)
 
 
 async def test_full_queue_refuses_at_once(local_stack):

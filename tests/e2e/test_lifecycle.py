@@ -123,10 +123,10 @@ async def test_model_info_reports_both_models(stack):
 
 
 async def test_unknown_sequence_on_target_is_not_found(stack):
-    from splitspec.service import insecure_channel
+    from splitspec.service import make_channel
     from splitspec.v1 import target_pb2, target_pb2_grpc
 
-    async with insecure_channel(stack.target.address) as channel:
+    async with make_channel(stack.target.address) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await target_pb2_grpc.TargetWorkerStub(channel).Verify(target_pb2.VerifyRequest(seq_id="nope"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND

@@ -12,7 +12,7 @@ import time
 import grpc
 import pytest
 
-from splitspec.service import insecure_channel
+from splitspec.service import make_channel
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 from tests.e2e.test_greedy_identity import _prompts, reference
 from tests.support import alive, launch_up, process_tree, real_model_dir
@@ -21,7 +21,7 @@ R = coordinator_pb2.GenerateRequest
 
 
 async def generate_all(address: str, prompts: list[str], max_tokens: int) -> list[list[int]]:
-    async with insecure_channel(address) as channel:
+    async with make_channel(address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
 
         async def one(prompt: str, k: int) -> list[int]:
@@ -77,7 +77,7 @@ async def test_killing_a_rank_stops_the_worker_and_fails_the_request_clearly(tin
         target_pid = next(pid for pid, cmd in commands.items() if " target " in cmd)
         rank1 = next(pid for pid in process_tree(target_pid) if "spawn_main" in commands.get(pid, ""))
         target_tree = process_tree(target_pid)
-        async with insecure_channel(address) as channel:
+        async with make_channel(address) as channel:
             stub = coordinator_pb2_grpc.CoordinatorStub(channel)
             call = stub.Generate(R(prompt="keep going", max_tokens=140, temperature=0.0, ignore_eos=True), timeout=60)
             await call.read()
