@@ -119,7 +119,8 @@ def test_up_starts_a_local_pool(tiny_dirs):
         assert sorted(roles) == ["coordinator", "draft", "draft", "target", "target"]
         coordinator = next(c for c in commands if "coordinator" in c)
         assert coordinator.count("--target") == 2 and coordinator.count("--draft") == 2
-        result = run("generate", "--coordinator", address, "pool", "--max-tokens", "10", "--json")
+        result = run("generate", "--coordinator", address, "pool", "--max-tokens", "10", "--temperature", "0",
+                     "--ignore-eos", "--json")
         assert result.returncode == 0 and json.loads(result.stdout)["usage"]["completion_tokens"] == 10
     finally:
         process.send_signal(signal.SIGTERM)
