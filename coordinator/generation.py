@@ -297,9 +297,10 @@ class Generation:
                     proposed_at: float) -> None:
         """Where the round's time went: draft, verify, and (the rest) coordinator and network."""
         now, spec = time.perf_counter(), self.spec
-        if proposal is None:
+        if proposal is None or not proposal.token_ids:
             spec.target_rounds += 1
             spec.target_round_seconds += now - start
+            spec.empty_proposals += int(proposal is not None)
             self.backend.costs.observe(0, 0.0, verdict.step_seconds)
             return
         self.backend.costs.observe(len(proposal.token_ids), proposal.step_seconds, verdict.step_seconds)
@@ -358,7 +359,7 @@ class Generation:
         return ahead
 
     def _round_tokens(self, proposal: draft_pb2.DraftResponse | None, verdict: Any) -> tuple[list[int], list[int]]:
-        if proposal is None:
+        if proposal is None or not proposal.token_ids:  # no proposal, or an empty one: the target's token
             return [verdict.token_id], [Origin.TOKEN_ORIGIN_TARGET]
         accepted = verdict.num_accepted
         if self.session is not None:

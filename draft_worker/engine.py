@@ -23,7 +23,7 @@ from splitspec.errors import InvalidArgument, ResourceExhausted
 from splitspec.models import LoadedModel
 from splitspec.paged.block_manager import BlockManager
 from splitspec.paged.runner import Chunk, PagedRunner
-from splitspec.paged.stats import EngineStats
+from splitspec.paged.stats import EngineStats, worker_stats
 from splitspec.sampling import (
     SamplingParams,
     draw_exponentials,
@@ -32,6 +32,7 @@ from splitspec.sampling import (
     process_logits,
     sample,
 )
+from splitspec.v1 import common_pb2
 
 DRAFT_STREAM = 2
 
@@ -78,6 +79,50 @@ class Proposal:
     guessed_token_id: int = -1   # speculative proposals: the bonus token they assume
 
 
+def open_sequence(seq_id: str, params: SamplingParams) -> DraftSequence:
+    """The state a proposal stream starts with (every drafting method)."""
+    if not seq_id:
+        raise InvalidArgument("seq_id", "the first message of a stream must name the sequence")
+    params.validate()
+    return DraftSequence(seq_id, params, make_generator(params.seed, DRAFT_STREAM))
+
+
+def max_proposal(model: LoadedModel, max_k: int, num_tokens: int) -> int:
+    """Largest k a draft can propose after `num_tokens` tokens without passing its context."""
+    return max(0, min(max_k, model.max_model_len + 1 - num_tokens))
+
+
+def check_request(item: ProposeItem, model: LoadedModel, max_k: int) -> None:
+    """Refuse a request that does not fit the stream's state, the vocabulary or the context
+    (every drafting method); errors name the field."""
+    sequence, vocab = item.sequence, model.vocab_size
+    proposal = sequence.effective_proposal(item.speculation_held)
+    if item.speculative:
+        if not proposal:
+            raise InvalidArgument("speculative", "needs a previous proposal to assume accepted")
+        limit = max_proposal(model, max_k, len(sequence.token_ids) + len(proposal) + 1)
+        if not 1 <= item.k <= limit:
+            raise InvalidArgument("k", f"must be in [1, {limit}] here, got {item.k}")
+        return
+    if not 0 <= item.num_accepted <= len(proposal):
+        raise InvalidArgument(
+            "num_accepted",
+            f"must be in [0, {len(proposal)}] (the last proposal's length), got {item.num_accepted}",
+        )
+    if not item.new_token_ids:
+        raise InvalidArgument("new_token_ids", "must hold at least the token that follows the accepted prefix")
+    bad = [t for t in item.new_token_ids if not 0 <= t < vocab]
+    if bad:
+        raise InvalidArgument("new_token_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    history = sequence.snapshot[0] if sequence.snapshot is not None and not item.speculation_held \
+        else sequence.token_ids
+    limit = max_proposal(model, max_k, len(history) + item.num_accepted + len(item.new_token_ids))
+    if not 1 <= item.k <= limit:
+        raise InvalidArgument(
+            "k", f"must be in [1, {limit}] here (--max-k {max_k}, draft context {model.max_model_len}), got {item.k}"
+        )
+
+
 @dataclass(slots=True)
 class _Drafting:
     index: int
@@ -104,43 +149,16 @@ class DraftEngine:
     open_sequences: int = 0
 
     def start(self, seq_id: str, params: SamplingParams) -> DraftSequence:
-        if not seq_id:
-            raise InvalidArgument("seq_id", "the first message of a stream must name the sequence")
-        params.validate()
-        return DraftSequence(seq_id, params, make_generator(params.seed, DRAFT_STREAM))
-
-    def max_proposal(self, num_tokens: int) -> int:
-        """Largest k this draft can propose after `num_tokens` tokens without passing its context."""
-        return max(0, min(self.max_k, self.loaded.max_model_len + 1 - num_tokens))
+        return open_sequence(seq_id, params)
 
     def check(self, item: ProposeItem) -> None:
-        sequence, vocab = item.sequence, self.loaded.vocab_size
-        proposal = sequence.effective_proposal(item.speculation_held)
-        if item.speculative:
-            if not proposal:
-                raise InvalidArgument("speculative", "needs a previous proposal to assume accepted")
-            limit = self.max_proposal(len(sequence.token_ids) + len(proposal) + 1)
-            if not 1 <= item.k <= limit:
-                raise InvalidArgument("k", f"must be in [1, {limit}] here, got {item.k}")
-            return
-        if not 0 <= item.num_accepted <= len(proposal):
-            raise InvalidArgument(
-                "num_accepted",
-                f"must be in [0, {len(proposal)}] (the last proposal's length), got {item.num_accepted}",
-            )
-        if not item.new_token_ids:
-            raise InvalidArgument("new_token_ids", "must hold at least the token that follows the accepted prefix")
-        bad = [t for t in item.new_token_ids if not 0 <= t < vocab]
-        if bad:
-            raise InvalidArgument("new_token_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        history = sequence.snapshot[0] if sequence.snapshot is not None and not item.speculation_held \
-            else sequence.token_ids
-        limit = self.max_proposal(len(history) + item.num_accepted + len(item.new_token_ids))
-        if not 1 <= item.k <= limit:
-            raise InvalidArgument(
-                "k", f"must be in [1, {limit}] here (--max-k {self.max_k}, draft context {self.loaded.max_model_len}), "
-                     f"got {item.k}"
-            )
+        check_request(item, self.loaded, self.max_k)
+
+    def info(self) -> common_pb2.ModelInfo:
+        return self.loaded.info(max_k=self.max_k)
+
+    def worker_stats(self, waiting: int) -> common_pb2.WorkerStats:
+        return worker_stats(self.blocks, self.stats, self.open_sequences, waiting)
 
     # --- one step ------------------------------------------------------------------------------
     def step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:

@@ -9,15 +9,15 @@ import grpc
 
 from draft_worker.engine import CloseItem, DraftEngine, DraftSequence, ProposeItem
 from draft_worker.metrics import DraftMetrics
+from draft_worker.ngram import NgramEngine
 from splitspec.codec import encode_sparse, encode_tensor, sparse_is_smaller
 from splitspec.convert import sampling_from_proto
-from splitspec.paged.stats import worker_stats
 from splitspec.paged.step_loop import StepLoop
 from splitspec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
 
 
 class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
-    def __init__(self, engine: DraftEngine, metrics: DraftMetrics, steps: StepLoop) -> None:
+    def __init__(self, engine: DraftEngine | NgramEngine, metrics: DraftMetrics, steps: StepLoop) -> None:
         self.engine = engine
         self.metrics = metrics
         self.steps = steps
@@ -58,8 +58,7 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
             self.metrics.open_streams.dec()
 
     async def GetModelInfo(self, request: common_pb2.ModelInfoRequest, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
-        return self.engine.loaded.info(max_k=self.engine.max_k)
+        return self.engine.info()
 
     async def GetStats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.WorkerStats:
-        engine = self.engine
-        return worker_stats(engine.blocks, engine.stats, engine.open_sequences, len(self.steps.pending))
+        return self.engine.worker_stats(len(self.steps.pending))

@@ -59,6 +59,33 @@ def _k_value(text: str) -> int:
     return AUTO_K if text == "auto" else int(text)
 
 
+def _add_drafter_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-layers", default=None, help="layerskip: the target's layers to skip, e.g. 1,3")
+    parser.add_argument("--skip-layers-file", default=None, help="layerskip: a JSON file from `splitspec search-skip`")
+    parser.add_argument("--ngram-min", type=int, default=1, help="ngram: shortest suffix n-gram looked up")
+    parser.add_argument("--ngram-max", type=int, default=4, help="ngram: longest suffix n-gram looked up (tried first)")
+
+
+def _skip_layers(args: argparse.Namespace) -> list[int]:
+    from splitspec.layerskip import parse_skip_layers, read_skip_file
+
+    if args.skip_layers and args.skip_layers_file:
+        raise ValueError("give --skip-layers or --skip-layers-file, not both")
+    if args.skip_layers_file:
+        return read_skip_file(args.skip_layers_file)
+    return parse_skip_layers(args.skip_layers) if args.skip_layers else []
+
+
+def _drafter_flags(args: argparse.Namespace) -> list[str]:
+    """`up`'s drafter options, passed on to its draft workers."""
+    flags = ["--method", args.draft_method, "--ngram-min", str(args.ngram_min), "--ngram-max", str(args.ngram_max)]
+    if args.skip_layers:
+        flags += ["--skip-layers", args.skip_layers]
+    if args.skip_layers_file:
+        flags += ["--skip-layers-file", args.skip_layers_file]
+    return flags
+
+
 def _add_cache_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--watchdog-seconds", type=float, default=60.0,
                         help="health goes NOT_SERVING when no step finishes this long while there is work")
@@ -135,6 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(draft, 50053)
     _add_cache_args(draft)
     draft.add_argument("--max-k", type=int, default=16, help="largest proposal accepted")
+    draft.add_argument("--method", default="model", choices=["model", "layerskip", "ngram"],
+                       help="model: --model is a separate draft model; layerskip: --model is the target, run "
+                            "without --skip-layers; ngram: prompt lookup in the request's history (--model: the "
+                            "target, for its tokenizer and context)")
+    _add_drafter_args(draft)
 
     coord = sub.add_parser("coordinator", help="run the coordinator")
     coord.add_argument("--port", type=int, default=50051)
@@ -165,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start target, draft and coordinator locally")
     up.add_argument("--target", required=True, metavar="MODEL")
-    up.add_argument("--draft", default=None, metavar="MODEL")
+    up.add_argument("--draft", default=None, metavar="MODEL",
+                    help="the draft model (--draft-method model); layerskip and ngram use the target")
+    up.add_argument("--draft-method", default="model", choices=["model", "layerskip", "ngram"])
+    _add_drafter_args(up)
     up.add_argument("--k", default="4", help="draft tokens per round, or 'auto'")
     up.add_argument("--port", type=int, default=50051)
     up.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -207,6 +242,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--auth-token", default=None)
     bench.add_argument("--no-progress", action="store_true")
     _add_tls_args(bench, server=False)
+
+    search = sub.add_parser("search-skip", help="search which target layers a layerskip draft skips (Optuna TPE)")
+    search.add_argument("--model", required=True, help="the target model (local directory or hub id)")
+    search.add_argument("--prompts", required=True, help='JSON lines: {"prompt": ...}')
+    search.add_argument("--trials", type=int, default=40)
+    search.add_argument("--max-skip", type=int, default=None, help="most layers skipped (default: all but one)")
+    search.add_argument("--num-prompts", type=int, default=8, help="prompts of the file used")
+    search.add_argument("--max-tokens", type=int, default=64, help="reference tokens generated per prompt")
+    search.add_argument("--temperature", type=float, default=0.0, help="0: greedy acceptance")
+    search.add_argument("--max-k", type=int, default=8, help="largest k the speedup formula considers")
+    search.add_argument("--seed", type=int, default=0)
+    search.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    search.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    search.add_argument("--threads", type=int, default=None)
+    search.add_argument("--output", default="best-skip.json", help="where the best skip set and its figures go")
+    search.add_argument("--plot", nargs="?", const="", default=None, metavar="PNG",
+                        help="save the optimisation history (default path: OUTPUT with .png)")
+    search.add_argument("--no-progress", action="store_true")
 
     stats = sub.add_parser("stats", help="show a worker's KV pool and batching figures")
     stats.add_argument("worker", metavar="HOST:PORT", help="a target or draft worker")
@@ -258,7 +311,9 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
         from draft_worker.server import DraftConfig, serve_draft
 
         _set_threads(args.threads)
-        config = DraftConfig(**_worker_fields(args), cache=_cache_config(args), max_k=args.max_k)
+        config = DraftConfig(**_worker_fields(args), cache=_cache_config(args), max_k=args.max_k,
+                             method=args.method, skip_layers=_skip_layers(args), ngram_min=args.ngram_min,
+                             ngram_max=args.ngram_max)
         run(lambda: serve_draft(config))
     elif name == "gateway":
         from gateway.server import GatewaySettings, serve_gateway
@@ -333,6 +388,10 @@ def _up(args: argparse.Namespace) -> int:
         raise ValueError("--targets must be >= 1 and --drafts >= 0")
     # Workers size their KV pools from the same free memory: give each a share of it.
     target_share, draft_share = 0.3 / args.targets, 0.15 / max(args.drafts, 1)
+    if args.draft_method != "model":
+        args.draft = args.draft or args.target
+    elif args.skip_layers or args.skip_layers_file:
+        raise ValueError("--skip-layers needs --draft-method layerskip")
     target_cores, draft_cores = _split_cores(args.draft is not None)
     commands: dict[str, list[str]] = {}
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
@@ -347,7 +406,7 @@ def _up(args: argparse.Namespace) -> int:
         port = _free_port()
         commands[f"draft{index}" if args.drafts > 1 else "draft"] = [
             *python, "draft", "--model", args.draft, "--port", str(port), *common, "--kv-cache-memory",
-            f"{draft_share:.3f}", *draft_cores]
+            f"{draft_share:.3f}", *_drafter_flags(args), *draft_cores]
         coordinator += ["--draft", f"127.0.0.1:{port}"]
     commands["coordinator"] = coordinator
     if args.http_port:
@@ -543,6 +602,39 @@ async def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _search_skip(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from splitspec.models import load_model
+    from splitspec.skip_search import SkipSearchSettings, plot_history, search_skip, write_result
+
+    _set_threads(args.threads)
+    with open(args.prompts, encoding="utf-8") as handle:
+        try:
+            prompts = [json.loads(line)["prompt"] for line in handle if line.strip()][: args.num_prompts]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ValueError(f"{args.prompts}: expected JSON lines with a prompt field ({exc})") from exc
+    if not prompts:
+        raise ValueError(f"{args.prompts}: no prompts")
+    loaded = load_model(args.model, args.device, args.dtype)
+    settings = SkipSearchSettings(prompts=prompts, trials=args.trials, max_skip=args.max_skip,
+                                  max_tokens=args.max_tokens, temperature=args.temperature, max_k=args.max_k,
+                                  seed=args.seed, progress=not args.no_progress)
+    result, study = search_skip(loaded, settings)
+    output = Path(args.output)
+    write_result(result, output)
+    best = result.best
+    print(f"best skip set {','.join(map(str, best.skip_layers))} of {result.num_layers} layers: acceptance "
+          f"{best.acceptance:.3f}, cost ratio {best.cost_ratio:.3f}, expected speedup {best.expected_speedup:.3f} "
+          f"at k={best.k} ({result.completed_trials} trials completed, {result.pruned_trials} pruned)")
+    print(f"written: {output}")
+    if args.plot is not None:
+        plot = Path(args.plot) if args.plot else output.with_suffix(".png")
+        plot_history(study, plot)
+        print(f"plot: {plot}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     import grpc
@@ -559,6 +651,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = asyncio.run(_stats(args))
         elif args.command == "bench":
             code = asyncio.run(_bench(args))
+        elif args.command == "search-skip":
+            code = _search_skip(args)
         else:
             code = asyncio.run(_generate(args))
     except KeyboardInterrupt:

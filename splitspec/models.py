@@ -29,7 +29,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 @dataclass(slots=True)
 class LoadedModel:
     name: str
-    model: Any          # a transformers PreTrainedModel in eval mode
+    model: Any          # a transformers PreTrainedModel in eval mode; None for model-free drafters (ngram)
     tokenizer: Any      # a transformers tokenizer
     device: torch.device
     dtype: torch.dtype
@@ -38,11 +38,12 @@ class LoadedModel:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int
     fingerprint: str
+    architecture: str
 
     def info(self, max_k: int = 0) -> common_pb2.ModelInfo:
         return common_pb2.ModelInfo(
             model=self.name,
-            architecture=(self.model.config.architectures or [type(self.model).__name__])[0],
+            architecture=self.architecture,
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
             tokenizer_fingerprint=self.fingerprint,
@@ -70,7 +71,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def check_model_dir(path: Path) -> None:
+def check_model_dir(path: Path, need_weights: bool = True) -> None:
     """Raise ModelLoadError naming `path` and every file that a loadable model needs but lacks."""
     if not path.is_dir():
         raise ModelLoadError(f"model path {path} is not a directory")
@@ -83,7 +84,7 @@ def check_model_dir(path: Path) -> None:
             json.loads(config.read_text())
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"model path {path}: config.json is not valid JSON ({exc})") from exc
-    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+    if need_weights and not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
         missing.append("weights (*.safetensors or pytorch_model.bin)")
     if not any((path / name).is_file() for name in _TOKENIZER_FILES):
         missing.append("tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
@@ -119,9 +120,9 @@ def load_tokenizer(name: str) -> Any:
         raise ModelLoadError(f"cannot load tokenizer {name}: {exc}") from exc
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+def _eos_ids(config: Any, generation_config: Any, tokenizer: Any) -> tuple[int, ...]:
     ids: list[int] = []
-    for source in (getattr(model, "generation_config", None), model.config):
+    for source in (generation_config, config):
         value = getattr(source, "eos_token_id", None) if source is not None else None
         if value is not None:
             ids.extend(value if isinstance(value, (list, tuple)) else [value])
@@ -130,44 +131,80 @@ def _eos_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     return tuple(dict.fromkeys(int(i) for i in ids))
 
 
+def _source(name: str, need_weights: bool) -> str:
+    path = Path(name).expanduser()
+    if path.exists() or name.startswith((".", "/", "~")):
+        check_model_dir(path, need_weights)
+        return str(path)
+    return name
+
+
+def _context_length(config: Any, tokenizer: Any, max_model_len: int | None) -> int:
+    model_len = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    if max_model_len:
+        if max_model_len > model_len:
+            raise ModelLoadError(f"--max-model-len {max_model_len} exceeds the model's {model_len} positions")
+        model_len = max_model_len
+    return model_len
+
+
+def _loaded(name: str, model: Any, config: Any, generation_config: Any, tokenizer: Any, vocab_size: int,
+            device: torch.device, dtype: torch.dtype, max_model_len: int | None) -> LoadedModel:
+    bos = tokenizer.bos_token_id
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+        vocab_size=vocab_size,
+        max_model_len=_context_length(config, tokenizer, max_model_len),
+        eos_token_ids=_eos_ids(config, generation_config, tokenizer),
+        bos_token_id=-1 if bos is None else int(bos),
+        fingerprint=tokenizer_fingerprint(tokenizer),
+        architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+    )
+
+
+def load_vocabulary(name: str, max_model_len: int | None = None) -> LoadedModel:
+    """A model's config and tokenizer without its weights (model=None): what a model-free drafter
+    needs to serve the target's vocabulary, context and fingerprint."""
+    from transformers import AutoConfig, GenerationConfig
+
+    source = _source(name, need_weights=False)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the config of {name}: {exc}") from exc
+    try:
+        generation_config = GenerationConfig.from_pretrained(source)
+    except (OSError, ValueError):
+        generation_config = None
+    tokenizer = load_tokenizer(source)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return _loaded(name, None, text_config, generation_config, tokenizer, int(text_config.vocab_size),
+                   torch.device("cpu"), torch.float32, max_model_len)
+
+
 def load_model(name: str, device: str = "auto", dtype: str = "auto", max_model_len: int | None = None) -> LoadedModel:
     """Load a causal LM and its tokenizer from a local directory or a hub id."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    path = Path(name).expanduser()
-    local = path.exists() or name.startswith((".", "/", "~"))
-    if local:
-        check_model_dir(path)
+    source = _source(name, need_weights=True)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    source = str(path) if local else name
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {name}: {exc}") from exc
     model.to(torch_device).eval()
     tokenizer = load_tokenizer(source)
-    config = model.config
-    model_len = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
-    if max_model_len:
-        if max_model_len > model_len:
-            raise ModelLoadError(f"--max-model-len {max_model_len} exceeds the model's {model_len} positions")
-        model_len = max_model_len
-    bos = tokenizer.bos_token_id
-    loaded = LoadedModel(
-        name=name,
-        model=model,
-        tokenizer=tokenizer,
-        device=torch_device,
-        dtype=torch_dtype,
-        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
-        max_model_len=model_len,
-        eos_token_ids=_eos_ids(model, tokenizer),
-        bos_token_id=-1 if bos is None else int(bos),
-        fingerprint=tokenizer_fingerprint(tokenizer),
-    )
+    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    loaded = _loaded(name, model, model.config, getattr(model, "generation_config", None), tokenizer, vocab_size,
+                     torch_device, torch_dtype, max_model_len)
+    model_len = loaded.max_model_len
     log.info(
         "model loaded",
         extra={"model": name, "device": str(torch_device), "dtype": str(torch_dtype), "vocab": loaded.vocab_size,
