@@ -81,11 +81,11 @@ async def serve_draft(config: DraftConfig) -> None:
         running = await start_ngram_draft(vocabulary, config.port, config.host, config.max_k, config.ngram_min,
                                           config.ngram_max, config.watchdog_seconds, config.tls, config.reflection)
     else:
+        if config.method == "layerskip" and not config.skip_layers:
+            raise InvalidArgument("--skip-layers", "layerskip needs the layers to skip (--skip-layers 1,3 or "
+                                                   "--skip-layers-file best.json from splitspec search-skip)")
         loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
         if config.method == "layerskip":
-            if not config.skip_layers:
-                raise InvalidArgument("--skip-layers", "layerskip needs the layers to skip (--skip-layers 1,3 or "
-                                                       "--skip-layers-file best.json from splitspec search-skip)")
             skip_layers(loaded.model, config.skip_layers)
             loaded.name = f"{config.model} skipping layers {','.join(map(str, config.skip_layers))}"
         running = await start_draft(loaded, config.port, config.host, config.max_k, config.cache,

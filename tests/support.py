@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from coordinator.server import CoordinatorConfig, start_coordinator
-from draft_worker.server import start_draft
-from splitspec.models import LoadedModel
+from draft_worker.server import start_draft, start_ngram_draft
+from splitspec.layerskip import skip_layers
+from splitspec.models import LoadedModel, load_model
 from splitspec.paged.cache import CacheConfig
 from splitspec.service import RunningServer, make_channel
 from splitspec.v1 import coordinator_pb2_grpc
@@ -79,6 +80,13 @@ def real_model_dir() -> Path:
     return path
 
 
+def layerskip_draft(model_dir: Path | str, skip: list[int]) -> LoadedModel:
+    """A self-speculative draft: its own copy of the target's weights, `skip` layers dropped."""
+    loaded = load_model(str(model_dir), device="cpu", dtype="float32")
+    skip_layers(loaded.model, skip)
+    return loaded
+
+
 @dataclass
 class Stack:
     target: RunningServer
@@ -102,11 +110,17 @@ async def start_stack(
     draft_cache: CacheConfig | None = None,
     batching: bool = True,
     overlap: bool = False,
+    ngram: tuple[int, int] | None = None,
 ) -> Stack:
-    """Real servers on free loopback ports, in this process."""
+    """Real servers on free loopback ports, in this process. `ngram=(min, max)`: the draft worker
+    is n-gram lookup over the target's vocabulary instead of `draft`."""
     target_server = await start_target(target, cache=target_cache or CacheConfig(num_blocks=512), batching=batching)
-    draft_server = (await start_draft(draft, max_k=max_k, cache=draft_cache or CacheConfig(num_blocks=512))
-                    if draft is not None else None)
+    if ngram is not None:
+        draft_server = await start_ngram_draft(target, max_k=max_k, ngram_min=ngram[0], ngram_max=ngram[1])
+        draft = target
+    else:
+        draft_server = (await start_draft(draft, max_k=max_k, cache=draft_cache or CacheConfig(num_blocks=512))
+                        if draft is not None else None)
     coordinator = await start_coordinator(
         CoordinatorConfig(
             target=target_server.address,
@@ -142,12 +156,13 @@ async def wait_until_idle(target: RunningServer, draft: RunningServer, timeout: 
     for _ in range(int(timeout / 0.02)):
         t, d = target.state, draft.state
         if (not t.sequences and not t.suspended and t.blocks.num_free_blocks == t.blocks.num_blocks
-                and d.open_sequences == 0 and d.blocks.num_free_blocks == d.blocks.num_blocks):
+                and d.open_sequences == 0
+                and (not hasattr(d, "blocks") or d.blocks.num_free_blocks == d.blocks.num_blocks)):
             return
         await asyncio.sleep(0.02)
     pytest.fail(f"not back to baseline: target sequences {list(target.state.sequences)}, suspended "
                 f"{list(target.state.suspended)}, draft open {draft.state.open_sequences}, free blocks "
-                f"{target.state.blocks.num_free_blocks}/{draft.state.blocks.num_free_blocks}")
+                f"{target.state.blocks.num_free_blocks}/{getattr(getattr(draft.state, 'blocks', None), 'num_free_blocks', '-')}")
 
 
 def free_port() -> int:

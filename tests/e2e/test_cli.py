@@ -125,3 +125,40 @@ def test_up_starts_a_local_pool(tiny_dirs):
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+
+
+@pytest.mark.parametrize("drafter", [["--draft-method", "ngram", "--ngram-min", "1"],
+                                     ["--draft-method", "layerskip", "--skip-layers", "1"]], ids=["ngram", "layerskip"])
+def test_up_with_a_model_free_or_self_speculative_draft(tiny_dirs, tiny, drafter):
+    """No --draft model: the draft worker serves the target's layers minus --skip-layers, or n-gram
+    lookup over the target's vocabulary; greedy output stays the target's."""
+    from tests.support import alive, process_tree
+
+    process, address = launch_up("--target", str(tiny_dirs["target"]), *drafter, "--threads", "1")
+    try:
+        commands = [open(f"/proc/{pid}/cmdline").read().split("\0") for pid in process_tree(process.pid) if alive(pid)]
+        draft = next(c for c in commands if len(c) > 3 and c[3] == "draft")
+        assert draft[draft.index("--model") + 1] == str(tiny_dirs["target"])
+        assert draft[draft.index("--method") + 1] == drafter[1]
+        prompt = "abcabcabc"
+        result = run("generate", "--coordinator", address, prompt, "--max-tokens", "30", "--temperature", "0",
+                     "--ignore-eos", "--json")
+        assert result.returncode == 0, result.stderr
+        target = tiny["target"]
+        ids = target.tokenizer(prompt).input_ids
+        with torch.inference_mode():
+            expected = target.model.generate(torch.tensor([ids]), max_new_tokens=30, do_sample=False,
+                                             eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        payload = json.loads(result.stdout)
+        assert payload["token_ids"] == expected
+        if drafter[1] == "layerskip":
+            assert payload["spec"]["rounds"] > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
+def test_layerskip_without_a_skip_set_is_one_line(tiny_dirs):
+    result = run("draft", "--model", str(tiny_dirs["target"]), "--method", "layerskip", "--port", str(free_port()))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("splitspec draft: --skip-layers: layerskip needs")

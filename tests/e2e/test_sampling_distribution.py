@@ -29,22 +29,22 @@ PARAMS = SamplingParams(temperature=0.8, top_k=5, repetition_penalty=1.2)
 PROMPT = "abc"
 
 
-def next_probs(loaded, contexts: list[list[int]]) -> torch.Tensor:
+def next_probs(loaded, contexts: list[list[int]], params: SamplingParams = PARAMS) -> torch.Tensor:
     """Processed next-token distributions for each context: [len(contexts), vocab]."""
     with torch.inference_mode():
         logits = loaded.model(torch.tensor(contexts)).logits[:, -1].float()
-    rows = [process_logits(logits[i : i + 1], PARAMS, seen_tokens(c, [], loaded.vocab_size)) for i, c in
+    rows = [process_logits(logits[i : i + 1], params, seen_tokens(c, [], loaded.vocab_size)) for i, c in
             enumerate(contexts)]
     return torch.cat(rows).double()
 
 
-def exact_marginals(loaded, prompt: list[int], depth: int) -> list[dict[int, float]]:
-    """Exact marginal distribution of generated tokens 1..depth under PARAMS."""
+def exact_marginals(loaded, prompt: list[int], depth: int, params: SamplingParams = PARAMS) -> list[dict[int, float]]:
+    """Exact marginal distribution of generated tokens 1..depth under `params`."""
     paths: dict[tuple[int, ...], float] = {(): 1.0}
     marginals = []
     for _ in range(depth):
         contexts = list(paths)
-        probs = next_probs(loaded, [prompt + list(c) for c in contexts])
+        probs = next_probs(loaded, [prompt + list(c) for c in contexts], params)
         new_paths: dict[tuple[int, ...], float] = {}
         marginal: dict[int, float] = {}
         for context, row in zip(contexts, probs):

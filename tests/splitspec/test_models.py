@@ -55,3 +55,18 @@ def test_corrupt_config_is_reported(tiny_dirs, tmp_path):
 def test_max_model_len_cannot_exceed_the_model(tiny_dirs):
     with pytest.raises(ModelLoadError, match="--max-model-len 999"):
         load_model(str(tiny_dirs["target"]), max_model_len=999)
+
+
+def test_load_vocabulary_reads_config_and_tokenizer_without_weights(tiny_dirs, tmp_path):
+    import shutil
+
+    from splitspec.models import load_model, load_vocabulary
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_dirs["target"], bare, ignore=shutil.ignore_patterns("*.safetensors"))
+    vocabulary = load_vocabulary(str(bare))
+    full = load_model(str(tiny_dirs["target"]), device="cpu", dtype="float32")
+    assert vocabulary.model is None
+    for field in ("vocab_size", "max_model_len", "eos_token_ids", "bos_token_id", "fingerprint", "architecture"):
+        assert getattr(vocabulary, field) == getattr(full, field), field
+    assert load_vocabulary(str(bare), max_model_len=64).max_model_len == 64
