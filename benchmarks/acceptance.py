@@ -5,8 +5,8 @@ Usage:
       --k 4 --temperature 0 1 --max-tokens 128
 
 Prints, per temperature: acceptance rate (accepted / proposed draft tokens), mean tokens per
-speculative round ((accepted + rounds) / rounds), output tokens/s at concurrency 1, and the same
-run's target-only (k = 0) tokens/s.
+speculative round ((accepted + rounds) / rounds), rounds with an empty proposal (n-gram lookup
+without a match), output tokens/s at concurrency 1, and the same run's target-only (k = 0) tokens/s.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 
 async def run(stub, prompts: list[str], k: int, temperature: float, max_tokens: int) -> dict:
-    rounds = drafted = accepted = tokens = 0
+    rounds = drafted = accepted = tokens = empty = 0
     start = time.perf_counter()
     for seed, prompt in enumerate(prompts):
         request = coordinator_pb2.GenerateRequest(prompt=prompt, max_tokens=max_tokens, k=k, seed=seed,
@@ -32,11 +32,13 @@ async def run(stub, prompts: list[str], k: int, temperature: float, max_tokens: 
                 drafted += response.spec.draft_tokens
                 accepted += response.spec.accepted_tokens
                 tokens += response.usage.completion_tokens
+                empty += response.spec.empty_proposals
     elapsed = time.perf_counter() - start
     return {
         "k": k, "temperature": temperature, "requests": len(prompts), "output_tokens": tokens,
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "tokens_per_round": round((accepted + rounds) / rounds, 3) if rounds else None,
+        "empty_proposals": empty,  # rounds the draft had nothing to propose (n-gram lookup)
         "tokens_per_s": round(tokens / elapsed, 1),
     }
 
