@@ -18,7 +18,7 @@ import grpc
 
 from coordinator.detokenizer import TextStream
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, spec_stats
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, spec_report
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 ORIGIN_NAMES = {
@@ -120,7 +120,7 @@ class ChoiceStream:
             delta.finish_reason = response.finish_reason
             delta.completion_tokens = response.usage.completion_tokens
             delta.prompt_tokens = response.usage.prompt_tokens
-            delta.spec = spec_stats(spec.draft_tokens, spec.accepted_tokens, spec.rounds)
+            delta.spec = spec_report(spec)
             self.metrics.record_finished(self, response)
         return delta
 

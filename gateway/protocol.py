@@ -94,6 +94,16 @@ def now() -> int:
     return int(time.time())
 
 
+def spec_report(spec: Any) -> dict[str, Any]:
+    """A finished choice's speculation figures: every SpecStats field (the time split,
+    per-position acceptance, payload bytes), plus its acceptance rate."""
+    from google.protobuf.json_format import MessageToDict
+
+    fields = MessageToDict(spec, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    fields["draft_payload_bytes"] = spec.draft_payload_bytes  # int64: a number, not a string
+    return {**fields, **spec_stats(spec.draft_tokens, spec.accepted_tokens, spec.rounds)}
+
+
 def spec_stats(draft_tokens: int, accepted_tokens: int, rounds: int) -> dict[str, Any]:
     return {
         "rounds": rounds,

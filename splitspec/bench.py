@@ -1,11 +1,13 @@
-"""`splitspec bench`: load generator against a running coordinator, speculation vs target-only.
+"""`splitspec bench`: load generator against a running coordinator (gRPC) or gateway (HTTP,
+/v1/completions with SSE), speculation vs target-only.
 
 For every concurrency and every k (k = 0, the target-only baseline, always included) it runs the
 prompt set and reports output tokens/s, requests/s, TTFT, time per output token, inter-token
 latency and end-to-end latency (p50/p90/p99), acceptance rate, tokens per round, per-position
 acceptance, the per-round time split (draft, verify, coordinator + network) and draft payload
 bytes per round; and for speculative points the speedup bound implied by the measured acceptance
-and step costs: E[tokens per round] x (target-only time per token) / (draft + verify time per round).
+and step costs: E[tokens per round] x (target-only time per token) / (draft + verify time per round),
+where E[tokens per round] = 1 + sum_i P(position i accepted) over the rounds actually run.
 Writes a JSON report and PNG plots (tokens/s, generation time and TTFT against concurrency).
 """
 
@@ -15,9 +17,10 @@ import asyncio
 import json
 import statistics
 import time
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from splitspec.service import make_channel
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -34,7 +37,7 @@ class RequestResult:
 
 @dataclass(slots=True)
 class BenchSettings:
-    coordinator: str
+    coordinator: str                # HOST:PORT of a coordinator (gRPC), or http(s)://HOST:PORT of a gateway
     prompts: list[dict[str, Any]]
     concurrency: list[int]
     k_values: list[int | str]  # ints, and "auto": leave k unset (the coordinator runs --k auto)
@@ -60,28 +63,78 @@ def percentiles(values: list[float]) -> dict[str, float]:
     return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99)}
 
 
-async def _one(stub: coordinator_pb2_grpc.CoordinatorStub, prompt: dict[str, Any], k: int | str, settings: BenchSettings,
-               seed: int) -> RequestResult:
+@dataclass(slots=True)
+class _Timer:
+    """Token arrival times of one request -> TTFT, inter-token gaps, end-to-end latency."""
+
+    start: float = field(default_factory=time.perf_counter)
+    ttft: float = 0.0
+    last: float = 0.0
+    tokens: int = 0
+    gaps: list[float] = field(default_factory=list)
+
+    def arrived(self, count: int) -> None:
+        now = time.perf_counter()
+        if not count:
+            return
+        if self.tokens == 0:
+            self.ttft = now - self.start
+        else:
+            self.gaps.append((now - self.last) / count)
+        self.tokens += count
+        self.last = now
+
+    def result(self, spec: coordinator_pb2.SpecStats) -> RequestResult:
+        return RequestResult(self.tokens, self.ttft, time.perf_counter() - self.start, self.gaps, spec)
+
+
+async def _one_grpc(stub: coordinator_pb2_grpc.CoordinatorStub, prompt: dict[str, Any], k: int | str,
+                    settings: BenchSettings, seed: int) -> RequestResult:
     request = coordinator_pb2.GenerateRequest(
         prompt=prompt["prompt"], max_tokens=prompt.get("max_tokens", settings.max_tokens), seed=seed,
         temperature=settings.temperature, top_k=settings.top_k, ignore_eos=True)
     if k != "auto":
         request.k = int(k)
-    start = time.perf_counter()
-    ttft, last, tokens, gaps, final = 0.0, start, 0, [], None
+    timer, spec = _Timer(), None
     async for response in stub.Generate(request):
-        now = time.perf_counter()
-        if response.token_ids:
-            if tokens == 0:
-                ttft = now - start
-            else:
-                gaps.append((now - last) / len(response.token_ids))
-            tokens += len(response.token_ids)
-            last = now
+        timer.arrived(len(response.token_ids))
         if response.finish_reason:
-            final = response
-    assert final is not None
-    return RequestResult(tokens, ttft, time.perf_counter() - start, gaps, final.spec)
+            spec = response.spec
+    if spec is None:
+        raise RuntimeError("the coordinator's stream ended without a finish reason")
+    return timer.result(spec)
+
+
+async def _one_http(client: Any, model: str, prompt: dict[str, Any], k: int | str, settings: BenchSettings,
+                    seed: int) -> RequestResult:
+    """POST /v1/completions with stream=true; tokens and the final SpecStats come from the
+    `splitspec` extension of each SSE chunk."""
+    from google.protobuf.json_format import ParseDict
+
+    body: dict[str, Any] = {"model": model, "prompt": prompt["prompt"], "max_tokens": prompt.get("max_tokens", settings.max_tokens),
+                            "seed": seed, "temperature": settings.temperature, "top_k": settings.top_k,
+                            "ignore_eos": True, "stream": True}
+    if k != "auto":
+        body["speculative"] = {"k": int(k)}
+    timer, spec = _Timer(), None
+    async with client.stream("POST", "/v1/completions", json=body) as reply:
+        if reply.status_code != 200:
+            raise RuntimeError(f"gateway answered {reply.status_code}: {(await reply.aread())[:300]!r}")
+        async for line in reply.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line.removeprefix("data: "))
+            if "error" in chunk:
+                raise RuntimeError(f"gateway error: {chunk['error']}")
+            for choice in chunk.get("choices", []):
+                extension = choice.get("splitspec") or {}
+                timer.arrived(len(extension.get("token_ids", [])))
+                if choice.get("finish_reason"):
+                    spec = ParseDict(extension.get("stats") or {}, coordinator_pb2.SpecStats(),
+                                     ignore_unknown_fields=True)
+    if spec is None:
+        raise RuntimeError("the gateway's stream ended without a finish reason")
+    return timer.result(spec)
 
 
 def summarise(results: list[RequestResult], wall: float, concurrency: int, k: int | str) -> dict[str, Any]:
@@ -115,6 +168,9 @@ def summarise(results: list[RequestResult], wall: float, concurrency: int, k: in
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "tokens_per_round": round((accepted + rounds) / rounds, 3) if rounds else 1.0,
         "acceptance_per_position": [round(a / p, 4) if p else 0.0 for a, p in zip(accepted_at, proposed_at)],
+        # 1 + sum over positions of P(the token at i is accepted), per round: right for a fixed k and
+        # for --k auto, whose rounds propose different numbers of tokens
+        "expected_tokens_per_round": round(1 + sum(accepted_at) / rounds, 4) if rounds else 1.0,
         "round_ms": {
             "total": round(per_round(sum(r.spec.round_seconds for r in results)), 3),
             "draft": round(per_round(sum(r.spec.draft_step_seconds for r in results)), 3),
@@ -141,9 +197,32 @@ def add_bounds(points: list[dict[str, Any]]) -> None:
         per_token = base["target_only_round_ms"]
         cost = point["round_ms"]["draft"] + point["round_ms"]["verify"]
         if per_token and cost:
-            expected = 1 + sum(point["acceptance_per_position"])
-            point["speedup_bound"] = round(expected * per_token / cost, 3)
+            point["speedup_bound"] = round(point["expected_tokens_per_round"] * per_token / cost, 3)
             point["fraction_of_bound"] = round(point["speedup"] / point["speedup_bound"], 3)
+
+
+OneRequest = Callable[[dict[str, Any], "int | str", BenchSettings, int], Awaitable[RequestResult]]
+
+
+@asynccontextmanager
+async def _transport(settings: BenchSettings) -> AsyncIterator[OneRequest]:
+    """One request function over a gRPC channel to a coordinator, or HTTP to a gateway."""
+    if settings.coordinator.startswith(("http://", "https://")):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {settings.token}"} if settings.token else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=settings.coordinator, headers=headers, timeout=None,
+                                     limits=limits) as client:
+            models = await client.get("/v1/models")
+            if models.status_code != 200:
+                raise RuntimeError(f"{settings.coordinator}/v1/models answered {models.status_code}: {models.text[:300]}")
+            model = models.json()["data"][0]["id"]
+            yield lambda prompt, k, s, seed: _one_http(client, model, prompt, k, s, seed)
+        return
+    async with make_channel(settings.coordinator, settings.tls, settings.token) as channel:
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        yield lambda prompt, k, s, seed: _one_grpc(stub, prompt, k, s, seed)
 
 
 async def run_bench(settings: BenchSettings) -> dict[str, Any]:
@@ -152,9 +231,8 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
     points = []
     total = sum(max(settings.requests, c) for c in settings.concurrency) * len(settings.k_values)
     with tqdm(total=total, desc="bench", unit="req", disable=not settings.progress) as bar:
-        async with make_channel(settings.coordinator, settings.tls, settings.token) as channel:
-            stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-            await _one(stub, settings.prompts[0], 0, settings, 0)  # warm-up
+        async with _transport(settings) as one:
+            await one(settings.prompts[0], 0, settings, 0)  # warm-up
             for concurrency in settings.concurrency:
                 for k in settings.k_values:
                     count = max(settings.requests, concurrency)
@@ -162,8 +240,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
 
                     async def limited(index: int) -> RequestResult:
                         async with semaphore:
-                            result = await _one(stub, settings.prompts[index % len(settings.prompts)], k, settings,
-                                                index)
+                            result = await one(settings.prompts[index % len(settings.prompts)], k, settings, index)
                             bar.update(1)
                             return result
 

@@ -227,8 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--log-level", default="info")
     _add_tls_args(gateway, server=False)
 
-    bench = sub.add_parser("bench", help="load-test a coordinator: speculation vs target-only, with plots")
-    bench.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT")
+    bench = sub.add_parser("bench", help="load-test a coordinator or gateway: speculation vs target-only, with plots")
+    bench.add_argument("--coordinator", default="127.0.0.1:50051", metavar="HOST:PORT", help="gRPC mode")
+    bench.add_argument("--gateway", default=None, metavar="URL",
+                       help="HTTP mode: the gateway's base URL, e.g. http://127.0.0.1:8000 (SSE /v1/completions)")
     bench.add_argument("--prompts", required=True, help='JSON lines: {"prompt": ..., optional max_tokens}')
     bench.add_argument("--concurrency", default="1,4,16,32", help="comma-separated sweep")
     bench.add_argument("--k", default="4", help="comma-separated draft lengths, 'auto' for the coordinator's "
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--top-k", type=int, default=0)
     bench.add_argument("--output", default="bench-results", help="directory for bench.json and the PNG plots")
     bench.add_argument("--label", default="", help="title for the plots")
-    bench.add_argument("--auth-token", default=None)
+    bench.add_argument("--auth-token", default=None, help="the coordinator's --auth-token, or the gateway's --api-key")
     bench.add_argument("--no-progress", action="store_true")
     _add_tls_args(bench, server=False)
 
@@ -590,8 +592,10 @@ async def _bench(args: argparse.Namespace) -> int:
         k_values = sorted({0, *(int(k) for k in named if k != "auto")}) + (["auto"] if "auto" in named else [])
     except ValueError as exc:
         raise ValueError(f"--concurrency/--k take comma-separated integers ({exc})") from exc
+    if args.gateway and not args.gateway.startswith(("http://", "https://")):
+        raise ValueError(f"--gateway {args.gateway!r}: expected a URL such as http://127.0.0.1:8000")
     settings = BenchSettings(
-        coordinator=args.coordinator, prompts=prompts, concurrency=concurrency, k_values=k_values,
+        coordinator=args.gateway or args.coordinator, prompts=prompts, concurrency=concurrency, k_values=k_values,
         requests=args.requests, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
         output=Path(args.output),
         tls=_tls(args), token=args.auth_token, progress=not args.no_progress, label=args.label)
