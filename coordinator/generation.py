@@ -30,7 +30,7 @@ from coordinator.detokenizer import TextStream
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Endpoint, WorkerPool
 from coordinator.request import GenerationRequest
-from coordinator.workers import DraftSession
+from coordinator.workers import DraftSession, VerifySession
 from splitspec.errors import DeadlineExceeded, Unavailable
 from splitspec.v1 import coordinator_pb2, draft_pb2
 
@@ -96,6 +96,7 @@ class Generation:
     target: Endpoint | None = None
     draft: Endpoint | None = None
     session: DraftSession | None = None
+    verifier: VerifySession | None = None  # the verify stream on the pinned target
     tried_targets: set[str] = field(default_factory=set)
     tried_drafts: set[str] = field(default_factory=set)
     preemptions: int = 0
@@ -133,6 +134,7 @@ class Generation:
             backend.metrics.running.dec()
             backend.running -= 1
             self._close_draft()
+            self._close_verifier()
             if self.target is not None:
                 self.target.pinned -= 1
                 backend.release_later(self.target, self.seq_id)
@@ -175,6 +177,7 @@ class Generation:
         """Forget the pinned target after a failure; returns a phrase for the final error."""
         assert self.target is not None
         failed = self.target
+        self._close_verifier()
         self.backend.targets.mark_failed(failed)
         failed.pinned -= 1
         self.backend.release_later(failed, self.seq_id)
@@ -184,6 +187,11 @@ class Generation:
         log.warning("target failed; failing over", extra={
             "request_id": self.request.request_id, "address": failed.address, "code": exc.code().name})
         return f" after {failed.address} failed ({exc.code().name}: {exc.details()})"
+
+    def _close_verifier(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
+            self.verifier = None
 
     async def _prefill(self) -> int:
         """Prefill the prompt (first token) on a pinned target, moving to another on failure."""
@@ -217,8 +225,10 @@ class Generation:
                 if endpoint is None:
                     endpoint = self._pin_target(failure)
                     await self._resume(endpoint)
-                verdict = await endpoint.client.verify(self.seq_id, proposal, len(self.history),
-                                                       timeout=self._timeout(self.backend.timeouts.target))
+                if self.verifier is None:
+                    self.verifier = endpoint.client.open_verify(self.seq_id)
+                verdict = await self.verifier.verify(proposal, len(self.history),
+                                                     self._timeout(self.backend.timeouts.target))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in WORKER_FAILURES:
                     raise

@@ -34,6 +34,54 @@ async def wait_until_serving(channel: grpc.aio.Channel, address: str, timeout: f
     raise Unavailable(f"worker at {address} is not serving after {timeout:.0f}s ({last_error})")
 
 
+def verify_request(seq_id: str, proposal: draft_pb2.DraftResponse | None, num_tokens: int) -> target_pb2.VerifyRequest:
+    """Verify `proposal` (None: a target-only round); its q travels on as received, dense or sparse."""
+    request = target_pb2.VerifyRequest(seq_id=seq_id, num_tokens=num_tokens)
+    if proposal is not None:
+        request.draft_token_ids.extend(proposal.token_ids)
+        if proposal.HasField("sparse_probs"):
+            request.draft_sparse_probs.CopyFrom(proposal.sparse_probs)
+        elif proposal.HasField("probs"):
+            request.draft_probs.CopyFrom(proposal.probs)
+    return request
+
+
+def _stream_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@dataclass(slots=True)
+class VerifySession:
+    """One sequence's verify stream on its pinned target: a request and an answer per round.
+    Failures surface as AioRpcError with the stream's status, as a unary Verify's would; a round
+    that outlasts its timeout ends the stream with DEADLINE_EXCEEDED."""
+
+    call: grpc.aio.StreamStreamCall
+    seq_id: str
+
+    async def verify(self, proposal: draft_pb2.DraftResponse | None, num_tokens: int,
+                     timeout: float) -> target_pb2.VerifyResponse:
+        try:
+            return await asyncio.wait_for(self._round(verify_request(self.seq_id, proposal, num_tokens)), timeout)
+        except asyncio.TimeoutError:
+            self.close()
+            raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"verify took longer than {timeout:.1f}s") from None
+
+    async def _round(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
+        try:
+            await self.call.write(request)
+        except asyncio.InvalidStateError:  # the stream already ended: report its status
+            code = await self.call.code()
+            raise _stream_error(code, await self.call.details() or "verify stream ended") from None
+        response = await self.call.read()
+        if response is grpc.aio.EOF:
+            raise _stream_error(grpc.StatusCode.UNAVAILABLE, f"verify stream for {self.seq_id} ended")
+        return response
+
+    def close(self) -> None:
+        self.call.cancel()
+
+
 @dataclass(slots=True)
 class TargetClient:
     address: str
@@ -69,15 +117,11 @@ class TargetClient:
     async def verify(
         self, seq_id: str, proposal: draft_pb2.DraftResponse | None, num_tokens: int, timeout: float | None = None,
     ) -> target_pb2.VerifyResponse:
-        """Verify `proposal` (None: a target-only round); its q travels on as received, dense or sparse."""
-        request = target_pb2.VerifyRequest(seq_id=seq_id, num_tokens=num_tokens)
-        if proposal is not None:
-            request.draft_token_ids.extend(proposal.token_ids)
-            if proposal.HasField("sparse_probs"):
-                request.draft_sparse_probs.CopyFrom(proposal.sparse_probs)
-            elif proposal.HasField("probs"):
-                request.draft_probs.CopyFrom(proposal.probs)
-        return await self.stub.Verify(request, timeout=timeout)
+        """One unary Verify (the coordinator itself uses a VerifySession)."""
+        return await self.stub.Verify(verify_request(seq_id, proposal, num_tokens), timeout=timeout)
+
+    def open_verify(self, seq_id: str) -> "VerifySession":
+        return VerifySession(self.stub.VerifyStream(), seq_id)
 
     async def stats(self, timeout: float = 5.0) -> common_pb2.WorkerStats:
         return await self.stub.GetStats(common_pb2.StatsRequest(), timeout=timeout)

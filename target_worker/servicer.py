@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import AsyncIterator
 
 import grpc
 
@@ -49,6 +50,15 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                                           num_cached_tokens=outcome.num_cached_tokens)
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> target_pb2.VerifyResponse:
+        return await self._verify(request)
+
+    async def VerifyStream(
+        self, request_iterator: AsyncIterator[target_pb2.VerifyRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[target_pb2.VerifyResponse]:
+        async for request in request_iterator:
+            yield await self._verify(request)
+
+    async def _verify(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
         probs = request.draft_sparse_probs if request.HasField("draft_sparse_probs") else \
             request.draft_probs if request.HasField("draft_probs") else None
         item = VerifyItem(

@@ -45,6 +45,11 @@ class TargetWorkerStub:
                 request_serializer=splitspec_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
                 response_deserializer=splitspec_dot_v1_dot_target__pb2.VerifyResponse.FromString,
                 _registered_method=True)
+        self.VerifyStream = channel.stream_stream(
+                '/splitspec.v1.TargetWorker/VerifyStream',
+                request_serializer=splitspec_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=splitspec_dot_v1_dot_target__pb2.VerifyResponse.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/splitspec.v1.TargetWorker/Release',
                 request_serializer=splitspec_dot_v1_dot_target__pb2.ReleaseRequest.SerializeToString,
@@ -80,6 +85,15 @@ class TargetWorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyStream(self, request_iterator, context):
+        """Verify over one persistent stream per sequence: the same requests and answers, one answer per
+        request, without setting up a call every round (on loopback a stream round trip costs about
+        0.25 ms against 0.6 ms for a unary call). The stream ends at the first error, with its status.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Release(self, request, context):
         """Frees the sequence's KV. Idempotent.
         """
@@ -110,6 +124,11 @@ def add_TargetWorkerServicer_to_server(servicer, server):
             ),
             'Verify': grpc.unary_unary_rpc_method_handler(
                     servicer.Verify,
+                    request_deserializer=splitspec_dot_v1_dot_target__pb2.VerifyRequest.FromString,
+                    response_serializer=splitspec_dot_v1_dot_target__pb2.VerifyResponse.SerializeToString,
+            ),
+            'VerifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.VerifyStream,
                     request_deserializer=splitspec_dot_v1_dot_target__pb2.VerifyRequest.FromString,
                     response_serializer=splitspec_dot_v1_dot_target__pb2.VerifyResponse.SerializeToString,
             ),
@@ -181,6 +200,33 @@ class TargetWorker:
             request,
             target,
             '/splitspec.v1.TargetWorker/Verify',
+            splitspec_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
+            splitspec_dot_v1_dot_target__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/splitspec.v1.TargetWorker/VerifyStream',
             splitspec_dot_v1_dot_target__pb2.VerifyRequest.SerializeToString,
             splitspec_dot_v1_dot_target__pb2.VerifyResponse.FromString,
             options,
