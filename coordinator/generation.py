@@ -174,8 +174,10 @@ class Generation:
         return endpoint
 
     def _target_failed(self, exc: grpc.aio.AioRpcError) -> str:
-        """Forget the pinned target after a failure; returns a phrase for the final error."""
+        """Forget the pinned target after a failure; returns a phrase for the final error. A call
+        cut short by the client's own deadline is not the target's failure: DeadlineExceeded."""
         assert self.target is not None
+        self._timeout(self.backend.timeouts.target)  # raises once the client's deadline has passed
         failed = self.target
         self._close_verifier()
         self.backend.targets.mark_failed(failed)
