@@ -114,12 +114,6 @@ class TargetClient:
             timeout=timeout,
         )
 
-    async def verify(
-        self, seq_id: str, proposal: draft_pb2.DraftResponse | None, num_tokens: int, timeout: float | None = None,
-    ) -> target_pb2.VerifyResponse:
-        """One unary Verify (the coordinator itself uses a VerifySession)."""
-        return await self.stub.Verify(verify_request(seq_id, proposal, num_tokens), timeout=timeout)
-
     def open_verify(self, seq_id: str) -> "VerifySession":
         return VerifySession(self.stub.VerifyStream(), seq_id)
 

@@ -26,7 +26,7 @@ from draft_worker.engine import (
 )
 from splitspec.errors import InvalidArgument
 from splitspec.models import LoadedModel
-from splitspec.paged.stats import EngineStats
+from splitspec.paged.stats import EngineStats, worker_stats
 from splitspec.sampling import SamplingParams
 from splitspec.v1 import common_pb2
 
@@ -71,12 +71,7 @@ class NgramEngine:
         return info
 
     def worker_stats(self, waiting: int) -> common_pb2.WorkerStats:
-        steps = max(self.stats.steps, 1)
-        return common_pb2.WorkerStats(
-            running_sequences=self.open_sequences, waiting_requests=waiting, steps=self.stats.steps,
-            mean_batch_sequences=self.stats.batched_sequences / steps,
-            max_batch_sequences=self.stats.max_batch_sequences, mean_batch_tokens=self.stats.batched_tokens / steps,
-        )
+        return worker_stats(None, self.stats, self.open_sequences, waiting)
 
     def step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
         outcomes: dict[int, Any] = {}

@@ -111,8 +111,8 @@ async def _one_http(client: Any, model: str, prompt: dict[str, Any], k: int | st
     `splitspec` extension of each SSE chunk."""
     from google.protobuf.json_format import ParseDict
 
-    body: dict[str, Any] = {"model": model, "prompt": prompt["prompt"], "max_tokens": prompt.get("max_tokens", settings.max_tokens),
-                            "seed": seed, "temperature": settings.temperature, "top_k": settings.top_k,
+    body: dict[str, Any] = {"model": model, "prompt": prompt["prompt"],
+                            "max_tokens": prompt.get("max_tokens", settings.max_tokens), "seed": seed, "temperature": settings.temperature, "top_k": settings.top_k,
                             "ignore_eos": True, "stream": True}
     if k != "auto":
         body["speculative"] = {"k": int(k)}

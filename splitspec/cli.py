@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cache_args(draft)
     draft.add_argument("--max-k", type=int, default=16, help="largest proposal accepted")
     draft.add_argument("--method", default="model", choices=["model", "layerskip", "ngram"],
-                       help="model: --model is a separate draft model; layerskip: --model is the target, run "
-                            "without --skip-layers; ngram: prompt lookup in the request's history (--model: the "
-                            "target, for its tokenizer and context)")
+                       help="model: --model is a separate draft model; layerskip: --model is the target, "
+                            "run with the --skip-layers layers dropped; ngram: prompt lookup in the request's "
+                            "history (--model: the target, for its tokenizer and context)")
     _add_drafter_args(draft)
 
     coord = sub.add_parser("coordinator", help="run the coordinator")

@@ -204,10 +204,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", max_model_l
     vocab_size = int(model.get_output_embeddings().weight.shape[0])
     loaded = _loaded(name, model, model.config, getattr(model, "generation_config", None), tokenizer, vocab_size,
                      torch_device, torch_dtype, max_model_len)
-    model_len = loaded.max_model_len
     log.info(
         "model loaded",
         extra={"model": name, "device": str(torch_device), "dtype": str(torch_dtype), "vocab": loaded.vocab_size,
-               "max_model_len": model_len, "pid": os.getpid()},
+               "max_model_len": loaded.max_model_len, "pid": os.getpid()},
     )
     return loaded

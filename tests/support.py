@@ -117,7 +117,6 @@ async def start_stack(
     target_server = await start_target(target, cache=target_cache or CacheConfig(num_blocks=512), batching=batching)
     if ngram is not None:
         draft_server = await start_ngram_draft(target, max_k=max_k, ngram_min=ngram[0], ngram_max=ngram[1])
-        draft = target
     else:
         draft_server = (await start_draft(draft, max_k=max_k, cache=draft_cache or CacheConfig(num_blocks=512))
                         if draft is not None else None)
@@ -127,7 +126,7 @@ async def start_stack(
             draft=draft_server.address if draft_server else None,
             port=0,
             host="127.0.0.1",
-            k=k if draft else 0,  # may be AUTO_K
+            k=k if draft_server else 0,  # may be AUTO_K
             max_k=max_k,
             connect_timeout=10,
             overlap=overlap,

@@ -23,21 +23,21 @@ class EngineStats:
         self.max_batch_sequences = max(self.max_batch_sequences, sequences)
 
 
-def worker_stats(blocks: BlockManager, stats: EngineStats, running: int, waiting: int) -> common_pb2.WorkerStats:
-    pool = blocks.stats()
+def worker_stats(blocks: BlockManager | None, stats: EngineStats, running: int, waiting: int) -> common_pb2.WorkerStats:
+    """`blocks` None: a worker without a KV pool (n-gram drafting); the pool fields stay 0."""
     steps = max(stats.steps, 1)
-    return common_pb2.WorkerStats(
-        block_size=blocks.block_size,
-        blocks_total=pool.num_blocks,
-        blocks_used=pool.num_used,
-        blocks_free=pool.num_free,
-        utilization=pool.utilization,
+    reply = common_pb2.WorkerStats(
         running_sequences=running,
         waiting_requests=waiting,
         preemptions=stats.preemptions,
-        prefix_cache_hit_rate=pool.prefix_hit_rate,
         steps=stats.steps,
         mean_batch_sequences=stats.batched_sequences / steps,
         max_batch_sequences=stats.max_batch_sequences,
         mean_batch_tokens=stats.batched_tokens / steps,
     )
+    if blocks is not None:
+        pool = blocks.stats()
+        reply.block_size = blocks.block_size
+        reply.blocks_total, reply.blocks_used, reply.blocks_free = pool.num_blocks, pool.num_used, pool.num_free
+        reply.utilization, reply.prefix_cache_hit_rate = pool.utilization, pool.prefix_hit_rate
+    return reply
