@@ -145,9 +145,15 @@ class BlockManager:
 
     def _blocks_to_append(self, table: BlockTable, num_new: int) -> int:
         needed = self.blocks_for(table.num_tokens + num_new) - len(table.block_ids)
-        if num_new and table.num_tokens % self.block_size and self.blocks[table.block_ids[-1]].ref_count > 1:
-            needed += 1  # copy-on-write of the shared, partly filled last block
+        if num_new and table.num_tokens % self.block_size and self._read_only(table.block_ids[-1]):
+            needed += 1  # copy-on-write of the partly filled last block
         return needed
+
+    def _read_only(self, block_id: int) -> bool:
+        """Shared with another sequence, or registered in the prefix cache (a sequence that forked
+        before the commit may have rolled back into it): writes go to a copy."""
+        block = self.blocks[block_id]
+        return block.ref_count > 1 or block.key is not None
 
     def append_slots(self, seq_id: str, num_new: int) -> tuple[list[int], list[tuple[int, int]]]:
         """Reserve `num_new` slots at the end of the sequence. Returns (slot ids, copies), where
@@ -158,7 +164,7 @@ class BlockManager:
         copies: list[tuple[int, int]] = []
         if num_new and table.num_tokens % self.block_size:
             last = table.block_ids[-1]
-            if self.blocks[last].ref_count > 1:
+            if self._read_only(last):
                 fresh = self._take_free()
                 copies.append((last, fresh.block_id))
                 self._release(last)

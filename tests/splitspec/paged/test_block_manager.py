@@ -57,6 +57,21 @@ def test_fork_copies_a_shared_partial_block_on_write():
     assert slots == [copies[0][1] * BLOCK + 2]
 
 
+def test_a_fork_that_rolls_back_into_a_cached_block_writes_a_copy():
+    """Found by the state machine: b forked a before a committed block 0; b may roll back into it,
+    but its next write must not change what the prefix cache serves."""
+    manager = BlockManager(num_blocks=4, block_size=BLOCK)
+    manager.allocate("a", [0, 1, 2, 3])
+    manager.fork("a", "b")
+    manager.commit("a", [0, 1, 2, 3])
+    manager.free("a")
+    cached_block = manager.tables["b"].block_ids[0]
+    manager.truncate("b", 1)
+    slots, copies = manager.append_slots("b", 1)
+    assert copies == [(cached_block, manager.tables["b"].block_ids[0])] and slots[0] // BLOCK != cached_block
+    assert manager.allocate("c", [0, 1, 2, 3, 4]) == 4 and manager.tables["c"].block_ids[0] == cached_block
+
+
 def test_cannot_allocate_beyond_the_pool():
     manager = BlockManager(num_blocks=2, block_size=BLOCK)
     assert manager.can_allocate(list(range(8)))
