@@ -12,6 +12,9 @@ replica (which gets the whole history) or the request goes on target-only. A tar
 (transport error, deadline, lost sequence) is marked unhealthy; the request is re-prefilled from
 its history on another replica and the round is verified again there. Verify is never retried on
 the same worker. The client's deadline bounds every downstream call.
+
+The next round's proposal is requested before a round's tokens are written to the client, so the
+draft works while the client is served; a round's time runs from the last verdict to its own.
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ class Backend:
         task.add_done_callback(self.releases.discard)
 
 
+def _retrieve(task: asyncio.Task) -> None:
+    """Mark the outcome of a proposal nobody will read as seen, so asyncio does not log it."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _release(endpoint: Endpoint, seq_id: str) -> None:
     try:
         await endpoint.client.release(seq_id)
@@ -111,6 +120,7 @@ class Generation:
         request, backend = self.request, self.backend
         self.seq_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
+        pending: asyncio.Task | None = None  # the next round's proposal, requested ahead of the client write
         backend.metrics.running.inc()
         backend.running += 1
         try:
@@ -120,17 +130,29 @@ class Generation:
             if request.k != 0:
                 self._open_draft()
             ahead: draft_pb2.DraftResponse | None = None
+            round_start = time.perf_counter()
             while not self.finish_reason:
-                round_start = time.perf_counter()
-                proposal = ahead if ahead is not None else await self._propose()
+                if ahead is not None:  # drafted during the last verify: this round starts now
+                    proposal, round_start = ahead, time.perf_counter()
+                else:
+                    proposal = await (pending if pending is not None else self._propose())
+                    pending = None
                 proposed_at = time.perf_counter()
                 speculation = self._speculate(proposal)
                 verdict = await self._verify(proposal)
                 self._time_round(proposal, verdict, round_start, proposed_at)
-                yield self._emit(*self._round_tokens(proposal, verdict))
+                round_start = time.perf_counter()  # the next round's clock runs from this verdict
+                response = self._emit(*self._round_tokens(proposal, verdict))
+                if not self.finish_reason and speculation is None and self.session is not None:
+                    # The next proposal is drafted while this round's tokens are written to the client.
+                    pending = asyncio.get_running_loop().create_task(self._propose())
+                yield response
                 ahead = await self._settle(speculation, proposal, verdict)
             self._record(time.perf_counter() - start)
         finally:
+            if pending is not None:
+                pending.cancel()
+                pending.add_done_callback(_retrieve)
             backend.metrics.running.dec()
             backend.running -= 1
             self._close_draft()
@@ -256,7 +278,7 @@ class Generation:
         self.tried_drafts.add(endpoint.address)
         endpoint.pinned += 1
         self.draft = endpoint
-        self.session = endpoint.client.open(self.seq_id, self.request.params)
+        self.session = endpoint.client.open(self.seq_id, self.request.params, self.request.draft_confidence)
 
     def _close_draft(self) -> None:
         if self.session is not None:

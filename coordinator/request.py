@@ -21,6 +21,7 @@ class Limits:
     vocab_size: int
     default_k: int   # AUTO_K with --k auto
     max_k: int
+    default_draft_confidence: float = 0.0  # --draft-confidence
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class GenerationRequest:
     stop_token_ids: frozenset[int]
     ignore_eos: bool
     k: int
+    draft_confidence: float = 0.0  # proposals stop after a draft token less likely than this
 
 
 def _optional(message: Any, name: str, default: Any) -> Any:
@@ -82,6 +84,9 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
     k = _optional(message, "k", limits.default_k)
     if k != AUTO_K or message.HasField("k"):
         _check_k(k, limits)
+    draft_confidence = _optional(message, "draft_confidence", limits.default_draft_confidence)
+    if not 0.0 <= draft_confidence <= 1.0:  # NaN fails too
+        raise InvalidArgument("draft_confidence", f"must be in [0, 1] (0 = always k tokens), got {draft_confidence}")
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex,
         prompt_token_ids=prompt,
@@ -91,6 +96,7 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         stop_token_ids=frozenset(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         k=k,
+        draft_confidence=draft_confidence,
     )
 
 

@@ -46,6 +46,7 @@ class CoordinatorConfig:
     auth_token: str | None = None    # bearer token required on the Coordinator service
     reflection: bool = False
     overlap: bool = False            # draft round n+1 while round n is verified
+    draft_confidence: float = 0.0    # default per-request stop threshold of proposals (0: k tokens)
 
     @property
     def targets(self) -> list[str]:
@@ -78,6 +79,8 @@ def _same_vocabulary(reference: common_pb2.ModelInfo) -> Callable[[common_pb2.Mo
 async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
     if config.k != AUTO_K and not 0 <= config.k <= config.max_k:
         raise InvalidArgument("--k", f"must be 'auto' or in [0, --max-k={config.max_k}], got {config.k}")
+    if not 0.0 <= config.draft_confidence <= 1.0:
+        raise InvalidArgument("--draft-confidence", f"must be in [0, 1] (0 = always k tokens), got {config.draft_confidence}")
     targets = WorkerPool("target", config.targets, partial(TargetClient, tls=config.tls),
                          refresh_seconds=config.health_interval)
     await targets.start()
@@ -123,6 +126,7 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         vocab_size=target_info.vocab_size,
         default_k=(config.k if config.k == AUTO_K else min(config.k, max_k)) if drafts else 0,
         max_k=max_k if drafts else 0,
+        default_draft_confidence=config.draft_confidence,
     )
     admission = Admission(config.max_running_requests, config.max_queued_requests)
     register = registration(

@@ -144,8 +144,8 @@ class DraftClient:
     async def stats(self, timeout: float = 5.0) -> common_pb2.WorkerStats:
         return await self.stub.GetStats(common_pb2.StatsRequest(), timeout=timeout)
 
-    def open(self, seq_id: str, params: SamplingParams) -> "DraftSession":
-        return DraftSession(self.stub.Propose(), seq_id, params)
+    def open(self, seq_id: str, params: SamplingParams, min_confidence: float = 0.0) -> "DraftSession":
+        return DraftSession(self.stub.Propose(), seq_id, params, min_confidence)
 
     async def close(self) -> None:
         await self.channel.close()
@@ -158,6 +158,7 @@ class DraftSession:
     call: grpc.aio.StreamStreamCall
     seq_id: str
     params: SamplingParams
+    min_confidence: float = 0.0  # proposals end after a draft token less likely than this
     synced_len: int = 0         # history tokens the draft held before its last proposal
     num_accepted: int = 0       # tokens of the last proposal that the target kept
     started: bool = False
@@ -180,6 +181,7 @@ class DraftSession:
 
     async def _send(self, request: draft_pb2.DraftRequest, history_len: int | None) -> draft_pb2.DraftResponse:
         request.speculation_held, self.held = self.held, False
+        request.min_confidence = self.min_confidence
         if not self.started:
             request.seq_id = self.seq_id
             request.sampling.CopyFrom(sampling_to_proto(self.params))

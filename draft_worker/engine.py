@@ -5,6 +5,7 @@ All sequences draft together: draft step j is one forward pass over every sequen
 of its k (the first pass feeds each sequence's uncached tokens, later passes one token each).
 
 After a proposal d_1..d_k the cache holds history + d_1..d_{k-1} (d_k was sampled, never fed).
+A proposal may end before k tokens (min_confidence): the same holds for its length.
 The next request says how many were accepted (a) and which tokens follow (the recovered or bonus
 token): the cache is cut to history + d_1..d_a and the first pass of the next proposal feeds
 whatever is not cached yet, d_k included when all were accepted. So the bonus token costs no
@@ -31,6 +32,7 @@ from splitspec.sampling import (
     penalty_context,
     process_logits,
     sample,
+    token_confidence,
 )
 from splitspec.v1 import common_pb2
 
@@ -64,6 +66,7 @@ class ProposeItem:
     k: int
     speculative: bool = False
     speculation_held: bool = False
+    min_confidence: float = 0.0  # stop after a drafted token less likely than this (0: k tokens)
 
 
 @dataclass(slots=True)
@@ -96,6 +99,8 @@ def check_request(item: ProposeItem, model: LoadedModel, max_k: int) -> None:
     """Refuse a request that does not fit the stream's state, the vocabulary or the context
     (every drafting method); errors name the field."""
     sequence, vocab = item.sequence, model.vocab_size
+    if not 0.0 <= item.min_confidence <= 1.0:  # NaN fails too
+        raise InvalidArgument("min_confidence", f"must be in [0, 1] (0 = always k tokens), got {item.min_confidence}")
     proposal = sequence.effective_proposal(item.speculation_held)
     if item.speculative:
         if not proposal:
@@ -133,6 +138,7 @@ class _Drafting:
     seen: torch.Tensor | None
     rows: list[torch.Tensor] = field(default_factory=list)
     guess: int | None = None       # speculative: None until the bonus guess is made, then the token
+    stopped: bool = False          # a token fell below min_confidence: the proposal ends there
 
     @property
     def depth(self) -> int:
@@ -174,7 +180,9 @@ class DraftEngine:
                 except ResourceExhausted as exc:
                     outcomes[index] = exc
         for depth in range(max((d.depth for d in drafting), default=0)):
-            active = [d for d in drafting if depth < d.depth]
+            active = [d for d in drafting if depth < d.depth and not d.stopped]
+            if not active:
+                break
             chunks = []
             for d in active:
                 table = list(self.blocks.tables[d.item.sequence.seq_id].block_ids)
@@ -186,6 +194,8 @@ class DraftEngine:
                 d.feed = [self._sample(d, logits)]
         for d in drafting:
             sequence = d.item.sequence
+            if d.stopped:  # give back the slots reserved for the tokens not drafted
+                self.blocks.truncate(sequence.seq_id, d.start)
             probs = None if sequence.params.greedy else torch.stack(d.rows)
             outcomes[d.index] = Proposal(list(sequence.proposal), probs, len(sequence.token_ids),
                                          d.guess if d.guess is not None else -1)
@@ -251,6 +261,8 @@ class DraftEngine:
         token = int(sample(q[0], draw_exponentials(vocab, params.greedy, sequence.generator)))
         sequence.proposal.append(token)
         drafting.rows.append(q[0])
+        threshold = drafting.item.min_confidence
+        drafting.stopped = bool(threshold) and token_confidence(logits[0], q[0], token, params) < threshold
         if drafting.seen is not None:
             drafting.seen[:, token] = True
         return token

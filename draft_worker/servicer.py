@@ -33,7 +33,7 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
                 if sequence is None:
                     sequence = self.engine.start(request.seq_id, sampling_from_proto(request.sampling))
                 item = ProposeItem(sequence, request.num_accepted, list(request.new_token_ids), request.k,
-                                   request.speculative, request.speculation_held)
+                                   request.speculative, request.speculation_held, request.min_confidence)
                 self.engine.check(item)
                 start = time.perf_counter()
                 proposal = await self.steps.submit(item)

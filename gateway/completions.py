@@ -71,8 +71,11 @@ def generate_request(request: SamplingFields, prompt: str | list[int], choice: i
     message.seed = request.seed + choice if request.seed is not None else secrets.randbits(63)
     if request.stop:
         message.stop.extend(request.stop)
-    if request.speculative is not None and request.speculative.k is not None:
-        message.k = request.speculative.k
+    if request.speculative is not None:
+        if request.speculative.k is not None:
+            message.k = request.speculative.k
+        if request.speculative.draft_confidence is not None:
+            message.draft_confidence = request.speculative.draft_confidence
     return message
 
 

@@ -17,7 +17,8 @@ _GRPC_TO_HTTP = {
     grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout"),
 }
 # Coordinator field names that differ from the OpenAI request's.
-_PARAM_NAMES = {"k": "speculative.k", "prompt_token_ids": "prompt"}
+_PARAM_NAMES = {"k": "speculative.k", "draft_confidence": "speculative.draft_confidence",
+                "prompt_token_ids": "prompt"}
 
 
 class OpenAIError(Exception):

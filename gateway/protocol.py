@@ -18,6 +18,7 @@ NonNegative = Annotated[int, Field(ge=0)]
 class Speculative(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: NonNegative | None = None
+    draft_confidence: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
 
 
 class StreamOptions(BaseModel):

@@ -45,6 +45,7 @@ class BenchSettings:
     max_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
+    draft_confidence: float | None = None  # per request; None: the coordinator's --draft-confidence
     output: Path = Path("bench-results")
     tls: Any = None
     token: str | None = None
@@ -95,6 +96,8 @@ async def _one_grpc(stub: coordinator_pb2_grpc.CoordinatorStub, prompt: dict[str
         temperature=settings.temperature, top_k=settings.top_k, ignore_eos=True)
     if k != "auto":
         request.k = int(k)
+    if settings.draft_confidence is not None:
+        request.draft_confidence = settings.draft_confidence
     timer, spec = _Timer(), None
     async for response in stub.Generate(request):
         timer.arrived(len(response.token_ids))
@@ -114,8 +117,11 @@ async def _one_http(client: Any, model: str, prompt: dict[str, Any], k: int | st
     body: dict[str, Any] = {"model": model, "prompt": prompt["prompt"],
                             "max_tokens": prompt.get("max_tokens", settings.max_tokens), "seed": seed, "temperature": settings.temperature, "top_k": settings.top_k,
                             "ignore_eos": True, "stream": True}
-    if k != "auto":
-        body["speculative"] = {"k": int(k)}
+    speculative: dict[str, Any] = {} if k == "auto" else {"k": int(k)}
+    if settings.draft_confidence is not None:
+        speculative["draft_confidence"] = settings.draft_confidence
+    if speculative:
+        body["speculative"] = speculative
     timer, spec = _Timer(), None
     async with client.stream("POST", "/v1/completions", json=body) as reply:
         if reply.status_code != 200:
@@ -249,7 +255,7 @@ async def run_bench(settings: BenchSettings) -> dict[str, Any]:
                     points.append(summarise(list(results), time.perf_counter() - start, concurrency, k))
     add_bounds(points)
     report = {"label": settings.label, "coordinator": settings.coordinator, "temperature": settings.temperature,
-              "max_tokens": settings.max_tokens, "points": points}
+              "max_tokens": settings.max_tokens, "draft_confidence": settings.draft_confidence, "points": points}
     settings.output.mkdir(parents=True, exist_ok=True)
     (settings.output / "bench.json").write_text(json.dumps(report, indent=2))
     plot(report, settings.output)

@@ -192,6 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' from clients")
     coord.add_argument("--overlap", action="store_true",
                        help="draft the next round while the target verifies this one (assuming full acceptance)")
+    coord.add_argument("--draft-confidence", type=float, default=0.0, metavar="P",
+                       help="end a proposal after a draft token the draft gives less than P (dynamic draft "
+                            "length, as transformers' assistant_confidence_threshold; 0 = always k tokens)")
     _add_service_args(coord)
     _add_tls_args(coord, server=True)
 
@@ -211,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--targets", type=int, default=1, help="target worker replicas (a local pool)")
     up.add_argument("--drafts", type=int, default=1, help="draft worker replicas (a local pool)")
     up.add_argument("--overlap", action="store_true", help="passed to the coordinator")
+    up.add_argument("--draft-confidence", default=None, metavar="P", help="passed to the coordinator")
     up.add_argument("--api-key", default=None, help="passed to the gateway")
     up.add_argument("--startup-timeout", type=float, default=600.0)
     up.add_argument("--log-level", default="warning")
@@ -239,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--temperature", type=float, default=0.0)
     bench.add_argument("--top-k", type=int, default=0)
+    bench.add_argument("--draft-confidence", type=float, default=None, metavar="P",
+                       help="sent with every request (default: the coordinator's --draft-confidence)")
     bench.add_argument("--output", default="bench-results", help="directory for bench.json and the PNG plots")
     bench.add_argument("--label", default="", help="title for the plots")
     bench.add_argument("--auth-token", default=None, help="the coordinator's --auth-token, or the gateway's --api-key")
@@ -334,7 +340,7 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
             grace=args.grace, target_timeout=args.target_timeout, draft_timeout=args.draft_timeout,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
             health_interval=args.health_interval, tls=_tls(args), auth_token=args.auth_token,
-            reflection=args.reflection, overlap=args.overlap,
+            reflection=args.reflection, overlap=args.overlap, draft_confidence=args.draft_confidence,
         )
         run(lambda: serve_coordinator(config))
 
@@ -397,7 +403,8 @@ def _up(args: argparse.Namespace) -> int:
     target_cores, draft_cores = _split_cores(args.draft is not None)
     commands: dict[str, list[str]] = {}
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
-                   "--log-level", args.log_level, *(["--overlap"] if args.overlap else [])]
+                   "--log-level", args.log_level, *(["--overlap"] if args.overlap else []),
+                   *(["--draft-confidence", args.draft_confidence] if args.draft_confidence else [])]
     for index in range(args.targets):
         port = _free_port()
         commands[f"target{index}" if args.targets > 1 else "target"] = [
@@ -597,7 +604,7 @@ async def _bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         coordinator=args.gateway or args.coordinator, prompts=prompts, concurrency=concurrency, k_values=k_values,
         requests=args.requests, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-        output=Path(args.output),
+        draft_confidence=args.draft_confidence, output=Path(args.output),
         tls=_tls(args), token=args.auth_token, progress=not args.no_progress, label=args.label)
     report = await run_bench(settings)
     print(table(report))

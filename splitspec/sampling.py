@@ -105,6 +105,17 @@ def process_logits(
     return logits.softmax(dim=-1)
 
 
+def token_confidence(logits: torch.Tensor, probs: torch.Tensor, token: int, params: SamplingParams) -> float:
+    """The probability the drafting distribution gave `token`: q(token), or, for greedy (q is
+    one-hot), the softmax of the logits at it, as transformers' assistant_confidence_threshold.
+
+    logits: [vocab] raw; probs: [vocab] processed (`process_logits`)
+    """
+    if params.greedy:
+        return float(logits.float().softmax(dim=-1)[token])
+    return float(probs[token])
+
+
 def make_generator(seed: int, stream: int) -> torch.Generator:
     """A per-request generator; `stream` separates the draft's and the target's random streams."""
     generator = torch.Generator(device="cpu")

@@ -25,11 +25,28 @@ ATTENTION_NAME = "splitspec_paged"
 class PagedMetadata:
     pool: KVPool
     slot_mapping: torch.Tensor     # [T] pool slot of each new token
-    block_tables: torch.Tensor     # [B, max_blocks] padded with 0
-    query_index: torch.Tensor      # [B, max_q] index into the packed tokens (T = padding row)
-    packed_index: torch.Tensor     # [T] index into the flattened [B * max_q] queries
     max_context: int               # longest context in the batch, new tokens included
-    mask: torch.Tensor             # [B, 1, max_q, max_context] key position <= query position
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] padded with 0; or
+    block_range: tuple[int, int] | None = None  # one sequence on consecutive blocks: (first, count)
+    query_index: torch.Tensor | None = None   # [B, max_q] index into the packed tokens (T = padding row)
+    packed_index: torch.Tensor | None = None  # [T] index into the flattened [B * max_q] queries
+    mask: torch.Tensor | None = None          # [B, 1, max_q, max_context] key position <= query position;
+                                              # None for one sequence with one new token
+
+    @staticmethod
+    def max_blocks(chunks: list[Any]) -> int:
+        return max(len(c.block_table) for c in chunks)
+
+
+def _context(cache: torch.Tensor, paged: PagedMetadata) -> torch.Tensor:
+    """The keys or values each sequence attends to: [B, max_context, kv_heads, head_dim]."""
+    _, block_size, kv_heads, head_dim = cache.shape
+    if paged.block_range is not None:
+        first, count = paged.block_range
+        return cache[first : first + count].view(1, -1, kv_heads, head_dim)[:, : paged.max_context]
+    assert paged.block_tables is not None
+    batch = paged.block_tables.shape[0]
+    return cache[paged.block_tables].reshape(batch, -1, kv_heads, head_dim)[:, : paged.max_context]
 
 
 def paged_attention(
@@ -51,25 +68,27 @@ def paged_attention(
                                       **kwargs)
     layer = module.layer_idx
     k_cache, v_cache = paged.pool.keys[layer], paged.pool.values[layer]
-    _, block_size, kv_heads, head_dim = k_cache.shape
+    _, _, kv_heads, head_dim = k_cache.shape
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
-
-    batch = paged.block_tables.shape[0]
-    keys = k_cache[paged.block_tables].reshape(batch, -1, kv_heads, head_dim)[:, : paged.max_context]
-    values = v_cache[paged.block_tables].reshape(batch, -1, kv_heads, head_dim)[:, : paged.max_context]
-    packed_queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
-    padded = torch.cat([packed_queries, packed_queries.new_zeros(1, *packed_queries.shape[1:])])
-    queries = padded[paged.query_index]        # [B, max_q, heads, head_dim]
+    keys, values = _context(k_cache, paged), _context(v_cache, paged)
+    heads = query.shape[1]
+    if paged.query_index is None:  # one sequence: the packed row is its batch row
+        queries = query
+    else:
+        packed_queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
+        padded = torch.cat([packed_queries, packed_queries.new_zeros(1, *packed_queries.shape[1:])])
+        queries = padded[paged.query_index].transpose(1, 2)  # [B, heads, max_q, head_dim]
     out = scaled_dot_product_attention(
-        queries.transpose(1, 2),
+        queries,
         keys.transpose(1, 2).to(queries.dtype),
         values.transpose(1, 2).to(queries.dtype),
         attn_mask=paged.mask,
         scale=scaling,
         enable_gqa=True,
     )  # [B, heads, max_q, head_dim]
-    heads = query.shape[1]
+    if paged.packed_index is None:
+        return out.transpose(1, 2), None
     out = out.transpose(1, 2).reshape(-1, heads, head_dim)[paged.packed_index]  # [T, heads, head_dim]
     return out.unsqueeze(0), None
 

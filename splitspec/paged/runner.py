@@ -39,36 +39,37 @@ class PagedRunner:
         """Returns, per chunk, logits [num_logits, vocab] (float32, on the CPU)."""
         device, lengths = self.device, [len(c.token_ids) for c in chunks]
         total, max_q = sum(lengths), max(lengths)
-        offsets = [0]
-        for length in lengths[:-1]:
-            offsets.append(offsets[-1] + length)
-        max_blocks = max(len(c.block_table) for c in chunks)
-        query_index = torch.full((len(chunks), max_q), total, dtype=torch.long)
-        query_positions = torch.zeros((len(chunks), max_q), dtype=torch.long)
-        packed_index = torch.empty(total, dtype=torch.long)
-        logit_rows: list[int] = []
-        for b, (chunk, offset, length) in enumerate(zip(chunks, offsets, lengths)):
-            query_index[b, :length] = torch.arange(offset, offset + length)
-            query_positions[b, :length] = torch.arange(chunk.start, chunk.start + length)
-            packed_index[offset : offset + length] = torch.arange(b * max_q, b * max_q + length)
-            logit_rows.extend(range(offset + length - chunk.num_logits, offset + length))
         max_context = max(c.start + length for c, length in zip(chunks, lengths))
-        mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
+        positions = [torch.arange(c.start, c.start + length) for c, length in zip(chunks, lengths)]
         metadata = PagedMetadata(
             pool=self.pool,
             slot_mapping=torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long, device=device),
-            block_tables=torch.tensor([c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
-                                      dtype=torch.long, device=device),
-            query_index=query_index.to(device),
-            packed_index=packed_index.to(device),
             max_context=max_context,
-            mask=mask.unsqueeze(1).to(device),
         )
+        if len(chunks) == 1:  # one sequence: its queries are the packed row as they are
+            table = chunks[0].block_table
+            if table == list(range(table[0], table[0] + len(table))):
+                metadata.block_range = (table[0], len(table))  # consecutive blocks: a view, no gather
+            else:
+                metadata.block_tables = torch.tensor([table], dtype=torch.long, device=device)
+            query_positions = positions[0].view(1, -1)
+        else:
+            query_positions = self._pack(metadata, chunks, lengths, total, max_q)
+            metadata.block_tables = torch.tensor(
+                [c.block_table + [0] * (metadata.max_blocks(chunks) - len(c.block_table)) for c in chunks],
+                dtype=torch.long, device=device)
+        if max_q > 1 or len(chunks) > 1:  # one sequence's single new token sees all its keys: no mask
+            mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
+            metadata.mask = mask.unsqueeze(1).to(device)
+        logit_rows: list[int] = []
+        offset = 0
+        for chunk, length in zip(chunks, lengths):
+            logit_rows.extend(range(offset + length - chunk.num_logits, offset + length))
+            offset += length
         input_ids = torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long, device=device)
-        position_ids = query_positions[query_index < total].unsqueeze(0).to(device)  # packed order
         out = self.model(
             input_ids=input_ids,
-            position_ids=position_ids,
+            position_ids=torch.cat(positions).unsqueeze(0).to(device),  # packed order
             attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),  # unused: no dense mask built
             use_cache=False,
             paged=metadata,
@@ -76,3 +77,20 @@ class PagedRunner:
         )
         logits = out.logits[0].float().cpu()
         return list(torch.split(logits, [c.num_logits for c in chunks]))
+
+    def _pack(self, metadata: PagedMetadata, chunks: list[Chunk], lengths: list[int], total: int,
+              max_q: int) -> torch.Tensor:
+        """Index maps between the packed row [T] and the padded batch [B, max_q]; returns the
+        padded query positions [B, max_q]."""
+        query_index = torch.full((len(chunks), max_q), total, dtype=torch.long)
+        query_positions = torch.zeros((len(chunks), max_q), dtype=torch.long)
+        packed_index = torch.empty(total, dtype=torch.long)
+        offset = 0
+        for b, (chunk, length) in enumerate(zip(chunks, lengths)):
+            query_index[b, :length] = torch.arange(offset, offset + length)
+            query_positions[b, :length] = torch.arange(chunk.start, chunk.start + length)
+            packed_index[offset : offset + length] = torch.arange(b * max_q, b * max_q + length)
+            offset += length
+        metadata.query_index = query_index.to(self.device)
+        metadata.packed_index = packed_index.to(self.device)
+        return query_positions

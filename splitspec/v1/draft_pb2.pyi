@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class DraftRequest(_message.Message):
-    __slots__ = ("seq_id", "sampling", "num_accepted", "new_token_ids", "k", "speculative", "speculation_held")
+    __slots__ = ("seq_id", "sampling", "num_accepted", "new_token_ids", "k", "speculative", "speculation_held", "min_confidence")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class DraftRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_HELD_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     sampling: _common_pb2.SamplingParams
     num_accepted: int
@@ -23,7 +24,8 @@ class DraftRequest(_message.Message):
     k: int
     speculative: bool
     speculation_held: bool
-    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_accepted: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., speculative: _Optional[bool] = ..., speculation_held: _Optional[bool] = ...) -> None: ...
+    min_confidence: float
+    def __init__(self, seq_id: _Optional[str] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., num_accepted: _Optional[int] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., k: _Optional[int] = ..., speculative: _Optional[bool] = ..., speculation_held: _Optional[bool] = ..., min_confidence: _Optional[float] = ...) -> None: ...
 
 class DraftResponse(_message.Message):
     __slots__ = ("token_ids", "probs", "num_tokens", "step_seconds", "sparse_probs", "guessed_token_id")

@@ -34,3 +34,15 @@ def test_token_ids_take_precedence_and_zero_values_are_honoured(tiny):
 def test_error_names_field(tiny):
     with pytest.raises(InvalidArgument, match="^k: must be in \\[0, 6\\]"):
         validate_request(R(prompt="hi", k=7), tiny["target"].tokenizer, LIMITS)
+
+
+def test_draft_confidence_defaults_to_the_coordinators_and_is_checked(tiny):
+    tokenizer = tiny["target"].tokenizer
+    assert validate_request(R(prompt="hi"), tokenizer, LIMITS).draft_confidence == 0.0
+    limits = Limits(max_model_len=64, vocab_size=259, default_k=3, max_k=6, default_draft_confidence=0.4)
+    assert validate_request(R(prompt="hi"), tokenizer, limits).draft_confidence == pytest.approx(0.4)
+    assert validate_request(R(prompt="hi", draft_confidence=0.0), tokenizer, limits).draft_confidence == 0.0
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InvalidArgument, match="^draft_confidence: must be in \\[0, 1\\]"):
+            validate_request(R(prompt="hi", draft_confidence=bad), tokenizer, LIMITS)
+

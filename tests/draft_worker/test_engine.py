@@ -115,3 +115,45 @@ def test_speculation_is_kept_or_rolled_back_exactly(tiny, held):
     after = run_one(engine, nxt)
     assert sequence.token_ids == history and sequence.snapshot is None
     assert after.token_ids == fresh_proposal(engine, history, 2)
+
+
+def draft_confidences(loaded, history, proposal):
+    """Dense reference: the draft's softmax probability of each proposed token."""
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([history + proposal])).logits[0].float()
+    rows = logits[len(history) - 1 : len(history) - 1 + len(proposal)].softmax(-1)
+    return [float(row[token]) for row, token in zip(rows, proposal)]
+
+
+def test_min_confidence_ends_the_proposal_after_the_first_unlikely_token(tiny):
+    loaded = tiny["draft_noisy"]
+    engine = draft_engine(loaded)
+    full = fresh_proposal(engine, HISTORY, 8)
+    confidences = draft_confidences(loaded, HISTORY, full)
+    threshold = sorted(confidences[:7])[3] + 1e-6  # some tokens pass, some do not
+    stop = next(i for i, c in enumerate(confidences) if c < threshold)
+    sequence = engine.start("s", GREEDY)
+    item = ProposeItem(sequence, 0, HISTORY, 8, min_confidence=threshold)
+    engine.check(item)
+    short = run_one(engine, item)
+    assert short.token_ids == full[: stop + 1] and len(short.token_ids) < 8
+    # the cache holds history + all but the last proposed token, as after a full proposal
+    assert engine.blocks.tables["s"].num_tokens == len(HISTORY) + len(short.token_ids) - 1
+    after = propose(engine, sequence, len(short.token_ids), [77], 4)  # all accepted, then the bonus
+    assert after.token_ids == fresh_proposal(engine, HISTORY + short.token_ids + [77], 4)
+
+
+def test_min_confidence_applies_per_sequence_in_a_batch(tiny):
+    engine = draft_engine(tiny["draft_noisy"])
+    expected = fresh_proposal(engine, HISTORY, 5)
+    sampled = SamplingParams(temperature=1.0, seed=5)
+    items = [ProposeItem(engine.start("one", GREEDY), 0, HISTORY, 5, min_confidence=1.0),
+             ProposeItem(engine.start("all", GREEDY), 0, HISTORY, 5),
+             ProposeItem(engine.start("q", sampled), 0, HISTORY, 5, min_confidence=1.0)]
+    outcomes, _ = engine.step(items)
+    assert outcomes[0].token_ids == expected[:1] and outcomes[1].token_ids == expected
+    assert len(outcomes[2].token_ids) == 1 and outcomes[2].probs.shape == (1, 259)
+    alone = run_one(engine, ProposeItem(engine.start("alone", GREEDY), 0, HISTORY, 5, min_confidence=1.0))
+    assert alone.token_ids == expected[:1]  # every sequence stopped: the step ends early
+    with pytest.raises(InvalidArgument, match="^min_confidence: must be in \\[0, 1\\]"):
+        engine.check(ProposeItem(engine.start("bad", GREEDY), 0, HISTORY, 2, min_confidence=1.5))

@@ -128,3 +128,22 @@ async def test_overlap_keeps_greedy_output_identical(tiny, draft_name):
             assert held > 20 and missed == 0
     finally:
         await stack.stop()
+
+
+async def test_dynamic_draft_length_keeps_greedy_output_identical(tiny):
+    """draft_confidence ends proposals early: shorter rounds, the same tokens."""
+    stack = await start_stack(tiny["target"], tiny["draft_noisy"], k=6, max_k=6)
+    try:
+        target = tiny["target"]
+        for confidence in (0.02, 1.0):
+            prompt = f"confidence {confidence}"
+            expected = reference(target, target.tokenizer(prompt).input_ids, 50, stop_at_eos=False)
+            result = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+                prompt=prompt, max_tokens=50, temperature=0.0, ignore_eos=True, draft_confidence=confidence))
+            spec = result["last"].spec
+            assert result["token_ids"] == expected, confidence
+            assert spec.rounds > 0 and spec.draft_tokens < 6 * spec.rounds
+            if confidence == 1.0:  # no token is that sure: every proposal is one token
+                assert spec.draft_tokens == spec.rounds
+    finally:
+        await stack.stop()

@@ -40,6 +40,17 @@ async def test_completion_equals_the_coordinators_greedy_output(web, tiny):
     assert stats["acceptance_rate"] == pytest.approx(stats["accepted_tokens"] / stats["draft_tokens"], abs=1e-4)
 
 
+async def test_speculative_draft_confidence_reaches_the_coordinator(web):
+    stack, url = web
+    expected = await coordinator_tokens(stack, prompt="sure?", max_tokens=20, temperature=0.0, ignore_eos=True)
+    reply = await client(url).completions.create(
+        model=MODEL, prompt="sure?", max_tokens=20, temperature=0,
+        extra_body={"ignore_eos": True, "speculative": {"k": 4, "draft_confidence": 1.0}})
+    stats = reply.model_extra["splitspec"]
+    assert reply.choices[0].text == expected["text"]
+    assert stats["rounds"] > 0 and stats["draft_tokens"] == stats["rounds"]  # one-token proposals
+
+
 async def test_streamed_completion_matches_and_reports_usage(web):
     stack, url = web
     expected = await coordinator_tokens(stack, prompt="stream me", max_tokens=25, temperature=0.0, ignore_eos=True)
@@ -140,6 +151,8 @@ BAD = [
     ({"model": MODEL, "prompt": "a", "seed": -1}, None, 400, "seed"),
     ({"model": MODEL, "prompt": "a", "speculative": {"k": -1}}, None, 400, "speculative.k"),
     ({"model": MODEL, "prompt": "a", "speculative": {"k": 99}}, None, 400, "speculative.k"),
+    ({"model": MODEL, "prompt": "a", "speculative": {"draft_confidence": 1.5}}, None, 400,
+     "speculative.draft_confidence"),
     ({"model": MODEL, "prompt": ""}, None, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "a"}, None, 404, "model"),
     ({"model": MODEL, "prompt": "a"}, {}, 401, None),

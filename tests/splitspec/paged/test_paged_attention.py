@@ -42,6 +42,20 @@ def test_packed_prefill_and_extension_match_dense(tiny, model_name):
         assert (logits - reference).abs().max() <= TOLERANCE
 
 
+def test_single_token_steps_of_sequences_with_different_contexts(tiny):
+    """Decode steps of several sequences (one new token each) still mask each one's padding keys."""
+    loaded = tiny["target"]
+    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4))
+    prompts = [[1, 5, 6], [1] + list(range(30, 47)), [1, 9, 8, 7, 6, 5, 4]]
+    runner.forward([prefill_chunk(blocks, f"s{i}", p, 1)[1] for i, p in enumerate(prompts)])
+    chunks = []
+    for i, prompt in enumerate(prompts):
+        slots, _ = blocks.append_slots(f"s{i}", 1)
+        chunks.append(Chunk([100 + i], len(prompt), slots, list(blocks.tables[f"s{i}"].block_ids), 1))
+    for i, (prompt, logits) in enumerate(zip(prompts, runner.forward(chunks))):
+        assert (logits - dense(loaded, prompt + [100 + i])[-1:]).abs().max() <= TOLERANCE
+
+
 def test_shared_prefix_blocks_give_dense_logits(tiny):
     loaded = tiny["target"]
     blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4))
@@ -64,6 +78,32 @@ def test_shared_prefix_blocks_give_dense_logits(tiny):
     slots, _ = blocks.append_slots("b", 1)
     (logits,) = runner.forward([Chunk([5], len(second), slots, list(blocks.tables["b"].block_ids), 1)])
     assert (logits - dense(loaded, second + [5])[-1:]).abs().max() <= TOLERANCE  # b unharmed by c's write
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_one_sequence_decodes_on_consecutive_or_scattered_blocks(tiny, scatter):
+    """A batch of one sequence attends through a view of consecutive blocks or a gather of scattered
+    ones; single-token steps run without a mask. Both give the dense logits."""
+    loaded = tiny["target"]
+    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4))
+    if scatter:  # interleave another sequence so that this one's blocks are not consecutive
+        blocks.allocate("other", [1, 2, 3, 4, 5])
+    tokens = [1, 20, 30, 40, 50, 60]
+    _, chunk = prefill_chunk(blocks, "s", tokens, 1)
+    runner.forward([chunk])
+    for step, token in enumerate([70, 80, 90, 100, 110, 120, 130]):
+        if scatter:
+            blocks.append_slots("other", 4)
+        slots, _ = blocks.append_slots("s", 1)
+        table = list(blocks.tables["s"].block_ids)
+        (logits,) = runner.forward([Chunk([token], len(tokens), slots, table, 1)])
+        tokens.append(token)
+        assert (logits - dense(loaded, tokens)[-1:]).abs().max() <= TOLERANCE
+    consecutive = table == list(range(table[0], table[0] + len(table)))
+    assert consecutive != scatter and len(table) == 4
+    slots, _ = blocks.append_slots("s", 3)  # a verify-like window of three tokens needs the mask
+    (logits,) = runner.forward([Chunk([7, 8, 9], len(tokens), slots, list(blocks.tables["s"].block_ids), 3)])
+    assert (logits - dense(loaded, tokens + [7, 8, 9])[-3:]).abs().max() <= TOLERANCE
 
 
 @pytest.mark.real_models
