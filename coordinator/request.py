@@ -9,7 +9,7 @@ from typing import Any
 
 from coordinator.adaptive import AUTO_K
 from splitspec.errors import InvalidArgument
-from splitspec.sampling import SamplingParams
+from splitspec.sampling import SamplingParams, check_confidence
 from splitspec.v1 import coordinator_pb2
 
 DEFAULT_MAX_TOKENS = 16
@@ -85,8 +85,7 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
     if k != AUTO_K or message.HasField("k"):
         _check_k(k, limits)
     draft_confidence = _optional(message, "draft_confidence", limits.default_draft_confidence)
-    if not 0.0 <= draft_confidence <= 1.0:  # NaN fails too
-        raise InvalidArgument("draft_confidence", f"must be in [0, 1] (0 = always k tokens), got {draft_confidence}")
+    check_confidence("draft_confidence", draft_confidence)
     return GenerationRequest(
         request_id=message.request_id or uuid.uuid4().hex,
         prompt_token_ids=prompt,

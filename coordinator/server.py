@@ -18,6 +18,7 @@ from coordinator.servicer import CoordinatorServicer
 from coordinator.workers import DraftClient, TargetClient, wait_until_serving
 from splitspec.errors import IncompatibleModels, InvalidArgument
 from splitspec.models import load_tokenizer, tokenizer_fingerprint
+from splitspec.sampling import check_confidence
 from splitspec.security import TokenInterceptor
 from splitspec.service import RunningServer, ServerSecurity, registration, serve_until_signal, start_server
 from splitspec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
@@ -79,8 +80,7 @@ def _same_vocabulary(reference: common_pb2.ModelInfo) -> Callable[[common_pb2.Mo
 async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
     if config.k != AUTO_K and not 0 <= config.k <= config.max_k:
         raise InvalidArgument("--k", f"must be 'auto' or in [0, --max-k={config.max_k}], got {config.k}")
-    if not 0.0 <= config.draft_confidence <= 1.0:
-        raise InvalidArgument("--draft-confidence", f"must be in [0, 1] (0 = always k tokens), got {config.draft_confidence}")
+    check_confidence("--draft-confidence", config.draft_confidence)
     targets = WorkerPool("target", config.targets, partial(TargetClient, tls=config.tls),
                          refresh_seconds=config.health_interval)
     await targets.start()

@@ -27,6 +27,7 @@ from splitspec.paged.runner import Chunk, PagedRunner
 from splitspec.paged.stats import EngineStats, worker_stats
 from splitspec.sampling import (
     SamplingParams,
+    check_confidence,
     draw_exponentials,
     make_generator,
     penalty_context,
@@ -99,8 +100,7 @@ def check_request(item: ProposeItem, model: LoadedModel, max_k: int) -> None:
     """Refuse a request that does not fit the stream's state, the vocabulary or the context
     (every drafting method); errors name the field."""
     sequence, vocab = item.sequence, model.vocab_size
-    if not 0.0 <= item.min_confidence <= 1.0:  # NaN fails too
-        raise InvalidArgument("min_confidence", f"must be in [0, 1] (0 = always k tokens), got {item.min_confidence}")
+    check_confidence("min_confidence", item.min_confidence)
     proposal = sequence.effective_proposal(item.speculation_held)
     if item.speculative:
         if not proposal:

@@ -105,6 +105,12 @@ def process_logits(
     return logits.softmax(dim=-1)
 
 
+def check_confidence(name: str, value: float) -> None:
+    """A draft-confidence threshold must be in [0, 1] (0: always k tokens); the error names `name`."""
+    if not 0.0 <= value <= 1.0:  # NaN fails too
+        raise InvalidArgument(name, f"must be in [0, 1] (0 = always k tokens), got {value}")
+
+
 def token_confidence(logits: torch.Tensor, probs: torch.Tensor, token: int, params: SamplingParams) -> float:
     """The probability the drafting distribution gave `token`: q(token), or, for greedy (q is
     one-hot), the softmax of the logits at it, as transformers' assistant_confidence_threshold.

@@ -33,10 +33,6 @@ class PagedMetadata:
     mask: torch.Tensor | None = None          # [B, 1, max_q, max_context] key position <= query position;
                                               # None for one sequence with one new token
 
-    @staticmethod
-    def max_blocks(chunks: list[Any]) -> int:
-        return max(len(c.block_table) for c in chunks)
-
 
 def _context(cache: torch.Tensor, paged: PagedMetadata) -> torch.Tensor:
     """The keys or values each sequence attends to: [B, max_context, kv_heads, head_dim]."""

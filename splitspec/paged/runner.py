@@ -54,9 +54,10 @@ class PagedRunner:
                 metadata.block_tables = torch.tensor([table], dtype=torch.long, device=device)
             query_positions = positions[0].view(1, -1)
         else:
-            query_positions = self._pack(metadata, chunks, lengths, total, max_q)
+            query_positions = self._pack(metadata, positions, total, max_q)
+            max_blocks = max(len(c.block_table) for c in chunks)
             metadata.block_tables = torch.tensor(
-                [c.block_table + [0] * (metadata.max_blocks(chunks) - len(c.block_table)) for c in chunks],
+                [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
                 dtype=torch.long, device=device)
         if max_q > 1 or len(chunks) > 1:  # one sequence's single new token sees all its keys: no mask
             mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
@@ -78,17 +79,17 @@ class PagedRunner:
         logits = out.logits[0].float().cpu()
         return list(torch.split(logits, [c.num_logits for c in chunks]))
 
-    def _pack(self, metadata: PagedMetadata, chunks: list[Chunk], lengths: list[int], total: int,
-              max_q: int) -> torch.Tensor:
+    def _pack(self, metadata: PagedMetadata, positions: list[torch.Tensor], total: int, max_q: int) -> torch.Tensor:
         """Index maps between the packed row [T] and the padded batch [B, max_q]; returns the
-        padded query positions [B, max_q]."""
-        query_index = torch.full((len(chunks), max_q), total, dtype=torch.long)
-        query_positions = torch.zeros((len(chunks), max_q), dtype=torch.long)
+        padded query positions [B, max_q] (positions: each sequence's new token positions)."""
+        query_index = torch.full((len(positions), max_q), total, dtype=torch.long)
+        query_positions = torch.zeros((len(positions), max_q), dtype=torch.long)
         packed_index = torch.empty(total, dtype=torch.long)
         offset = 0
-        for b, (chunk, length) in enumerate(zip(chunks, lengths)):
+        for b, sequence_positions in enumerate(positions):
+            length = len(sequence_positions)
             query_index[b, :length] = torch.arange(offset, offset + length)
-            query_positions[b, :length] = torch.arange(chunk.start, chunk.start + length)
+            query_positions[b, :length] = sequence_positions
             packed_index[offset : offset + length] = torch.arange(b * max_q, b * max_q + length)
             offset += length
         metadata.query_index = query_index.to(self.device)
