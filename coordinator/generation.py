@@ -65,6 +65,7 @@ class Backend:
     costs: CostModel = field(default_factory=CostModel)   # measured step costs for --k auto
     max_k: int = 16
     overlap: bool = False  # draft round n+1 while round n is verified
+    overlap_width: int = 3  # candidate tokens per accept length that overlap drafts for
     releases: set[asyncio.Task] = field(default_factory=set)  # in-flight Release calls
     running: int = 0                                          # requests in flight
 
@@ -111,6 +112,7 @@ class Generation:
     preemptions: int = 0
     failovers: int = 0
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
+    settle_wait: float = 0.0  # seconds the last speculation kept the coordinator waiting after its verdict
 
     def __post_init__(self) -> None:
         self.history = list(self.request.prompt_token_ids)
@@ -132,15 +134,17 @@ class Generation:
             ahead: draft_pb2.DraftResponse | None = None
             round_start = time.perf_counter()
             while not self.finish_reason:
-                if ahead is not None:  # drafted during the last verify: this round starts now
-                    proposal, round_start = ahead, time.perf_counter()
+                if ahead is not None:  # drafted during the last verify
+                    proposal = ahead
                 else:
                     proposal = await (pending if pending is not None else self._propose())
                     pending = None
                 proposed_at = time.perf_counter()
                 speculation = self._speculate(proposal)
                 verdict = await self._verify(proposal)
-                self._time_round(proposal, verdict, round_start, proposed_at)
+                exposed_draft = self.settle_wait + (0.0 if ahead is not None or proposal is None
+                                                    else proposal.step_seconds)
+                self._time_round(proposal, verdict, round_start, proposed_at, exposed_draft)
                 round_start = time.perf_counter()  # the next round's clock runs from this verdict
                 response = self._emit(*self._round_tokens(proposal, verdict))
                 if not self.finish_reason and speculation is None and self.session is not None:
@@ -328,8 +332,10 @@ class Generation:
                 self._open_draft()
 
     def _time_round(self, proposal: draft_pb2.DraftResponse | None, verdict: Any, start: float,
-                    proposed_at: float) -> None:
-        """Where the round's time went: draft, verify, and (the rest) coordinator and network."""
+                    proposed_at: float, exposed_draft: float) -> None:
+        """Where the round's time went: draft, verify, and (the rest) coordinator and network.
+        The draft's share is what the round waited for it: its step time, or for a proposal
+        drafted during the last verify only the wait for it after that verdict."""
         now, spec = time.perf_counter(), self.spec
         if proposal is None or not proposal.token_ids:
             spec.target_rounds += 1
@@ -337,12 +343,12 @@ class Generation:
             spec.empty_proposals += int(proposal is not None)
             self.backend.costs.observe(0, 0.0, verdict.step_seconds)
             return
-        self.backend.costs.observe(len(proposal.token_ids), proposal.step_seconds, verdict.step_seconds)
+        self.backend.costs.observe(len(proposal.token_ids), exposed_draft, verdict.step_seconds)
         self.acceptance.observe(len(proposal.token_ids), verdict.num_accepted)
         spec.round_seconds += now - start
         spec.draft_seconds += proposed_at - start
         spec.verify_seconds += now - proposed_at
-        spec.draft_step_seconds += proposal.step_seconds
+        spec.draft_step_seconds += exposed_draft
         spec.verify_step_seconds += verdict.step_seconds
         spec.draft_payload_bytes += proposal.ByteSize()
         k = len(proposal.token_ids)
@@ -354,26 +360,28 @@ class Generation:
             spec.accepted_per_position[position] += int(position < verdict.num_accepted)
 
     def _speculate(self, proposal: draft_pb2.DraftResponse | None) -> asyncio.Task | None:
-        """Overlap: while the target verifies `proposal`, the draft drafts the round after it,
-        assuming full acceptance and its own guess of the bonus token."""
+        """Overlap: while the target verifies `proposal`, the draft drafts the round after it for
+        each likely verdict (accepted count, and the recovered or bonus token that follows)."""
         if not self.backend.overlap or proposal is None or not proposal.token_ids or self.session is None:
             return None
-        produced = len(proposal.token_ids) + 1  # the whole proposal and the bonus token, if all is accepted
+        produced = len(proposal.token_ids) + 1  # the longest verdict: all accepted and the bonus token
         k = self.request.k if self.request.k != AUTO_K else len(proposal.token_ids)
         k = self._fit_k(k, len(self.history) + produced, len(self.generated) + produced)
         if k < 1:
             return None
-        return asyncio.get_running_loop().create_task(self.session.speculate(k))
+        return asyncio.get_running_loop().create_task(self.session.speculate(k, self.backend.overlap_width))
 
     async def _settle(self, speculation: asyncio.Task | None, proposal: draft_pb2.DraftResponse | None,
                       verdict: Any) -> draft_pb2.DraftResponse | None:
-        """Use the speculative proposal when its assumption held; otherwise the draft rolls it back
-        on the next request. Returns the next round's proposal, or None to draft one as usual."""
+        """Use the branch drafted for the verdict that came true, if there is one; otherwise the draft
+        rolls back on the next request. Returns the next round's proposal, or None to draft one."""
+        self.settle_wait = 0.0
         if speculation is None:
             return None
         if self.finish_reason:  # nothing follows: drop the work instead of waiting for it
             speculation.cancel()
             return None
+        waiting_since = time.perf_counter()
         try:
             ahead = await asyncio.wait_for(speculation, self._timeout(self.backend.timeouts.draft))
         except (grpc.aio.AioRpcError, Unavailable, asyncio.TimeoutError):
@@ -383,14 +391,14 @@ class Generation:
                 self._close_draft()
                 self._open_draft()
             return None
-        held = (not self.finish_reason and self.session is not None and proposal is not None
-                and verdict.is_bonus and verdict.num_accepted == len(proposal.token_ids)
-                and ahead.HasField("guessed_token_id") and verdict.token_id == ahead.guessed_token_id)
-        self.backend.metrics.overlap.labels("held" if held else "missed").inc()
-        if not held:
+        self.settle_wait = time.perf_counter() - waiting_since
+        held = next((index for index, branch in enumerate(ahead.branches)
+                     if branch.num_accepted == verdict.num_accepted and branch.token_id == verdict.token_id), None)
+        self.backend.metrics.overlap.labels("missed" if held is None else "held").inc()
+        if held is None or self.session is None:
             return None
-        self.session.speculation_held(len(self.history))
-        return ahead
+        self.session.branch_held(held, len(self.history))
+        return ahead.branches[held].proposal
 
     def _round_tokens(self, proposal: draft_pb2.DraftResponse | None, verdict: Any) -> tuple[list[int], list[int]]:
         if proposal is None or not proposal.token_ids:  # no proposal, or an empty one: the target's token

@@ -47,6 +47,7 @@ class CoordinatorConfig:
     auth_token: str | None = None    # bearer token required on the Coordinator service
     reflection: bool = False
     overlap: bool = False            # draft round n+1 while round n is verified
+    overlap_width: int = 3           # candidate tokens per accept length that overlap drafts for
     draft_confidence: float = 0.0    # default per-request stop threshold of proposals (0: k tokens)
 
     @property
@@ -81,6 +82,8 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
     if config.k != AUTO_K and not 0 <= config.k <= config.max_k:
         raise InvalidArgument("--k", f"must be 'auto' or in [0, --max-k={config.max_k}], got {config.k}")
     check_confidence("--draft-confidence", config.draft_confidence)
+    if config.overlap_width < 1:
+        raise InvalidArgument("--overlap-width", f"must be >= 1, got {config.overlap_width}")
     targets = WorkerPool("target", config.targets, partial(TargetClient, tls=config.tls),
                          refresh_seconds=config.health_interval)
     await targets.start()
@@ -120,6 +123,7 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         timeouts=Timeouts(target=config.target_timeout, draft=config.draft_timeout),
         max_k=max_k,
         overlap=config.overlap,
+        overlap_width=config.overlap_width,
     )
     limits = Limits(
         max_model_len=target_info.max_model_len,

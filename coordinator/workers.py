@@ -162,7 +162,7 @@ class DraftSession:
     synced_len: int = 0         # history tokens the draft held before its last proposal
     num_accepted: int = 0       # tokens of the last proposal that the target kept
     started: bool = False
-    held: bool = False          # the last speculative proposal held: say so in the next request
+    held: int | None = None     # the branch of the last speculation that held: named in the next request
 
     async def propose(self, history: list[int], k: int) -> draft_pb2.DraftResponse:
         request = draft_pb2.DraftRequest(
@@ -170,17 +170,18 @@ class DraftSession:
         )
         return await self._send(request, len(history))
 
-    async def speculate(self, k: int) -> draft_pb2.DraftResponse:
-        """Draft the next round now, assuming the current proposal is accepted in full and the bonus
-        token is the draft's guess. Bookkeeping changes only once the guess is known to hold."""
-        return await self._send(draft_pb2.DraftRequest(speculative=True, k=k), None)
+    async def speculate(self, k: int, width: int) -> draft_pb2.DraftResponse:
+        """Draft the next round now, once per likely verdict of the current proposal (`width`
+        candidate tokens per accept length). Bookkeeping changes only once a branch holds."""
+        return await self._send(draft_pb2.DraftRequest(speculative=True, k=k, branch_width=width), None)
 
-    def speculation_held(self, history_len: int) -> None:
-        """The speculative proposal is the next round's: the draft holds the history up to here."""
-        self.synced_len, self.num_accepted, self.held = history_len, 0, True
+    def branch_held(self, index: int, history_len: int) -> None:
+        """Branch `index` is the next round's proposal: the draft holds the history up to here."""
+        self.synced_len, self.num_accepted, self.held = history_len, 0, index
 
     async def _send(self, request: draft_pb2.DraftRequest, history_len: int | None) -> draft_pb2.DraftResponse:
-        request.speculation_held, self.held = self.held, False
+        if self.held is not None:
+            request.held_branch, self.held = self.held, None
         request.min_confidence = self.min_confidence
         if not self.started:
             request.seq_id = self.seq_id

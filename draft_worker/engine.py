@@ -9,7 +9,12 @@ A proposal may end before k tokens (min_confidence): the same holds for its leng
 The next request says how many were accepted (a) and which tokens follow (the recovered or bonus
 token): the cache is cut to history + d_1..d_a and the first pass of the next proposal feeds
 whatever is not cached yet, d_k included when all were accepted. So the bonus token costs no
-extra round trip and no extra forward pass. All methods run on the worker's model thread, except
+extra round trip and no extra forward pass.
+
+Overlap (a speculative request) drafts the next round while the target verifies this one, once
+per likely verdict: a fork of the sequence per (accepted count, following token), drafted in the
+same batched passes. The next request names the branch that held, whose blocks then become the
+sequence's, or none; the other forks are freed. All methods run on the worker's model thread, except
 `start` and `check`, which only read the sequence that their own stream owns.
 """
 
@@ -47,16 +52,22 @@ class DraftSequence:
     generator: torch.Generator
     token_ids: list[int] = field(default_factory=list)
     proposal: list[int] = field(default_factory=list)
-    snapshot: tuple[list[int], list[int]] | None = None  # (token_ids, proposal) before a speculative request
+    rankings: list[torch.Tensor] = field(default_factory=list)  # per proposed token: the scores it was ranked by
+    branches: list["Branch"] = field(default_factory=list)      # pending speculative next rounds
 
-    def resolve(self, held: bool) -> None:
-        """Settle a pending speculation: keep its state, or go back to the state before it."""
-        if self.snapshot is not None and not held:
-            self.token_ids, self.proposal = self.snapshot
-        self.snapshot = None
+    def after(self, held_branch: int | None) -> "DraftSequence":
+        """The state a request continues from: the held branch's, or this one."""
+        return self.branches[held_branch].sequence if held_branch is not None else self
 
-    def effective_proposal(self, held: bool) -> list[int]:
-        return self.snapshot[1] if self.snapshot is not None and not held else self.proposal
+
+@dataclass(slots=True)
+class Branch:
+    """A speculative next round: the verdict it assumes, and the draft's state after that verdict
+    (its own block table, history and proposal)."""
+
+    num_accepted: int
+    token_id: int
+    sequence: DraftSequence
 
 
 @dataclass(slots=True)
@@ -66,8 +77,9 @@ class ProposeItem:
     new_token_ids: list[int]
     k: int
     speculative: bool = False
-    speculation_held: bool = False
-    min_confidence: float = 0.0  # stop after a drafted token less likely than this (0: k tokens)
+    held_branch: int | None = None  # the pending branch whose verdict came true, if any
+    min_confidence: float = 0.0     # stop after a drafted token less likely than this (0: k tokens)
+    branch_width: int = 1           # speculative: candidate tokens per accept length
 
 
 @dataclass(slots=True)
@@ -80,7 +92,14 @@ class Proposal:
     token_ids: list[int]
     probs: torch.Tensor | None  # q: [k, vocab] float32; None for greedy (one-hot at token_ids)
     num_tokens: int
-    guessed_token_id: int = -1   # speculative proposals: the bonus token they assume
+    branches: list["BranchProposal"] = field(default_factory=list)  # speculative requests only
+
+
+@dataclass(slots=True)
+class BranchProposal:
+    num_accepted: int
+    token_id: int
+    proposal: Proposal
 
 
 def open_sequence(seq_id: str, params: SamplingParams) -> DraftSequence:
@@ -101,27 +120,28 @@ def check_request(item: ProposeItem, model: LoadedModel, max_k: int) -> None:
     (every drafting method); errors name the field."""
     sequence, vocab = item.sequence, model.vocab_size
     check_confidence("min_confidence", item.min_confidence)
-    proposal = sequence.effective_proposal(item.speculation_held)
+    if item.held_branch is not None and not 0 <= item.held_branch < len(sequence.branches):
+        raise InvalidArgument(
+            "held_branch", f"must index the {len(sequence.branches)} pending branches, got {item.held_branch}")
+    state = sequence.after(item.held_branch)
     if item.speculative:
-        if not proposal:
-            raise InvalidArgument("speculative", "needs a previous proposal to assume accepted")
-        limit = max_proposal(model, max_k, len(sequence.token_ids) + len(proposal) + 1)
+        if not state.proposal:
+            raise InvalidArgument("speculative", "needs a previous proposal to branch from")
+        limit = max_proposal(model, max_k, len(state.token_ids) + len(state.proposal) + 1)
         if not 1 <= item.k <= limit:
             raise InvalidArgument("k", f"must be in [1, {limit}] here, got {item.k}")
         return
-    if not 0 <= item.num_accepted <= len(proposal):
+    if not 0 <= item.num_accepted <= len(state.proposal):
         raise InvalidArgument(
             "num_accepted",
-            f"must be in [0, {len(proposal)}] (the last proposal's length), got {item.num_accepted}",
+            f"must be in [0, {len(state.proposal)}] (the last proposal's length), got {item.num_accepted}",
         )
     if not item.new_token_ids:
         raise InvalidArgument("new_token_ids", "must hold at least the token that follows the accepted prefix")
     bad = [t for t in item.new_token_ids if not 0 <= t < vocab]
     if bad:
         raise InvalidArgument("new_token_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-    history = sequence.snapshot[0] if sequence.snapshot is not None and not item.speculation_held \
-        else sequence.token_ids
-    limit = max_proposal(model, max_k, len(history) + item.num_accepted + len(item.new_token_ids))
+    limit = max_proposal(model, max_k, len(state.token_ids) + item.num_accepted + len(item.new_token_ids))
     if not 1 <= item.k <= limit:
         raise InvalidArgument(
             "k", f"must be in [1, {limit}] here (--max-k {max_k}, draft context {model.max_model_len}), got {item.k}"
@@ -132,17 +152,16 @@ def check_request(item: ProposeItem, model: LoadedModel, max_k: int) -> None:
 class _Drafting:
     index: int
     item: ProposeItem
+    sequence: DraftSequence
     slots: list[int]
     feed: list[int]
     start: int
     seen: torch.Tensor | None
+    remaining: int                 # forward passes still to run
     rows: list[torch.Tensor] = field(default_factory=list)
-    guess: int | None = None       # speculative: None until the bonus guess is made, then the token
     stopped: bool = False          # a token fell below min_confidence: the proposal ends there
-
-    @property
-    def depth(self) -> int:
-        return self.item.k + int(self.item.speculative)
+    verdict: tuple[int, int] | None = None  # a branch: the (num_accepted, token) it assumes
+    root: bool = False             # feeds the last proposed token to rank the bonus candidates
 
 
 @dataclass(slots=True)
@@ -172,41 +191,65 @@ class DraftEngine:
         drafting: list[_Drafting] = []
         for index, item in enumerate(items):
             if isinstance(item, CloseItem):
+                self._settle(item.sequence, None)
                 outcomes[index] = self.blocks.free(item.sequence.seq_id)
         for index, item in enumerate(items):
             if isinstance(item, ProposeItem):
                 try:
-                    drafting.append(self._prepare(index, item))
+                    drafting.extend(self._prepare(index, item))
                 except ResourceExhausted as exc:
                     outcomes[index] = exc
-        for depth in range(max((d.depth for d in drafting), default=0)):
-            active = [d for d in drafting if depth < d.depth and not d.stopped]
-            if not active:
-                break
+                    continue
+                if item.speculative:
+                    outcomes[index] = Proposal([], None, len(item.sequence.token_ids))
+        while active := [d for d in drafting if d.remaining and not d.stopped]:
             chunks = []
             for d in active:
-                table = list(self.blocks.tables[d.item.sequence.seq_id].block_ids)
+                table = list(self.blocks.tables[d.sequence.seq_id].block_ids)
                 used = len(d.feed)
                 chunks.append(Chunk(d.feed, d.start, d.slots[:used], table, 1))
                 d.slots, d.start = d.slots[used:], d.start + used
             self.stats.record_step(len(chunks), sum(len(c.token_ids) for c in chunks))
             for d, logits in zip(active, self.runner.forward(chunks)):
-                d.feed = [self._sample(d, logits)]
+                d.remaining -= 1
+                if d.root:
+                    drafting.extend(self._bonus_branches(d, logits))
+                else:
+                    d.feed = [self._sample(d, logits)]
         for d in drafting:
-            sequence = d.item.sequence
+            if d.root:
+                continue
+            sequence = d.sequence
             if d.stopped:  # give back the slots reserved for the tokens not drafted
                 self.blocks.truncate(sequence.seq_id, d.start)
             probs = None if sequence.params.greedy else torch.stack(d.rows)
-            outcomes[d.index] = Proposal(list(sequence.proposal), probs, len(sequence.token_ids),
-                                         d.guess if d.guess is not None else -1)
+            proposal = Proposal(list(sequence.proposal), probs, len(sequence.token_ids))
+            if d.verdict is None:
+                outcomes[d.index] = proposal
+            else:
+                outcomes[d.index].branches.append(BranchProposal(*d.verdict, proposal))
+                d.item.sequence.branches.append(Branch(*d.verdict, sequence))
         return outcomes, []
 
-    def _prepare(self, index: int, item: ProposeItem) -> _Drafting:
+    def _settle(self, sequence: DraftSequence, held_branch: int | None) -> None:
+        """Resolve the pending speculation: continue from the held branch (its blocks become the
+        sequence's), or from the state before it; the other branches' blocks are freed."""
+        branches, sequence.branches = sequence.branches, []
+        for index, branch in enumerate(branches):
+            if index == held_branch:
+                self.blocks.free(sequence.seq_id)
+                self.blocks.rename(branch.sequence.seq_id, sequence.seq_id)
+                held = branch.sequence
+                sequence.token_ids, sequence.proposal, sequence.rankings = held.token_ids, held.proposal, held.rankings
+            else:
+                self.blocks.free(branch.sequence.seq_id)
+
+    def _prepare(self, index: int, item: ProposeItem) -> list[_Drafting]:
         """Roll back, absorb the new tokens, and reserve the slots the whole proposal will write."""
         sequence, seq_id = item.sequence, item.sequence.seq_id
-        sequence.resolve(item.speculation_held)
+        self._settle(sequence, item.held_branch)
         if item.speculative:
-            return self._prepare_speculative(index, item)
+            return self._branch(index, item)
         history_len = len(sequence.token_ids)
         tokens = [*sequence.token_ids, *sequence.proposal[: item.num_accepted], *item.new_token_ids]
         if seq_id in self.blocks.tables:
@@ -223,43 +266,70 @@ class DraftEngine:
             cached = self.blocks.allocate(seq_id, tokens)
             slots, _ = self.blocks.append_slots(seq_id, item.k - 1)
             slots = self.blocks.slots(seq_id, cached, len(tokens)) + slots
-        sequence.token_ids, sequence.proposal = tokens, []
+        sequence.token_ids, sequence.proposal, sequence.rankings = tokens, [], []
         self.blocks.commit(seq_id, tokens)
         seen = penalty_context(sequence.params, tokens, [], self.loaded.vocab_size)
-        return _Drafting(index, item, slots, tokens[cached:], cached, seen)
+        return [_Drafting(index, item, sequence, slots, tokens[cached:], cached, seen, item.k)]
 
-    def _prepare_speculative(self, index: int, item: ProposeItem) -> _Drafting:
-        """Assume the whole current proposal is accepted: feed it (its last token was never fed),
-        guess the bonus token, and reserve slots for the guess and k - 1 more. Nothing new is
-        committed to the prefix cache, so the whole speculation can be rolled back by truncation."""
+    def _branch(self, index: int, item: ProposeItem) -> list[_Drafting]:
+        """Speculate on the verdict of the current proposal d_1..d_n. Each branch is a fork of the
+        sequence cut back to d_1..d_a and fed one candidate token t (the draft's most likely tokens
+        there other than d_(a+1), which the target rejected); the bonus branches (a = n) wait for
+        the root pass, which feeds d_n to rank their candidates. Nothing is committed: a branch
+        that does not hold is freed whole. Branches that find the pool full are left out."""
         sequence, seq_id = item.sequence, item.sequence.seq_id
-        sequence.snapshot = (list(sequence.token_ids), list(sequence.proposal))
-        tokens = [*sequence.token_ids, *sequence.proposal]
-        cached = min(self.blocks.tables[seq_id].num_tokens, len(tokens))
+        proposal, history_len = sequence.proposal, len(sequence.token_ids)
+        tokens = [*sequence.token_ids, *proposal]
+        cached = min(self.blocks.tables[seq_id].num_tokens, len(tokens) - 1)
         self.blocks.truncate(seq_id, cached)
-        needed = len(tokens) - cached + item.k
-        if not self.blocks.can_append(seq_id, needed):
-            sequence.resolve(held=False)
-            raise ResourceExhausted(f"draft KV pool is full ({self.blocks.num_blocks} blocks)")
-        slots, copies = self.blocks.append_slots(seq_id, needed)
+        if not self.blocks.can_append(seq_id, len(tokens) - cached):
+            return []
+        slots, copies = self.blocks.append_slots(seq_id, len(tokens) - cached)
         self.runner.copy_blocks(copies)
-        sequence.token_ids, sequence.proposal = tokens, []
-        seen = penalty_context(sequence.params, tokens, [], self.loaded.vocab_size)
-        return _Drafting(index, item, slots, tokens[cached:], cached, seen)
+        branches = [_Drafting(index, item, sequence, slots, tokens[cached:], cached, None, 1, root=True)]
+        for accepted, ranking in enumerate(sequence.rankings):
+            rejected = proposal[accepted]
+            candidates = [t for t in self._ranked(ranking, item.branch_width + 1) if t != rejected]
+            for token in candidates[: max(1, item.branch_width)]:
+                fork = self._fork(index, item, accepted, token)
+                if fork is not None:
+                    branches.append(fork)
+        return branches
+
+    def _bonus_branches(self, root: _Drafting, logits: torch.Tensor) -> list[_Drafting]:
+        sequence, item = root.sequence, root.item
+        ranking = logits[0] if sequence.params.greedy else process_logits(logits, sequence.params, None)[0]
+        forks = (self._fork(root.index, item, len(sequence.proposal), token)
+                 for token in self._ranked(ranking, item.branch_width))
+        return [fork for fork in forks if fork is not None]
+
+    def _fork(self, index: int, item: ProposeItem, num_accepted: int, token: int) -> _Drafting | None:
+        """A branch assuming `num_accepted` tokens of the proposal were accepted, then `token`."""
+        parent = item.sequence
+        history = [*parent.token_ids, *parent.proposal[:num_accepted], token]
+        branch = DraftSequence(f"{parent.seq_id}/{len(history)}:{token}", parent.params, parent.generator, history)
+        self.blocks.fork(parent.seq_id, branch.seq_id)
+        self.blocks.truncate(branch.seq_id, len(history) - 1)
+        if not self.blocks.can_append(branch.seq_id, item.k):
+            self.blocks.free(branch.seq_id)
+            return None
+        slots, copies = self.blocks.append_slots(branch.seq_id, item.k)
+        self.runner.copy_blocks(copies)
+        seen = penalty_context(parent.params, history, [], self.loaded.vocab_size)
+        return _Drafting(index, item, branch, slots, [token], len(history) - 1, seen, item.k,
+                         verdict=(num_accepted, token))
+
+    @staticmethod
+    def _ranked(scores: torch.Tensor, count: int) -> list[int]:
+        return [int(t) for t in scores.topk(min(max(1, count), scores.numel())).indices]
 
     def _sample(self, drafting: _Drafting, logits: torch.Tensor) -> int:
-        sequence = drafting.item.sequence
+        sequence = drafting.sequence
         params, vocab = sequence.params, self.loaded.vocab_size
         q = process_logits(logits, params, drafting.seen)
-        if drafting.item.speculative and drafting.guess is None:  # the assumed bonus token: most likely one
-            token = int(q[0].argmax())
-            drafting.guess = token
-            sequence.token_ids.append(token)
-            if drafting.seen is not None:
-                drafting.seen[:, token] = True
-            return token
         token = int(sample(q[0], draw_exponentials(vocab, params.greedy, sequence.generator)))
         sequence.proposal.append(token)
+        sequence.rankings.append(logits[0].clone() if params.greedy else q[0])
         drafting.rows.append(q[0])
         threshold = drafting.item.min_confidence
         drafting.stopped = bool(threshold) and token_confidence(logits[0], q[0], token, params) < threshold

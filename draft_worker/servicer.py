@@ -7,13 +7,28 @@ from typing import AsyncIterator
 
 import grpc
 
-from draft_worker.engine import CloseItem, DraftEngine, DraftSequence, ProposeItem
+from draft_worker.engine import CloseItem, DraftEngine, DraftSequence, Proposal, ProposeItem
 from draft_worker.metrics import DraftMetrics
 from draft_worker.ngram import NgramEngine
 from splitspec.codec import encode_sparse, encode_tensor, sparse_is_smaller
 from splitspec.convert import sampling_from_proto
 from splitspec.paged.step_loop import StepLoop
 from splitspec.v1 import common_pb2, draft_pb2, draft_pb2_grpc
+
+
+def encode_proposal(proposal: Proposal, step_seconds: float) -> draft_pb2.DraftResponse:
+    """Greedy proposals carry token ids only; sampled ones their q, as its support when smaller."""
+    response = draft_pb2.DraftResponse(token_ids=proposal.token_ids, num_tokens=proposal.num_tokens,
+                                       step_seconds=step_seconds)
+    if proposal.probs is not None:
+        if sparse_is_smaller(proposal.probs):
+            response.sparse_probs.CopyFrom(encode_sparse(proposal.probs))
+        else:
+            response.probs.CopyFrom(encode_tensor(proposal.probs))
+    for branch in proposal.branches:
+        response.branches.add(num_accepted=branch.num_accepted, token_id=branch.token_id,
+                              proposal=encode_proposal(branch.proposal, step_seconds))
+    return response
 
 
 class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
@@ -32,8 +47,9 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
             async for request in request_iterator:
                 if sequence is None:
                     sequence = self.engine.start(request.seq_id, sampling_from_proto(request.sampling))
+                held = request.held_branch if request.HasField("held_branch") else None
                 item = ProposeItem(sequence, request.num_accepted, list(request.new_token_ids), request.k,
-                                   request.speculative, request.speculation_held, request.min_confidence)
+                                   request.speculative, held, request.min_confidence, request.branch_width)
                 self.engine.check(item)
                 start = time.perf_counter()
                 proposal = await self.steps.submit(item)
@@ -41,16 +57,7 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
                 self.metrics.propose_seconds.observe(elapsed)
                 self.metrics.proposals.inc()
                 self.metrics.draft_tokens.inc(len(proposal.token_ids))
-                response = draft_pb2.DraftResponse(token_ids=proposal.token_ids, num_tokens=proposal.num_tokens,
-                                                   step_seconds=elapsed)
-                if proposal.guessed_token_id >= 0:
-                    response.guessed_token_id = proposal.guessed_token_id
-                if proposal.probs is not None:  # greedy proposals carry token ids only
-                    if sparse_is_smaller(proposal.probs):
-                        response.sparse_probs.CopyFrom(encode_sparse(proposal.probs))
-                    else:
-                        response.probs.CopyFrom(encode_tensor(proposal.probs))
-                yield response
+                yield encode_proposal(proposal, elapsed)
         finally:
             if sequence is not None:
                 self.steps.post(CloseItem(sequence))

@@ -191,7 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--connect-timeout", type=float, default=120.0)
     coord.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' from clients")
     coord.add_argument("--overlap", action="store_true",
-                       help="draft the next round while the target verifies this one (assuming full acceptance)")
+                       help="draft the next round while the target verifies this one, once per likely verdict")
+    coord.add_argument("--overlap-width", type=int, default=3, metavar="N",
+                       help="with --overlap: candidate tokens per accept length drafted for (the draft's N "
+                            "most likely; (k + 1) * N branches per round)")
     coord.add_argument("--draft-confidence", type=float, default=0.0, metavar="P",
                        help="end a proposal after a draft token the draft gives less than P (dynamic draft "
                             "length, as transformers' assistant_confidence_threshold; 0 = always k tokens)")
@@ -214,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--targets", type=int, default=1, help="target worker replicas (a local pool)")
     up.add_argument("--drafts", type=int, default=1, help="draft worker replicas (a local pool)")
     up.add_argument("--overlap", action="store_true", help="passed to the coordinator")
+    up.add_argument("--overlap-width", default=None, metavar="N", help="passed to the coordinator")
     up.add_argument("--draft-confidence", default=None, metavar="P", help="passed to the coordinator")
     up.add_argument("--api-key", default=None, help="passed to the gateway")
     up.add_argument("--startup-timeout", type=float, default=600.0)
@@ -340,7 +344,8 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
             grace=args.grace, target_timeout=args.target_timeout, draft_timeout=args.draft_timeout,
             max_running_requests=args.max_running_requests, max_queued_requests=args.max_queued_requests,
             health_interval=args.health_interval, tls=_tls(args), auth_token=args.auth_token,
-            reflection=args.reflection, overlap=args.overlap, draft_confidence=args.draft_confidence,
+            reflection=args.reflection, overlap=args.overlap, overlap_width=args.overlap_width,
+            draft_confidence=args.draft_confidence,
         )
         run(lambda: serve_coordinator(config))
 
@@ -404,7 +409,8 @@ def _up(args: argparse.Namespace) -> int:
     commands: dict[str, list[str]] = {}
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
                    "--log-level", args.log_level, *(["--overlap"] if args.overlap else []),
-                   *(["--draft-confidence", args.draft_confidence] if args.draft_confidence else [])]
+                   *(["--draft-confidence", args.draft_confidence] if args.draft_confidence else []),
+                   *(["--overlap-width", args.overlap_width] if args.overlap_width else [])]
     for index in range(args.targets):
         port = _free_port()
         commands[f"target{index}" if args.targets > 1 else "target"] = [

@@ -15,7 +15,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """target; draft_same (identical weights); draft_noisy (perturbed); draft_other (independent);
+    """target; draft_same (identical weights); draft_noisy (perturbed); draft_close (slightly
+    perturbed: agrees with the target often, not always); draft_other (independent);
     draft_short (perturbed, 40-position context); draft_wide (a different vocabulary size)."""
     root = tmp_path_factory.mktemp("tiny")
     target = save_tiny_llama(root / "target", seed=0)
@@ -23,6 +24,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "target": target,
         "draft_same": save_tiny_llama(root / "draft_same", seed=1, base=target),
         "draft_noisy": save_tiny_llama(root / "draft_noisy", seed=2, base=target, noise=0.35),
+        "draft_close": save_tiny_llama(root / "draft_close", seed=6, base=target, noise=0.1),
         "draft_other": save_tiny_llama(root / "draft_other", seed=3),
         "draft_short": save_tiny_llama(root / "draft_short", seed=4, base=target, noise=0.35, max_positions=40),
         "draft_wide": save_tiny_llama(root / "draft_wide", seed=5, vocab_size=300),

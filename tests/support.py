@@ -110,6 +110,7 @@ async def start_stack(
     draft_cache: CacheConfig | None = None,
     batching: bool = True,
     overlap: bool = False,
+    overlap_width: int = 3,
     ngram: tuple[int, int] | None = None,
 ) -> Stack:
     """Real servers on free loopback ports, in this process. `ngram=(min, max)`: the draft worker
@@ -130,6 +131,7 @@ async def start_stack(
             max_k=max_k,
             connect_timeout=10,
             overlap=overlap,
+            overlap_width=overlap_width,
         )
     )
     stub = coordinator_pb2_grpc.CoordinatorStub(make_channel(coordinator.address))

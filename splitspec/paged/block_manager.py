@@ -215,6 +215,12 @@ class BlockManager:
             self.blocks[block_id].ref_count += 1
         self.tables[child_id] = BlockTable(list(parent.block_ids), parent.num_tokens, parent.num_committed_blocks)
 
+    def rename(self, seq_id: str, new_id: str) -> None:
+        """Hand `seq_id`'s table to `new_id` (a speculative fork that turned out right)."""
+        if new_id in self.tables:
+            raise KeyError(f"sequence {new_id} already has blocks")
+        self.tables[new_id] = self.tables.pop(seq_id)
+
     def free(self, seq_id: str) -> bool:
         table = self.tables.pop(seq_id, None)
         if table is None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitspec.v1 import common_pb2 as splitspec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitspec/v1/draft.proto\x12\x0csplitspec.v1\x1a\x19splitspec/v1/common.proto\"\xcd\x01\n\x0c\x44raftRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.splitspec.v1.SamplingParams\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\x05\x12\x15\n\rnew_token_ids\x18\x04 \x03(\x05\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x13\n\x0bspeculative\x18\x06 \x01(\x08\x12\x18\n\x10speculation_held\x18\x07 \x01(\x08\x12\x16\n\x0emin_confidence\x18\x08 \x01(\x02\"\xd6\x01\n\rDraftResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12#\n\x05probs\x18\x02 \x01(\x0b\x32\x14.splitspec.v1.Tensor\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x04 \x01(\x02\x12/\n\x0csparse_probs\x18\x05 \x01(\x0b\x32\x19.splitspec.v1.SparseProbs\x12\x1d\n\x10guessed_token_id\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\x13\n\x11_guessed_token_id2\xe1\x01\n\x0b\x44raftWorker\x12\x46\n\x07Propose\x12\x1a.splitspec.v1.DraftRequest\x1a\x1b.splitspec.v1.DraftResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.splitspec.v1.ModelInfoRequest\x1a\x17.splitspec.v1.ModelInfo\x12\x41\n\x08GetStats\x12\x1a.splitspec.v1.StatsRequest\x1a\x19.splitspec.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18splitspec/v1/draft.proto\x12\x0csplitspec.v1\x1a\x19splitspec/v1/common.proto\"\x8b\x02\n\x0c\x44raftRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12.\n\x08sampling\x18\x02 \x01(\x0b\x32\x1c.splitspec.v1.SamplingParams\x12\x14\n\x0cnum_accepted\x18\x03 \x01(\x05\x12\x15\n\rnew_token_ids\x18\x04 \x03(\x05\x12\t\n\x01k\x18\x05 \x01(\x05\x12\x13\n\x0bspeculative\x18\x06 \x01(\x08\x12\x14\n\x0c\x62ranch_width\x18\t \x01(\r\x12\x18\n\x0bheld_branch\x18\n \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0emin_confidence\x18\x08 \x01(\x02\x42\x0e\n\x0c_held_branchJ\x04\x08\x07\x10\x08R\x10speculation_held\"\xe7\x01\n\rDraftResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12#\n\x05probs\x18\x02 \x01(\x0b\x32\x14.splitspec.v1.Tensor\x12\x12\n\nnum_tokens\x18\x03 \x01(\x05\x12\x14\n\x0cstep_seconds\x18\x04 \x01(\x02\x12/\n\x0csparse_probs\x18\x05 \x01(\x0b\x32\x19.splitspec.v1.SparseProbs\x12+\n\x08\x62ranches\x18\x07 \x03(\x0b\x32\x19.splitspec.v1.DraftBranchJ\x04\x08\x06\x10\x07R\x10guessed_token_id\"d\n\x0b\x44raftBranch\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12-\n\x08proposal\x18\x03 \x01(\x0b\x32\x1b.splitspec.v1.DraftResponse2\xe1\x01\n\x0b\x44raftWorker\x12\x46\n\x07Propose\x12\x1a.splitspec.v1.DraftRequest\x1a\x1b.splitspec.v1.DraftResponse(\x01\x30\x01\x12G\n\x0cGetModelInfo\x12\x1e.splitspec.v1.ModelInfoRequest\x1a\x17.splitspec.v1.ModelInfo\x12\x41\n\x08GetStats\x12\x1a.splitspec.v1.StatsRequest\x1a\x19.splitspec.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,9 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitspec.v1.draft_pb2', _g
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DRAFTREQUEST']._serialized_start=70
-  _globals['_DRAFTREQUEST']._serialized_end=275
-  _globals['_DRAFTRESPONSE']._serialized_start=278
-  _globals['_DRAFTRESPONSE']._serialized_end=492
-  _globals['_DRAFTWORKER']._serialized_start=495
-  _globals['_DRAFTWORKER']._serialized_end=720
+  _globals['_DRAFTREQUEST']._serialized_end=337
+  _globals['_DRAFTRESPONSE']._serialized_start=340
+  _globals['_DRAFTRESPONSE']._serialized_end=571
+  _globals['_DRAFTBRANCH']._serialized_start=573
+  _globals['_DRAFTBRANCH']._serialized_end=673
+  _globals['_DRAFTWORKER']._serialized_start=676
+  _globals['_DRAFTWORKER']._serialized_end=901
 # @@protoc_insertion_point(module_scope)

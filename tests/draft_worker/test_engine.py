@@ -22,7 +22,8 @@ def propose(engine, sequence, num_accepted, new, k):
 
 
 def fresh_proposal(engine, history, k):
-    return propose(engine, engine.start(f"fresh{len(history)}-{k}", GREEDY), 0, history, k).token_ids
+    seq_id = f"fresh{len(engine.blocks.tables)}"
+    return propose(engine, engine.start(seq_id, GREEDY), 0, history, k).token_ids
 
 
 @pytest.mark.parametrize("num_accepted", [0, 1, 2, 3])
@@ -94,27 +95,65 @@ def test_protocol_errors_name_the_field(tiny):
         engine.start("", GREEDY)
 
 
-@pytest.mark.parametrize("held", [True, False])
-def test_speculation_is_kept_or_rolled_back_exactly(tiny, held):
+def speculate(engine, sequence, k, width):
+    item = ProposeItem(sequence, 0, [], k, speculative=True, branch_width=width)
+    engine.check(item)
+    return run_one(engine, item)
+
+
+def test_speculation_drafts_one_branch_per_likely_verdict(tiny):
     engine = draft_engine(tiny["draft_noisy"])
     sequence = engine.start("s", GREEDY)
-    first = propose(engine, sequence, 0, HISTORY, 3)
-    speculative_item = ProposeItem(sequence, 0, [], 3, speculative=True)
-    engine.check(speculative_item)
-    ahead = run_one(engine, speculative_item)
-    assumed = HISTORY + first.token_ids
-    assert ahead.guessed_token_id == fresh_proposal(engine, assumed, 1)[0]  # the draft's own next token
-    assert ahead.token_ids == fresh_proposal(engine, assumed + [ahead.guessed_token_id], 3)
-    if held:  # all of `first` accepted and the bonus was the guess: continue from `ahead`
-        nxt = ProposeItem(sequence, 2, [55], 2, speculation_held=True)
-        history = assumed + [ahead.guessed_token_id] + ahead.token_ids[:2] + [55]
-    else:     # say 1 of `first` was accepted, then token 66: back to the state before the speculation
-        nxt = ProposeItem(sequence, 1, [66], 2, speculation_held=False)
-        history = HISTORY + first.token_ids[:1] + [66]
+    first = propose(engine, sequence, 0, HISTORY, 3).token_ids
+    ahead = speculate(engine, sequence, 3, 2)
+    assert ahead.token_ids == [] and sequence.token_ids == HISTORY and sequence.proposal == first
+    verdicts = [(b.num_accepted, b.token_id) for b in ahead.branches]
+    assert sorted(a for a, _ in verdicts) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert all(token != first[a] for a, token in verdicts if a < 3)  # the target rejected d_(a+1)
+    with torch.inference_mode():
+        bonus_logits = tiny["draft_noisy"].model(torch.tensor([HISTORY + first])).logits[0, -1]
+    assert [t for a, t in verdicts if a == 3] == bonus_logits.topk(2).indices.tolist()
+    for branch in ahead.branches:
+        history = HISTORY + first[: branch.num_accepted] + [branch.token_id]
+        assert branch.proposal.num_tokens == len(history)
+        assert branch.proposal.token_ids == fresh_proposal(engine, history, 3)
+    assert len(engine.blocks.tables) == 1 + 8 + 8  # the sequence, its branches, the fresh drafts
+
+
+@pytest.mark.parametrize("held", [None, 0, -1], ids=["none-held", "rejection-branch", "bonus-branch"])
+def test_the_next_request_continues_from_the_held_branch_or_from_before(tiny, held):
+    engine = draft_engine(tiny["draft_noisy"])
+    sequence = engine.start("s", GREEDY)
+    first = propose(engine, sequence, 0, HISTORY, 3).token_ids
+    branches = speculate(engine, sequence, 3, 2).branches
+    if held is None:  # say 1 of `first` was accepted, then token 66 (not a guessed one)
+        nxt = ProposeItem(sequence, 1, [66], 2)
+        history = HISTORY + first[:1] + [66]
+    else:             # the held branch's verdict came true; 2 of its proposal accepted, then 55
+        branch = branches[held]
+        nxt = ProposeItem(sequence, 2, [55], 2, held_branch=held % len(branches))
+        history = HISTORY + first[: branch.num_accepted] + [branch.token_id] + branch.proposal.token_ids[:2] + [55]
     engine.check(nxt)
     after = run_one(engine, nxt)
-    assert sequence.token_ids == history and sequence.snapshot is None
+    assert sequence.token_ids == history and sequence.branches == []
+    assert list(engine.blocks.tables) == ["s"]  # every other fork was freed
+    assert engine.blocks.tables["s"].num_tokens == len(history) + 2 - 1
     assert after.token_ids == fresh_proposal(engine, history, 2)
+    run_one(engine, CloseItem(sequence))
+    assert list(engine.blocks.tables) == ["fresh1"]
+
+
+def test_sampled_branches_carry_their_distributions_and_a_bad_held_branch_is_refused(tiny):
+    engine = draft_engine(tiny["draft_noisy"])
+    sequence = engine.start("s", SamplingParams(temperature=0.8, top_k=30, seed=5))
+    propose(engine, sequence, 0, HISTORY, 2)
+    branches = speculate(engine, sequence, 2, 1).branches
+    assert len(branches) == 3
+    for branch in branches:
+        assert branch.proposal.probs.shape == (2, 259)
+        assert all(row[t] > 0 for t, row in zip(branch.proposal.token_ids, branch.proposal.probs))
+    with pytest.raises(InvalidArgument, match="^held_branch: must index the 3 pending branches, got 3"):
+        engine.check(ProposeItem(sequence, 0, [7], 2, held_branch=3))
 
 
 def draft_confidences(loaded, history, proposal):

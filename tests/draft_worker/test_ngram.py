@@ -72,7 +72,7 @@ def test_engine_greedy_sends_ids_only_and_speculative_requests_get_nothing(tiny)
     speculative = ProposeItem(greedy, 0, [], 2, speculative=True)
     engine.check(speculative)
     ahead = engine.step([speculative])[0][0]
-    assert ahead.token_ids == [] and ahead.guessed_token_id == -1
+    assert ahead.token_ids == [] and ahead.branches == []
     assert greedy.token_ids == [1, 5, 6, 5] and greedy.proposal == [6, 5]  # state untouched
 
 

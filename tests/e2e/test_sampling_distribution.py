@@ -67,18 +67,17 @@ def pvalue(samples: list[int], marginal: dict[int, float]) -> float:
 
 
 @pytest.mark.parametrize("overlap,draft_name,k,max_tokens,positions",
-                         [(False, "draft_noisy", 2, 4, (1, 2)), (True, "draft_same", 1, 5, (1, 2, 3))],
+                         [(False, "draft_noisy", 2, 4, (1, 2)), (True, "draft_close", 1, 5, (1, 2, 3))],
                          ids=["plain", "overlap"])
 async def test_speculative_tokens_follow_the_target_distribution(tiny, overlap, draft_name, k, max_tokens, positions):
     """Plain: the noisy draft exercises acceptance and the residual. Overlap: with k=1 and 5 tokens,
-    round 2's proposal (token 4) is drafted during round 1's verification from an assumed history
-    (full acceptance and the draft's guess of the bonus token). With the draft equal to the target
-    the guess holds about half the time, exactly when the sampled bonus equals it; using a
-    speculative proposal whose assumption failed would draw token 4 from the wrong context and
-    distort its marginal."""
+    round 2's proposal is drafted during round 1's verification from an assumed verdict (accepted
+    or not, then one of the draft's 2 most likely tokens there). A branch holds only when the
+    sampled verdict is the one it assumed; using one whose assumption failed would draw the next
+    tokens from the wrong context and distort their marginals."""
     target, draft = tiny["target"], tiny[draft_name]
     prompt = target.tokenizer(PROMPT).input_ids
-    stack = await start_stack(target, draft, k=k, overlap=overlap)
+    stack = await start_stack(target, draft, k=k, overlap=overlap, overlap_width=2)
     try:
         async def one(seed: int) -> dict:
             return await collect(stack.stub, coordinator_pb2.GenerateRequest(
@@ -90,6 +89,7 @@ async def test_speculative_tokens_follow_the_target_distribution(tiny, overlap, 
             results += await asyncio.gather(*(one(seed) for seed in range(start, min(N, start + 50))))
         held = stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
                                                            {"outcome": "held"}) or 0
+        print(f"overlap: {held} of {N} speculations held")
     finally:
         await stack.stop()
     origins = [r["origins"] for r in results]
