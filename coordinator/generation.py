@@ -15,6 +15,8 @@ the same worker. The client's deadline bounds every downstream call.
 
 The next round's proposal is requested before a round's tokens are written to the client, so the
 draft works while the client is served; a round's time runs from the last verdict to its own.
+With overlap, the draft drafts the next round during verification, once per likely verdict; when
+the verdict that came true has a branch, the next verify starts before the client write.
 """
 
 from __future__ import annotations
@@ -80,9 +82,24 @@ class Backend:
 
 
 def _retrieve(task: asyncio.Task) -> None:
-    """Mark the outcome of a proposal nobody will read as seen, so asyncio does not log it."""
+    """Mark the outcome of a call nobody will read as seen, so asyncio does not log it."""
     if not task.cancelled():
         task.exception()
+
+
+def _drop(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+
+
+@dataclass(slots=True)
+class _Round:
+    proposal: draft_pb2.DraftResponse | None
+    verifying: asyncio.Task
+    speculation: asyncio.Task | None  # overlap: the next round's branches, drafted meanwhile
+    proposed_at: float
+    exposed_draft: float              # seconds the round waited for the draft
 
 
 async def _release(endpoint: Endpoint, seq_id: str) -> None:
@@ -112,7 +129,6 @@ class Generation:
     preemptions: int = 0
     failovers: int = 0
     acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
-    settle_wait: float = 0.0  # seconds the last speculation kept the coordinator waiting after its verdict
 
     def __post_init__(self) -> None:
         self.history = list(self.request.prompt_token_ids)
@@ -123,6 +139,7 @@ class Generation:
         self.seq_id = f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         start = time.perf_counter()
         pending: asyncio.Task | None = None  # the next round's proposal, requested ahead of the client write
+        upcoming: _Round | None = None       # the next round, already verifying during the client write
         backend.metrics.running.inc()
         backend.running += 1
         try:
@@ -131,32 +148,36 @@ class Generation:
             yield self._emit([first], [Origin.TOKEN_ORIGIN_TARGET])
             if request.k != 0:
                 self._open_draft()
-            ahead: draft_pb2.DraftResponse | None = None
-            round_start = time.perf_counter()
+            round_start, settle_wait = time.perf_counter(), 0.0
             while not self.finish_reason:
-                if ahead is not None:  # drafted during the last verify
-                    proposal = ahead
-                else:
+                if upcoming is None:
                     proposal = await (pending if pending is not None else self._propose())
                     pending = None
-                proposed_at = time.perf_counter()
-                speculation = self._speculate(proposal)
-                verdict = await self._verify(proposal)
-                exposed_draft = self.settle_wait + (0.0 if ahead is not None or proposal is None
-                                                    else proposal.step_seconds)
-                self._time_round(proposal, verdict, round_start, proposed_at, exposed_draft)
+                    upcoming = self._start_round(proposal, settle_wait + (proposal.step_seconds if proposal else 0.0))
+                current, upcoming = upcoming, None
+                verdict = await current.verifying
+                self._time_round(current.proposal, verdict, round_start, current.proposed_at, current.exposed_draft)
                 round_start = time.perf_counter()  # the next round's clock runs from this verdict
-                response = self._emit(*self._round_tokens(proposal, verdict))
-                if not self.finish_reason and speculation is None and self.session is not None:
+                response = self._emit(*self._round_tokens(current.proposal, verdict))
+                settle_wait = 0.0
+                if self.finish_reason:
+                    _drop(current.speculation)
+                elif current.speculation is not None:
+                    settling = time.perf_counter()
+                    ahead = await self._settle(current.speculation, current.proposal, verdict)
+                    settle_wait = time.perf_counter() - settling
+                    if ahead is not None:  # the next round is verified while this one's tokens are written
+                        upcoming = self._start_round(ahead, settle_wait)
+                if not self.finish_reason and upcoming is None and self.session is not None:
                     # The next proposal is drafted while this round's tokens are written to the client.
                     pending = asyncio.get_running_loop().create_task(self._propose())
                 yield response
-                ahead = await self._settle(speculation, proposal, verdict)
             self._record(time.perf_counter() - start)
         finally:
-            if pending is not None:
-                pending.cancel()
-                pending.add_done_callback(_retrieve)
+            _drop(pending)
+            if upcoming is not None:
+                _drop(upcoming.verifying)
+                _drop(upcoming.speculation)
             backend.metrics.running.dec()
             backend.running -= 1
             self._close_draft()
@@ -164,6 +185,13 @@ class Generation:
             if self.target is not None:
                 self.target.pinned -= 1
                 backend.release_later(self.target, self.seq_id)
+
+    def _start_round(self, proposal: draft_pb2.DraftResponse | None, exposed_draft: float) -> "_Round":
+        """Send `proposal` to verification (and, with overlap, the draft after it to speculation).
+        `exposed_draft`: the seconds of drafting this round waited for."""
+        speculation = self._speculate(proposal)
+        verifying = asyncio.get_running_loop().create_task(self._verify(proposal))
+        return _Round(proposal, verifying, speculation, time.perf_counter(), exposed_draft)
 
     def _record(self, elapsed: float) -> None:
         metrics, request = self.backend.metrics, self.request
@@ -371,17 +399,10 @@ class Generation:
             return None
         return asyncio.get_running_loop().create_task(self.session.speculate(k, self.backend.overlap_width))
 
-    async def _settle(self, speculation: asyncio.Task | None, proposal: draft_pb2.DraftResponse | None,
+    async def _settle(self, speculation: asyncio.Task, proposal: draft_pb2.DraftResponse | None,
                       verdict: Any) -> draft_pb2.DraftResponse | None:
         """Use the branch drafted for the verdict that came true, if there is one; otherwise the draft
         rolls back on the next request. Returns the next round's proposal, or None to draft one."""
-        self.settle_wait = 0.0
-        if speculation is None:
-            return None
-        if self.finish_reason:  # nothing follows: drop the work instead of waiting for it
-            speculation.cancel()
-            return None
-        waiting_since = time.perf_counter()
         try:
             ahead = await asyncio.wait_for(speculation, self._timeout(self.backend.timeouts.draft))
         except (grpc.aio.AioRpcError, Unavailable, asyncio.TimeoutError):
@@ -391,7 +412,6 @@ class Generation:
                 self._close_draft()
                 self._open_draft()
             return None
-        self.settle_wait = time.perf_counter() - waiting_since
         held = next((index for index, branch in enumerate(ahead.branches)
                      if branch.num_accepted == verdict.num_accepted and branch.token_id == verdict.token_id), None)
         self.backend.metrics.overlap.labels("missed" if held is None else "held").inc()

@@ -76,11 +76,15 @@ def stop_all(processes) -> None:
         process.wait()
 
 
-@pytest.mark.parametrize("spare", [True, False], ids=["second-draft", "only-draft"])
-async def test_draft_killed_mid_stream(tiny, tiny_dirs, expected, spare):
+@pytest.mark.parametrize("spare,overlap", [(True, False), (False, False), (True, True)],
+                         ids=["second-draft", "only-draft", "second-draft-overlap"])
+async def test_draft_killed_mid_stream(tiny, tiny_dirs, expected, spare, overlap):
+    """With overlap the draft is the target's twin, so its branches hold and the kill lands
+    while it drafts the next round during verification."""
     target = await start_target(tiny["target"], cache=CacheConfig(num_blocks=512))
-    drafts = dict(spawn_worker("draft", tiny_dirs["draft_noisy"])[::-1] for _ in range(2 if spare else 1))
-    running, stub = await coordinator_for([target.address], list(drafts))
+    draft_dir = tiny_dirs["draft_same" if overlap else "draft_noisy"]
+    drafts = dict(spawn_worker("draft", draft_dir)[::-1] for _ in range(2 if spare else 1))
+    running, stub = await coordinator_for([target.address], list(drafts), overlap=overlap)
     try:
         pool = running.state.drafts
 
@@ -98,10 +102,13 @@ async def test_draft_killed_mid_stream(tiny, tiny_dirs, expected, spare):
         stop_all(drafts)
 
 
-async def test_target_killed_mid_stream_fails_over(tiny, tiny_dirs, expected):
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+async def test_target_killed_mid_stream_fails_over(tiny, tiny_dirs, expected, overlap):
+    """With overlap (and a draft whose branches hold) the next verify is in flight while a round's
+    tokens are written to the client: the kill lands on it."""
     targets = dict(spawn_worker("target", tiny_dirs["target"])[::-1] for _ in range(2))
-    draft = await start_draft(tiny["draft_noisy"], cache=CacheConfig(num_blocks=512))
-    running, stub = await coordinator_for(list(targets), [draft.address])
+    draft = await start_draft(tiny["draft_same" if overlap else "draft_noisy"], cache=CacheConfig(num_blocks=512))
+    running, stub = await coordinator_for(list(targets), [draft.address], overlap=overlap)
     try:
         pool = running.state.targets
 
