@@ -389,8 +389,12 @@ class Generation:
 
     def _speculate(self, proposal: draft_pb2.DraftResponse | None) -> asyncio.Task | None:
         """Overlap: while the target verifies `proposal`, the draft drafts the round after it for
-        each likely verdict (accepted count, and the recovered or bonus token that follows)."""
+        each likely verdict (accepted count, and the recovered or bonus token that follows). Only
+        while this request is alone on its draft: otherwise the draft already works on another
+        request's proposal during this verify, and branches would only delay it."""
         if not self.backend.overlap or proposal is None or not proposal.token_ids or self.session is None:
+            return None
+        if self.draft is None or self.draft.pinned > 1:  # other requests keep this draft busy: no idle time to use
             return None
         produced = len(proposal.token_ids) + 1  # the longest verdict: all accepted and the bonus token
         k = self.request.k if self.request.k != AUTO_K else len(proposal.token_ids)

@@ -130,6 +130,28 @@ async def test_overlap_keeps_greedy_output_identical(tiny, draft_name):
         await stack.stop()
 
 
+async def test_overlap_speculates_only_for_a_request_alone_on_its_draft(tiny):
+    """Another request on the same draft keeps it busy during this one's verification: no branches."""
+    stack = await start_stack(tiny["target"], tiny["draft_same"], k=3, overlap=True)
+
+    def speculations() -> float:
+        return sum(stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
+                                                               {"outcome": outcome}) or 0 for outcome in ("held", "missed"))
+    try:
+        target, prompt = tiny["target"], "busy draft"
+        expected = reference(target, target.tokenizer(prompt).input_ids, 30, stop_at_eos=False)
+        request = coordinator_pb2.GenerateRequest(prompt=prompt, max_tokens=30, temperature=0.0, k=3, ignore_eos=True)
+        (draft,) = stack.coordinator.state.drafts.endpoints.values()
+        draft.pinned += 1  # as if another request were pinned to it
+        assert (await collect(stack.stub, request))["token_ids"] == expected
+        assert speculations() == 0
+        draft.pinned -= 1
+        assert (await collect(stack.stub, request))["token_ids"] == expected
+        assert speculations() > 3
+    finally:
+        await stack.stop()
+
+
 async def test_dynamic_draft_length_keeps_greedy_output_identical(tiny):
     """draft_confidence ends proposals early: shorter rounds, the same tokens."""
     stack = await start_stack(tiny["target"], tiny["draft_noisy"], k=6, max_k=6)
