@@ -168,9 +168,11 @@ class Generation:
                     settle_wait = time.perf_counter() - settling
                     if ahead is not None:  # the next round is verified while this one's tokens are written
                         upcoming = self._start_round(ahead, settle_wait)
-                if not self.finish_reason and upcoming is None and self.session is not None:
-                    # The next proposal is drafted while this round's tokens are written to the client.
-                    pending = asyncio.get_running_loop().create_task(self._propose())
+                if not self.finish_reason and upcoming is None:
+                    if self.session is None:  # a target-only round: verified while this one's tokens are written
+                        upcoming = self._start_round(None, 0.0)
+                    else:  # the next proposal is drafted while this round's tokens are written
+                        pending = asyncio.get_running_loop().create_task(self._propose())
                 yield response
             self._record(time.perf_counter() - start)
         finally:
@@ -189,8 +191,8 @@ class Generation:
     def _start_round(self, proposal: draft_pb2.DraftResponse | None, exposed_draft: float) -> "_Round":
         """Send `proposal` to verification (and, with overlap, the draft after it to speculation).
         `exposed_draft`: the seconds of drafting this round waited for."""
+        verifying = asyncio.get_running_loop().create_task(self._verify(proposal))  # first: it is on the critical path
         speculation = self._speculate(proposal)
-        verifying = asyncio.get_running_loop().create_task(self._verify(proposal))
         return _Round(proposal, verifying, speculation, time.perf_counter(), exposed_draft)
 
     def _record(self, elapsed: float) -> None:
@@ -408,7 +410,8 @@ class Generation:
         """Use the branch drafted for the verdict that came true, if there is one; otherwise the draft
         rolls back on the next request. Returns the next round's proposal, or None to draft one."""
         try:
-            ahead = await asyncio.wait_for(speculation, self._timeout(self.backend.timeouts.draft))
+            ahead = speculation.result() if speculation.done() else \
+                await asyncio.wait_for(speculation, self._timeout(self.backend.timeouts.draft))
         except (grpc.aio.AioRpcError, Unavailable, asyncio.TimeoutError):
             if self.session is not None and self.draft is not None:
                 self.backend.drafts.mark_failed(self.draft)

@@ -62,8 +62,9 @@ class VerifySession:
     async def verify(self, proposal: draft_pb2.DraftResponse | None, num_tokens: int,
                      timeout: float) -> target_pb2.VerifyResponse:
         try:
-            return await asyncio.wait_for(self._round(verify_request(self.seq_id, proposal, num_tokens)), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):  # no wrapper task: the write goes out in this step
+                return await self._round(verify_request(self.seq_id, proposal, num_tokens))
+        except TimeoutError:
             self.close()
             raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"verify took longer than {timeout:.1f}s") from None
 
