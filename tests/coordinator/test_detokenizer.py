@@ -5,9 +5,24 @@ import pytest
 from coordinator.detokenizer import TextStream
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tiny):
-    return tiny["target"].tokenizer
+class SlowTokenizer:
+    """The same tokenizer without its Rust backend: TextStream's decode-twice path."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def __call__(self, *args, **kwargs):
+        return self._tokenizer(*args, **kwargs)
+
+    def decode(self, *args, **kwargs) -> str:
+        return self._tokenizer.decode(*args, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["decode-stream", "decode-twice"])
+def tokenizer(tiny, request):
+    fast = tiny["target"].tokenizer
+    assert fast.backend_tokenizer is not None
+    return fast if request.param == "decode-stream" else SlowTokenizer(fast)
 
 
 def feed(stream: TextStream, ids: list[int]) -> list[str]:
@@ -50,8 +65,9 @@ def test_earliest_of_several_stop_strings_wins(tokenizer):
     assert stream.text == "ab"
 
 
-def test_sentencepiece_leading_space_survives(real):
-    tokenizer = real["target"].tokenizer
+@pytest.mark.parametrize("fast", [True, False], ids=["decode-stream", "decode-twice"])
+def test_sentencepiece_leading_space_survives(real, fast):
+    tokenizer = real["target"].tokenizer if fast else SlowTokenizer(real["target"].tokenizer)
     prompt = tokenizer("Once upon a time").input_ids
     ids = tokenizer("Once upon a time there was a cat").input_ids[len(prompt):]
     stream = TextStream(tokenizer, prompt)
