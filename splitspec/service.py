@@ -156,7 +156,9 @@ async def start_server(
     `executor` (the model thread) is shut down when the server stops."""
     security = security or ServerSecurity()
     interceptors: list[grpc.aio.ServerInterceptor] = list(security.interceptors) + [StatusInterceptor()]
-    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(security.max_message_bytes))
+    # No SO_REUSEPORT: a second server on a port in use must fail, not silently take half its connections.
+    options = [*grpc_options(security.max_message_bytes), ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     service_names = tuple(register(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -165,12 +167,15 @@ async def start_server(
 
         reflection.enable_server_reflection((*service_names, reflection.SERVICE_NAME,
                                              health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
-    if security.tls is not None:
-        bound = server.add_secure_port(f"{host}:{port}", security.tls.server_credentials())
-    else:
-        bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        if security.tls is not None:
+            bound = server.add_secure_port(f"{host}:{port}", security.tls.server_credentials())
+        else:
+            bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:  # grpc reports a failed bind this way
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot bind {host}:{port}")
+        raise OSError(f"cannot bind {host}:{port} (is another server using the port?)")
     await server.start()
     running = RunningServer(
         server=server,
