@@ -153,7 +153,8 @@ class Generation:
                 if upcoming is None:
                     proposal = await (pending if pending is not None else self._propose())
                     pending = None
-                    upcoming = self._start_round(proposal, settle_wait + (proposal.step_seconds if proposal else 0.0))
+                    drafted = proposal.step_seconds if proposal is not None else 0.0
+                    upcoming = self._start_round(proposal, settle_wait + drafted)
                 current, upcoming = upcoming, None
                 verdict = await current.verifying
                 self._time_round(current.proposal, verdict, round_start, current.proposed_at, current.exposed_draft)
@@ -164,7 +165,7 @@ class Generation:
                     _drop(current.speculation)
                 elif current.speculation is not None:
                     settling = time.perf_counter()
-                    ahead = await self._settle(current.speculation, current.proposal, verdict)
+                    ahead = await self._settle(current.speculation, verdict)
                     settle_wait = time.perf_counter() - settling
                     if ahead is not None:  # the next round is verified while this one's tokens are written
                         upcoming = self._start_round(ahead, settle_wait)
@@ -405,8 +406,7 @@ class Generation:
             return None
         return asyncio.get_running_loop().create_task(self.session.speculate(k, self.backend.overlap_width))
 
-    async def _settle(self, speculation: asyncio.Task, proposal: draft_pb2.DraftResponse | None,
-                      verdict: Any) -> draft_pb2.DraftResponse | None:
+    async def _settle(self, speculation: asyncio.Task, verdict: Any) -> draft_pb2.DraftResponse | None:
         """Use the branch drafted for the verdict that came true, if there is one; otherwise the draft
         rolls back on the next request. Returns the next round's proposal, or None to draft one."""
         try:

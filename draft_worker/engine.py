@@ -79,7 +79,7 @@ class ProposeItem:
     speculative: bool = False
     held_branch: int | None = None  # the pending branch whose verdict came true, if any
     min_confidence: float = 0.0     # stop after a drafted token less likely than this (0: k tokens)
-    branch_width: int = 1           # speculative: candidate tokens per accept length
+    branch_width: int = 1           # speculative: candidate tokens per accept length (>= 1)
 
 
 @dataclass(slots=True)
@@ -278,7 +278,7 @@ class DraftEngine:
         the root pass, which feeds d_n to rank their candidates. Nothing is committed: a branch
         that does not hold is freed whole. Branches that find the pool full are left out."""
         sequence, seq_id = item.sequence, item.sequence.seq_id
-        proposal, history_len = sequence.proposal, len(sequence.token_ids)
+        proposal = sequence.proposal
         tokens = [*sequence.token_ids, *proposal]
         cached = min(self.blocks.tables[seq_id].num_tokens, len(tokens) - 1)
         self.blocks.truncate(seq_id, cached)
@@ -290,7 +290,7 @@ class DraftEngine:
         for accepted, ranking in enumerate(sequence.rankings):
             rejected = proposal[accepted]
             candidates = [t for t in self._ranked(ranking, item.branch_width + 1) if t != rejected]
-            for token in candidates[: max(1, item.branch_width)]:
+            for token in candidates[: item.branch_width]:
                 fork = self._fork(index, item, accepted, token)
                 if fork is not None:
                     branches.append(fork)
@@ -321,7 +321,7 @@ class DraftEngine:
 
     @staticmethod
     def _ranked(scores: torch.Tensor, count: int) -> list[int]:
-        return [int(t) for t in scores.topk(min(max(1, count), scores.numel())).indices]
+        return [int(t) for t in scores.topk(min(count, scores.numel())).indices]
 
     def _sample(self, drafting: _Drafting, logits: torch.Tensor) -> int:
         sequence = drafting.sequence

@@ -49,7 +49,8 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
                     sequence = self.engine.start(request.seq_id, sampling_from_proto(request.sampling))
                 held = request.held_branch if request.HasField("held_branch") else None
                 item = ProposeItem(sequence, request.num_accepted, list(request.new_token_ids), request.k,
-                                   request.speculative, held, request.min_confidence, request.branch_width)
+                                   request.speculative, held, request.min_confidence,
+                                   max(1, request.branch_width))  # 0 (unset) counts as 1
                 self.engine.check(item)
                 start = time.perf_counter()
                 proposal = await self.steps.submit(item)
