@@ -115,7 +115,8 @@ async def _one_http(client: Any, model: str, prompt: dict[str, Any], k: int | st
     from google.protobuf.json_format import ParseDict
 
     body: dict[str, Any] = {"model": model, "prompt": prompt["prompt"],
-                            "max_tokens": prompt.get("max_tokens", settings.max_tokens), "seed": seed, "temperature": settings.temperature, "top_k": settings.top_k,
+                            "max_tokens": prompt.get("max_tokens", settings.max_tokens), "seed": seed,
+                            "temperature": settings.temperature, "top_k": settings.top_k,
                             "ignore_eos": True, "stream": True}
     speculative: dict[str, Any] = {} if k == "auto" else {"k": int(k)}
     if settings.draft_confidence is not None:

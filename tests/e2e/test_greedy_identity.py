@@ -135,8 +135,9 @@ async def test_overlap_speculates_only_for_a_request_alone_on_its_draft(tiny):
     stack = await start_stack(tiny["target"], tiny["draft_same"], k=3, overlap=True)
 
     def speculations() -> float:
-        return sum(stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
-                                                               {"outcome": outcome}) or 0 for outcome in ("held", "missed"))
+        registry = stack.coordinator.registry
+        return sum(registry.get_sample_value("splitspec:overlap_speculations_total", {"outcome": outcome}) or 0
+                   for outcome in ("held", "missed"))
     try:
         target, prompt = tiny["target"], "busy draft"
         expected = reference(target, target.tokenizer(prompt).input_ids, 30, stop_at_eos=False)
