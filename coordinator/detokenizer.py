@@ -31,8 +31,8 @@ class TextStream:
         self._stream: DecodeStream | None = None
         if self._backend is not None:
             self._stream = DecodeStream(skip_special_tokens=True)
-            if self._ids:
-                self._stream.step(self._backend, self._ids)  # context only: its text is not ours
+            for context_id in self._ids:  # context only: its text is not ours
+                self._stream.step(self._backend, context_id)
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
