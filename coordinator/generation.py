@@ -13,10 +13,10 @@ replica (which gets the whole history) or the request goes on target-only. A tar
 its history on another replica and the round is verified again there. Verify is never retried on
 the same worker. The client's deadline bounds every downstream call.
 
-The next round's proposal is requested before a round's tokens are written to the client, so the
-draft works while the client is served; a round's time runs from the last verdict to its own.
-With overlap, the draft drafts the next round during verification, once per likely verdict; when
-the verdict that came true has a branch, the next verify starts before the client write.
+The next round's request (its proposal, or with a branch held or no draft its verify) goes out
+as soon as a verdict's tokens are in the history, before the round is counted and written to the
+client; a round's time runs from the last verdict to its own. With overlap, the draft drafts the
+next round during verification, once per likely verdict.
 """
 
 from __future__ import annotations
@@ -145,7 +145,8 @@ class Generation:
         try:
             first = await self._prefill()
             backend.metrics.ttft.observe(time.perf_counter() - start)
-            yield self._emit([first], [Origin.TOKEN_ORIGIN_TARGET])
+            self._append([first])
+            yield self._message([first], [Origin.TOKEN_ORIGIN_TARGET])
             if request.k != 0:
                 self._open_draft()
             round_start, settle_wait = time.perf_counter(), 0.0
@@ -157,9 +158,10 @@ class Generation:
                     upcoming = self._start_round(proposal, settle_wait + drafted)
                 current, upcoming = upcoming, None
                 verdict = await current.verifying
-                self._time_round(current.proposal, verdict, round_start, current.proposed_at, current.exposed_draft)
-                round_start = time.perf_counter()  # the next round's clock runs from this verdict
-                response = self._emit(*self._round_tokens(current.proposal, verdict))
+                verdict_at = time.perf_counter()
+                self._learn(current, verdict)
+                token_ids, origins = self._round_tokens(current.proposal, verdict)
+                kept = self._append(token_ids)
                 settle_wait = 0.0
                 if self.finish_reason:
                     _drop(current.speculation)
@@ -170,11 +172,16 @@ class Generation:
                     if ahead is not None:  # the next round is verified while this one's tokens are written
                         upcoming = self._start_round(ahead, settle_wait)
                 if not self.finish_reason and upcoming is None:
-                    if self.session is None:  # a target-only round: verified while this one's tokens are written
+                    k = self._round_k()
+                    if k == 0:  # no draft, or no room for a proposal: a target-only round
                         upcoming = self._start_round(None, 0.0)
                     else:  # the next proposal is drafted while this round's tokens are written
-                        pending = asyncio.get_running_loop().create_task(self._propose())
-                yield response
+                        pending = asyncio.get_running_loop().create_task(self._propose(k))
+                if upcoming is not None or pending is not None:
+                    await asyncio.sleep(0)  # the next round's request goes out before this round's bookkeeping
+                self._record_round(current, verdict, round_start, verdict_at)
+                round_start = verdict_at  # the next round's clock runs from this verdict
+                yield self._message(token_ids[:kept], origins[:kept])
             self._record(time.perf_counter() - start)
         finally:
             _drop(pending)
@@ -342,14 +349,16 @@ class Generation:
         assert self.draft is not None
         return min(k, self.request.max_tokens - generated - 1, self.draft.info.max_model_len + 1 - history_len)
 
-    async def _propose(self) -> draft_pb2.DraftResponse | None:
+    async def _propose(self, k: int | None = None) -> draft_pb2.DraftResponse | None:
+        """The next proposal, of `k` tokens (default: `_round_k()`); None for a target-only round."""
         while True:
-            k = self._round_k()
+            k = self._round_k() if k is None else k
             if k == 0 or self.session is None:
                 return None
             timeout = self._timeout(self.backend.timeouts.draft)  # may raise: before the coroutine exists
             try:
-                return await asyncio.wait_for(self.session.propose(self.history, k), timeout)
+                async with asyncio.timeout(timeout):  # no wrapper task: the request goes out in this step
+                    return await self.session.propose(self.history, k)
             except (grpc.aio.AioRpcError, Unavailable, asyncio.TimeoutError) as exc:
                 # Speculation is an optimisation: another draft replica (sent the whole history) or none.
                 code = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else type(exc).__name__
@@ -361,34 +370,44 @@ class Generation:
                 self.backend.metrics.failovers.labels("draft").inc()
                 self._close_draft()
                 self._open_draft()
+                k = None
 
-    def _time_round(self, proposal: draft_pb2.DraftResponse | None, verdict: Any, start: float,
-                    proposed_at: float, exposed_draft: float) -> None:
-        """Where the round's time went: draft, verify, and (the rest) coordinator and network.
-        The draft's share is what the round waited for it: its step time, or for a proposal
-        drafted during the last verify only the wait for it after that verdict."""
-        now, spec = time.perf_counter(), self.spec
+    def _learn(self, current: _Round, verdict: Any) -> None:
+        """Feed --k auto's estimates: step costs coordinator-wide, acceptance for this request."""
+        proposal = current.proposal
+        k = len(proposal.token_ids) if proposal is not None else 0
+        self.backend.costs.observe(k, current.exposed_draft if k else 0.0, verdict.step_seconds)
+        if k:
+            self.acceptance.observe(k, verdict.num_accepted)
+
+    def _record_round(self, current: _Round, verdict: Any, start: float, end: float) -> None:
+        """Count the round, and where its time (`start` to `end`, verdict to verdict) went: draft,
+        verify, and (the rest) coordinator and network. The draft's share is what the round waited
+        for it: its step time, or for a proposal drafted during the last verify only the wait for
+        it after that verdict."""
+        proposal, spec = current.proposal, self.spec
         if proposal is None or not proposal.token_ids:
             spec.target_rounds += 1
-            spec.target_round_seconds += now - start
+            spec.target_round_seconds += end - start
             spec.empty_proposals += int(proposal is not None)
-            self.backend.costs.observe(0, 0.0, verdict.step_seconds)
             return
-        self.backend.costs.observe(len(proposal.token_ids), exposed_draft, verdict.step_seconds)
-        self.acceptance.observe(len(proposal.token_ids), verdict.num_accepted)
-        spec.round_seconds += now - start
-        spec.draft_seconds += proposed_at - start
-        spec.verify_seconds += now - proposed_at
-        spec.draft_step_seconds += exposed_draft
+        k, accepted = len(proposal.token_ids), verdict.num_accepted
+        spec.rounds += 1
+        spec.draft_tokens += k
+        spec.accepted_tokens += accepted
+        self.backend.metrics.record_round(k, accepted)
+        spec.round_seconds += end - start
+        spec.draft_seconds += current.proposed_at - start
+        spec.verify_seconds += end - current.proposed_at
+        spec.draft_step_seconds += current.exposed_draft
         spec.verify_step_seconds += verdict.step_seconds
         spec.draft_payload_bytes += proposal.ByteSize()
-        k = len(proposal.token_ids)
         while len(spec.proposed_per_position) < k:
             spec.proposed_per_position.append(0)
             spec.accepted_per_position.append(0)
         for position in range(k):
             spec.proposed_per_position[position] += 1
-            spec.accepted_per_position[position] += int(position < verdict.num_accepted)
+            spec.accepted_per_position[position] += int(position < accepted)
 
     def _speculate(self, proposal: draft_pb2.DraftResponse | None) -> asyncio.Task | None:
         """Overlap: while the target verifies `proposal`, the draft drafts the round after it for
@@ -433,21 +452,14 @@ class Generation:
         accepted = verdict.num_accepted
         if self.session is not None:
             self.session.accepted(accepted)
-        self.spec.rounds += 1
-        self.spec.draft_tokens += len(proposal.token_ids)
-        self.spec.accepted_tokens += accepted
-        self.backend.metrics.record_round(len(proposal.token_ids), accepted)
         last = Origin.TOKEN_ORIGIN_BONUS if verdict.is_bonus else Origin.TOKEN_ORIGIN_RECOVERED
         return [*proposal.token_ids[:accepted], verdict.token_id], [Origin.TOKEN_ORIGIN_ACCEPTED] * accepted + [last]
 
-    def _emit(self, token_ids: list[int], origins: list[int]) -> coordinator_pb2.GenerateResponse:
-        """Append tokens until a stop condition; returns the stream message for them."""
-        response = coordinator_pb2.GenerateResponse()
-        for token, origin in zip(token_ids, origins):
+    def _append(self, token_ids: list[int]) -> int:
+        """Append tokens to the history until a stop condition; returns how many were kept."""
+        for kept, token in enumerate(token_ids, start=1):
             self.history.append(token)
             self.generated.append(token)
-            response.token_ids.append(token)
-            response.origins.append(origin)
             if token in self.request.stop_token_ids or (
                 token in self.backend.eos_token_ids and not self.request.ignore_eos
             ):
@@ -457,7 +469,12 @@ class Generation:
             elif len(self.generated) >= self.request.max_tokens:
                 self.finish_reason = "length"
             if self.finish_reason:
-                break
+                return kept
+        return len(token_ids)
+
+    def _message(self, token_ids: list[int], origins: list[int]) -> coordinator_pb2.GenerateResponse:
+        """The stream message for tokens just appended."""
+        response = coordinator_pb2.GenerateResponse(token_ids=token_ids, origins=origins)
         response.text = self.text.delta(final=bool(self.finish_reason))
         if self.finish_reason:
             response.finish_reason = self.finish_reason
