@@ -46,30 +46,34 @@ async def start_draft(
     watchdog_seconds: float = 60.0,
     tls: Any = None,
     reflection: bool = False,
+    model_nice: int = 0,
 ) -> RunningServer:
     """Serve an already loaded draft model (a separate model, or the target with layers skipped)."""
     blocks, runner = build_paged_cache(loaded, cache or CacheConfig())
     engine = DraftEngine(loaded, blocks, runner, max_k=max_k)
-    return await serve_engine(engine, loaded.vocab_size, port, host, watchdog_seconds, tls, reflection)
+    return await serve_engine(engine, loaded.vocab_size, port, host, watchdog_seconds, tls, reflection, model_nice)
 
 
 async def start_ngram_draft(
     vocabulary: LoadedModel, port: int = 0, host: str = "127.0.0.1", max_k: int = 16, ngram_min: int = 1,
     ngram_max: int = 4, watchdog_seconds: float = 60.0, tls: Any = None, reflection: bool = False,
+    model_nice: int = 0,
 ) -> RunningServer:
     """Serve n-gram prompt lookup over the target's vocabulary (`load_vocabulary` of the target)."""
     engine = NgramEngine(vocabulary, ngram_min, ngram_max, max_k)
-    return await serve_engine(engine, vocabulary.vocab_size, port, host, watchdog_seconds, tls, reflection)
+    return await serve_engine(engine, vocabulary.vocab_size, port, host, watchdog_seconds, tls, reflection,
+                              model_nice)
 
 
 async def serve_engine(engine: DraftEngine | NgramEngine, vocab_size: int, port: int, host: str,
-                       watchdog_seconds: float, tls: Any, reflection: bool) -> RunningServer:
+                       watchdog_seconds: float, tls: Any, reflection: bool, model_nice: int = 0) -> RunningServer:
     metrics = DraftMetrics()
     return await start_stepped_server(
         engine, lambda steps: DraftServicer(engine, metrics, steps), draft_pb2_grpc.add_DraftWorkerServicer_to_server,
         draft_pb2.DESCRIPTOR.services_by_name["DraftWorker"], metrics.registry, port, host, "draft-model",
         watchdog_seconds,
         ServerSecurity(tls=tls, reflection=reflection, max_message_bytes=message_limit(vocab_size, engine.max_k)),
+        model_nice,
     )
 
 
@@ -79,7 +83,8 @@ async def serve_draft(config: DraftConfig) -> None:
     if config.method == "ngram":
         vocabulary = load_vocabulary(config.model, config.max_model_len)
         running = await start_ngram_draft(vocabulary, config.port, config.host, config.max_k, config.ngram_min,
-                                          config.ngram_max, config.watchdog_seconds, config.tls, config.reflection)
+                                          config.ngram_max, config.watchdog_seconds, config.tls, config.reflection,
+                                          config.model_nice)
     else:
         if config.method == "layerskip" and not config.skip_layers:
             raise InvalidArgument("--skip-layers", "layerskip needs the layers to skip (--skip-layers 1,3 or "
@@ -89,6 +94,6 @@ async def serve_draft(config: DraftConfig) -> None:
             skip_layers(loaded.model, config.skip_layers)
             loaded.name = f"{config.model} skipping layers {','.join(map(str, config.skip_layers))}"
         running = await start_draft(loaded, config.port, config.host, config.max_k, config.cache,
-                                    config.watchdog_seconds, config.tls, config.reflection)
+                                    config.watchdog_seconds, config.tls, config.reflection, config.model_nice)
     log.info("draft worker serving", extra={"port": running.port, "model": config.model, "method": config.method})
     await serve_until_signal(running, config.grace, config.metrics_port)

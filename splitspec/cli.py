@@ -31,6 +31,8 @@ def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context below the model's")
     parser.add_argument("--cpu-cores", default=None, help="pin the worker to these cores, e.g. 1 or 2-7")
+    parser.add_argument("--model-nice", type=int, default=10, metavar="N",
+                        help="run the model thread N nice levels below the worker's I/O threads, 0-19 (0: same)")
     _add_service_args(parser)
     _add_tls_args(parser, server=True)
 
@@ -300,7 +302,9 @@ def _set_threads(threads: int | None) -> None:
 
 def _worker_fields(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "port", "host", "device", "dtype", "max_model_len", "metrics_port", "grace", "watchdog_seconds",
-             "reflection")
+             "reflection", "model_nice")
+    if not 0 <= args.model_nice <= 19:
+        raise ValueError(f"--model-nice must be between 0 and 19, got {args.model_nice}")
     return {**{name: getattr(args, name) for name in names}, "tls": _tls(args)}
 
 

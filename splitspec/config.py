@@ -19,3 +19,4 @@ class WorkerConfig:
     watchdog_seconds: float = 60.0
     tls: Any = None          # splitspec.security.TLSConfig
     reflection: bool = False
+    model_nice: int = 0      # --model-nice: the model thread's priority below the I/O threads

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
@@ -126,9 +128,21 @@ class RunningServer:
             callback()
 
 
-def model_thread(name: str) -> ThreadPoolExecutor:
-    """The single thread a worker's model runs on: one step at a time, off the event loop."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+def model_thread(name: str, nice: int = 0) -> ThreadPoolExecutor:
+    """The single thread a worker's model runs on: one step at a time, off the event loop. `nice`
+    (Linux) ranks it that much below the process's I/O threads (event loop, gRPC), so that a
+    request arriving during a step is read at once rather than after the step's time slice."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=name, initializer=_lower_priority, initargs=(nice,))
+
+
+def _lower_priority(nice: int) -> None:
+    if nice <= 0:
+        return
+    thread = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + nice))
+    except OSError as exc:  # not Linux (PRIO_PROCESS of a thread id), or not permitted
+        log.warning("model thread keeps its priority", extra={"nice": nice, "error": str(exc)})
 
 
 def registration(
@@ -231,13 +245,15 @@ async def start_stepped_server(
     thread_name: str,
     watchdog_seconds: float = 60.0,
     security: ServerSecurity | None = None,
+    model_nice: int = 0,
 ) -> RunningServer:
-    """Serve a worker whose `engine.step` runs batched steps on one model thread; `servicer_for`
-    builds the servicer around the step loop. Health reflects progress: NOT_SERVING while the
-    loop has had work but finished no step for `watchdog_seconds`."""
+    """Serve a worker whose `engine.step` runs batched steps on one model thread (`model_nice`
+    below the I/O threads); `servicer_for` builds the servicer around the step loop. Health
+    reflects progress: NOT_SERVING while the loop has had work but finished no step for
+    `watchdog_seconds`."""
     from splitspec.paged.step_loop import StepLoop
 
-    executor = model_thread(thread_name)
+    executor = model_thread(thread_name, model_nice)
     steps = StepLoop(engine.step, executor)
     steps.start()
     running = await start_server(registration(add_to_server, servicer_for(steps), service), port, host, registry,

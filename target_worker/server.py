@@ -57,6 +57,7 @@ async def start_target(
     watchdog_seconds: float = 60.0,
     tls: Any = None,
     reflection: bool = False,
+    model_nice: int = 0,
 ) -> RunningServer:
     """Serve an already loaded model (used by the CLI and by in-process tests)."""
     cache = cache or CacheConfig()
@@ -75,6 +76,7 @@ async def start_target(
         engine, lambda steps: TargetServicer(engine, metrics, steps), target_pb2_grpc.add_TargetWorkerServicer_to_server,
         target_pb2.DESCRIPTOR.services_by_name["TargetWorker"], metrics.registry, port, host, "target-model",
         watchdog_seconds, ServerSecurity(tls=tls, reflection=reflection, max_message_bytes=message_limit(loaded.vocab_size)),
+        model_nice,
     )
 
 
@@ -85,7 +87,7 @@ async def serve_target(config: TargetConfig) -> None:
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
                                  config.batching, watchdog_seconds=config.watchdog_seconds, tls=config.tls,
-                                 reflection=config.reflection)
+                                 reflection=config.reflection, model_nice=config.model_nice)
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)
 
@@ -105,7 +107,8 @@ async def serve_tensor_parallel(config: TargetConfig) -> None:
         cache = CacheConfig(block_size=config.cache.block_size, num_blocks=num_blocks,
                             max_num_seqs=config.cache.max_num_seqs)
         running = await start_target(loaded, config.port, config.host, cache, config.max_batch_tokens,
-                                     config.batching, size, config.watchdog_seconds, config.tls, config.reflection)
+                                     config.batching, size, config.watchdog_seconds, config.tls, config.reflection,
+                                     config.model_nice)
     except BaseException:
         group.kill()
         raise

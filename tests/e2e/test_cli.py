@@ -162,3 +162,9 @@ def test_layerskip_without_a_skip_set_is_one_line(tiny_dirs):
     result = run("draft", "--model", str(tiny_dirs["target"]), "--method", "layerskip", "--port", str(free_port()))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1].startswith("splitspec draft: --skip-layers: layerskip needs")
+
+
+def test_model_nice_out_of_range_is_one_line(tiny_dirs):
+    result = run("target", "--model", str(tiny_dirs["target"]), "--model-nice", "-5", "--port", str(free_port()))
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "--model-nice must be between 0 and 19, got -5" in result.stderr.strip().splitlines()[-1]
