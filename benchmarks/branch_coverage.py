@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-WIDTHS = (1, 2, 3, 4)
 
 
 def next_logits(model, token_ids: list[int]) -> torch.Tensor:
@@ -29,7 +28,8 @@ def next_logits(model, token_ids: list[int]) -> torch.Tensor:
     return model(torch.tensor([token_ids])).logits[0]
 
 
-def one_round(target, draft, history: list[int], k: int) -> tuple[list[int], int, int, list[list[int]]]:
+def one_round(target, draft, history: list[int], k: int,
+              widths: list[int]) -> tuple[list[int], int, int, list[list[int]]]:
     """Returns (proposal, accepted, following token, candidates at the verdict's position per width)."""
     proposal: list[int] = []
     rows = []
@@ -40,10 +40,10 @@ def one_round(target, draft, history: list[int], k: int) -> tuple[list[int], int
             proposal.append(int(row.argmax()))
     verdict = next_logits(target, history + proposal)[len(history) - 1 :].argmax(-1).tolist()
     accepted = next((i for i in range(k) if verdict[i] != proposal[i]), k)
-    ranked = rows[accepted].topk(max(WIDTHS) + 1).indices.tolist()
+    ranked = rows[accepted].topk(max(widths) + 1).indices.tolist()
     if accepted < k:
         ranked = [t for t in ranked if t != proposal[accepted]]
-    return proposal, accepted, verdict[accepted], [ranked[:width] for width in WIDTHS]
+    return proposal, accepted, verdict[accepted], [ranked[:width] for width in widths]
 
 
 def main() -> None:
@@ -53,7 +53,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--num-prompts", type=int, default=24)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--widths", default="1,2,3,4", help="overlap widths to report, comma-separated")
     args = parser.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
     root = Path(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(root / "tinystories-260k")
     target = AutoModelForCausalLM.from_pretrained(root / "tinystories-260k").eval()
@@ -70,15 +72,15 @@ def main() -> None:
                 proposal_len = min(args.k, draft.config.max_position_embeddings - len(history) - 1)
                 if proposal_len < 1:
                     break
-                proposal, accepted, token, candidates = one_round(target, draft, history, proposal_len)
+                proposal, accepted, token, candidates = one_round(target, draft, history, proposal_len, widths)
                 accepted_counts[accepted] += 1
-                for width, tokens in zip(WIDTHS, candidates):
+                for width, tokens in zip(widths, candidates):
                     covered[width] += token in tokens
                 history = history + proposal[:accepted] + [token]
                 generated += accepted + 1
     rounds = sum(accepted_counts.values())
     print(json.dumps({"k": args.k, "rounds": rounds, "accepted": dict(sorted(accepted_counts.items())),
-                      "covered_by_width": {w: round(covered[w] / rounds, 3) for w in WIDTHS}}))
+                      "covered_by_width": {w: round(covered[w] / rounds, 3) for w in widths}}))
 
 
 if __name__ == "__main__":
