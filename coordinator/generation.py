@@ -67,7 +67,7 @@ class Backend:
     costs: CostModel = field(default_factory=CostModel)   # measured step costs for --k auto
     max_k: int = 16
     overlap: bool = False  # draft round n+1 while round n is verified
-    overlap_width: int = 6  # candidate tokens per accept length that overlap drafts for
+    overlap_width: int = 3  # candidate tokens per accept length that overlap drafts for
     releases: set[asyncio.Task] = field(default_factory=set)  # in-flight Release calls
     running: int = 0                                          # requests in flight
 

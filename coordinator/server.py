@@ -47,7 +47,7 @@ class CoordinatorConfig:
     auth_token: str | None = None    # bearer token required on the Coordinator service
     reflection: bool = False
     overlap: bool = False            # draft round n+1 while round n is verified
-    overlap_width: int = 6           # candidate tokens per accept length that overlap drafts for
+    overlap_width: int = 3           # candidate tokens per accept length that overlap drafts for
     draft_confidence: float = 0.0    # default per-request stop threshold of proposals (0: k tokens)
 
     @property

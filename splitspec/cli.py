@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' from clients")
     coord.add_argument("--overlap", action="store_true",
                        help="draft the next round while the target verifies this one, once per likely verdict")
-    coord.add_argument("--overlap-width", type=int, default=6, metavar="N",
+    coord.add_argument("--overlap-width", type=int, default=3, metavar="N",
                        help="with --overlap: candidate tokens per accept length drafted for (the draft's N "
                             "most likely; (k + 1) * N branches per round)")
     coord.add_argument("--draft-confidence", type=float, default=0.0, metavar="P",
