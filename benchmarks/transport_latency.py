@@ -25,7 +25,7 @@ import statistics
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable
 
 import grpc
 import torch
@@ -102,15 +102,16 @@ async def serve_raw(port: int) -> None:
     await server.serve_forever()
 
 
-def server_main(transport: str, port: int, core: int | None) -> None:
+def server_main(serve: Callable[[int], Awaitable[None]], port: int, core: int | None) -> None:
     if core is not None:
         os.sched_setaffinity(0, {core})
     torch.set_num_threads(1)
-    uvloop.run(serve_grpc(port) if transport == "grpc" else serve_raw(port))
+    uvloop.run(serve(port))
 
 
 def request(step_ms: int) -> target_pb2.VerifyRequest:
-    return target_pb2.VerifyRequest(seq_id="bench", draft_token_ids=[1, 2, 3], num_tokens=step_ms)  # the step's length, in ms
+    """num_tokens carries the step's length, in ms."""
+    return target_pb2.VerifyRequest(seq_id="bench", draft_token_ids=[1, 2, 3], num_tokens=step_ms)
 
 
 async def overheads_grpc(port: int, step_ms: int, round_trips: int) -> list[float]:
@@ -128,12 +129,14 @@ async def overheads_grpc(port: int, step_ms: int, round_trips: int) -> list[floa
 
 
 async def overheads_raw(port: int, step_ms: int, round_trips: int) -> list[float]:
-    for _ in range(100):
+    for _ in range(100):  # the server process may still be starting
         try:
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             break
         except OSError:
             await asyncio.sleep(0.1)
+    else:
+        raise OSError(f"no raw-tcp server on 127.0.0.1:{port} after 10 s")
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     samples = []
     for _ in range(round_trips):
@@ -162,9 +165,9 @@ def main() -> None:
     if server_core is not None:
         os.sched_setaffinity(0, {cores[0]})
     context = multiprocessing.get_context("spawn")
-    for transport, measure in (("grpc.aio", overheads_grpc), ("raw-tcp", overheads_raw)):
+    for transport, serve, measure in (("grpc.aio", serve_grpc, overheads_grpc), ("raw-tcp", serve_raw, overheads_raw)):
         port = free_port()
-        server = context.Process(target=server_main, args=(transport.split(".")[0], port, server_core), daemon=True)
+        server = context.Process(target=server_main, args=(serve, port, server_core), daemon=True)
         server.start()
         try:
             for step_ms in (int(s) for s in args.steps_ms.split(",")):
