@@ -16,7 +16,9 @@ the same worker. The client's deadline bounds every downstream call.
 The next round's request (its proposal, or with a branch held or no draft its verify) goes out
 as soon as a verdict's tokens are in the history, before the round is counted and written to the
 client; a round's time runs from the last verdict to its own. With overlap, the draft drafts the
-next round during verification, once per likely verdict.
+next round during verification, once per likely verdict, and those branches go to the target as
+a plan: a verdict that matches one starts the next verify on the target at once (a chained
+round), with no network between verdict and verify.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Endpoint, WorkerPool
 from coordinator.request import GenerationRequest
 from coordinator.workers import DraftSession, VerifySession
-from splitspec.errors import DeadlineExceeded, Unavailable
+from splitspec.errors import DeadlineExceeded, SplitspecError, Unavailable
 from splitspec.v1 import coordinator_pb2, draft_pb2
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,7 @@ class _Round:
     speculation: asyncio.Task | None  # overlap: the next round's branches, drafted meanwhile
     proposed_at: float
     exposed_draft: float              # seconds the round waited for the draft
+    chained: bool = False             # the target started it on its own, from the last round's plan
 
 
 async def _release(endpoint: Endpoint, seq_id: str) -> None:
@@ -170,7 +173,7 @@ class Generation:
                     ahead = await self._settle(current.speculation, verdict)
                     settle_wait = time.perf_counter() - settling
                     if ahead is not None:  # the next round is verified while this one's tokens are written
-                        upcoming = self._start_round(ahead, settle_wait)
+                        upcoming = self._start_round(ahead, settle_wait, chained=verdict.chained)
                 if not self.finish_reason and upcoming is None:
                     k = self._round_k()
                     if k == 0:  # no draft, or no room for a proposal: a target-only round
@@ -196,12 +199,14 @@ class Generation:
                 self.target.pinned -= 1
                 backend.release_later(self.target, self.seq_id)
 
-    def _start_round(self, proposal: draft_pb2.DraftResponse | None, exposed_draft: float) -> "_Round":
-        """Send `proposal` to verification (and, with overlap, the draft after it to speculation).
-        `exposed_draft`: the seconds of drafting this round waited for."""
-        verifying = asyncio.get_running_loop().create_task(self._verify(proposal))  # first: it is on the critical path
-        speculation = self._speculate(proposal)
-        return _Round(proposal, verifying, speculation, time.perf_counter(), exposed_draft)
+    def _start_round(self, proposal: draft_pb2.DraftResponse | None, exposed_draft: float,
+                     chained: bool = False) -> "_Round":
+        """Send `proposal` to verification (`chained`: the target already verifies it) and, with
+        overlap, the draft after it to speculation. `exposed_draft`: the seconds of drafting this
+        round waited for."""
+        verifying = asyncio.get_running_loop().create_task(self._verify(proposal, chained))  # first: critical path
+        speculation = self._speculate(proposal, verifying)
+        return _Round(proposal, verifying, speculation, time.perf_counter(), exposed_draft, chained)
 
     def _record(self, elapsed: float) -> None:
         metrics, request = self.backend.metrics, self.request
@@ -281,9 +286,10 @@ class Generation:
             self.seq_id, self.history, request.params, request.max_tokens - len(self.generated), request.k + 1,
             resume=True, timeout=self._timeout(self.backend.timeouts.target))
 
-    async def _verify(self, proposal: draft_pb2.DraftResponse | None) -> Any:
-        """Verify the proposal. Preempted (the pool ran dry): resume on the same target, verify again.
-        Failed target: resume on another replica, verify again there."""
+    async def _verify(self, proposal: draft_pb2.DraftResponse | None, chained: bool = False) -> Any:
+        """Verify the proposal (`chained`: the target started it on its own; read its verdict).
+        Preempted (the pool ran dry): resume on the same target, verify again. Failed target:
+        resume on another replica, verify again there."""
         failure = ""
         while True:
             endpoint = self.target
@@ -291,10 +297,14 @@ class Generation:
                 if endpoint is None:
                     endpoint = self._pin_target(failure)
                     await self._resume(endpoint)
-                if self.verifier is None:
-                    self.verifier = endpoint.client.open_verify(self.seq_id)
-                verdict = await self.verifier.verify(proposal, len(self.history),
-                                                     self._timeout(self.backend.timeouts.target))
+                timeout = self._timeout(self.backend.timeouts.target)
+                if chained and self.verifier is not None:
+                    chained = False  # a retry sends the round itself
+                    verdict = await self.verifier.chained(timeout)
+                else:
+                    if self.verifier is None:
+                        self.verifier = endpoint.client.open_verify(self.seq_id)
+                    verdict = await self.verifier.verify(proposal, len(self.history), timeout)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in WORKER_FAILURES:
                     raise
@@ -402,6 +412,7 @@ class Generation:
         spec.draft_step_seconds += current.exposed_draft
         spec.verify_step_seconds += verdict.step_seconds
         spec.draft_payload_bytes += proposal.ByteSize()
+        spec.chained_rounds += int(current.chained)
         while len(spec.proposed_per_position) < k:
             spec.proposed_per_position.append(0)
             spec.accepted_per_position.append(0)
@@ -409,11 +420,12 @@ class Generation:
             spec.proposed_per_position[position] += 1
             spec.accepted_per_position[position] += int(position < accepted)
 
-    def _speculate(self, proposal: draft_pb2.DraftResponse | None) -> asyncio.Task | None:
+    def _speculate(self, proposal: draft_pb2.DraftResponse | None, verifying: asyncio.Task) -> asyncio.Task | None:
         """Overlap: while the target verifies `proposal`, the draft drafts the round after it for
-        each likely verdict (accepted count, and the recovered or bonus token that follows). Only
-        while this request is alone on its draft: otherwise the draft already works on another
-        request's proposal during this verify, and branches would only delay it."""
+        each likely verdict (accepted count, and the recovered or bonus token that follows), and
+        the target gets them as a plan. Only while this request is alone on its draft: otherwise
+        the draft already works on another request's proposal during this verify, and branches
+        would only delay it."""
         if not self.backend.overlap or proposal is None or not proposal.token_ids or self.session is None:
             return None
         if self.draft is None or self.draft.pinned > 1:  # other requests keep this draft busy: no idle time to use
@@ -423,7 +435,31 @@ class Generation:
         k = self._fit_k(k, len(self.history) + produced, len(self.generated) + produced)
         if k < 1:
             return None
-        return asyncio.get_running_loop().create_task(self.session.speculate(k, self.backend.overlap_width))
+        return asyncio.get_running_loop().create_task(
+            self._draft_ahead(self.session, k, proposal, len(self.history), verifying))
+
+    async def _draft_ahead(self, session: DraftSession, k: int, proposal: draft_pb2.DraftResponse,
+                           num_tokens: int, verifying: asyncio.Task) -> draft_pb2.DraftResponse:
+        """The draft's branches for the round after `proposal` (verified with `num_tokens`), offered
+        to the target as that round's plan while its verdict is still to come."""
+        ahead = await session.speculate(k, self.backend.overlap_width)
+        branches = self._plannable(proposal, ahead) if not verifying.done() and self.verifier is not None else []
+        if branches:
+            try:
+                await self.verifier.offer(num_tokens, branches)
+            except grpc.aio.AioRpcError:  # the stream failed: the round in flight reports it
+                pass
+        return ahead
+
+    def _plannable(self, proposal: draft_pb2.DraftResponse,
+                   ahead: draft_pb2.DraftResponse) -> list[tuple[int, int, draft_pb2.DraftResponse]]:
+        """The branches after whose verdict the request goes on: the target may chain only those."""
+        request = self.request
+        room = request.max_tokens - len(self.generated)
+        ending = request.stop_token_ids if request.ignore_eos else request.stop_token_ids | self.backend.eos_token_ids
+        return [(branch.num_accepted, branch.token_id, branch.proposal) for branch in ahead.branches
+                if branch.proposal.token_ids and branch.num_accepted + 1 < room
+                and ending.isdisjoint([*proposal.token_ids[: branch.num_accepted], branch.token_id])]
 
     async def _settle(self, speculation: asyncio.Task, verdict: Any) -> draft_pb2.DraftResponse | None:
         """Use the branch drafted for the verdict that came true, if there is one; otherwise the draft
@@ -440,10 +476,14 @@ class Generation:
             return None
         held = next((index for index, branch in enumerate(ahead.branches)
                      if branch.num_accepted == verdict.num_accepted and branch.token_id == verdict.token_id), None)
-        self.backend.metrics.overlap.labels("missed" if held is None else "held").inc()
-        if held is None or self.session is None:
+        self.backend.metrics.overlap.labels("missed" if held is None else "chained" if verdict.chained else "held").inc()
+        if verdict.chained and held is None:
+            raise SplitspecError(f"the target chained a round after verdict ({verdict.num_accepted}, {verdict.token_id}), "
+                           "which no branch was drafted for")
+        if held is None or (self.session is None and not verdict.chained):
             return None
-        self.session.branch_held(held, len(self.history))
+        if self.session is not None:
+            self.session.branch_held(held, len(self.history))
         return ahead.branches[held].proposal
 
     def _round_tokens(self, proposal: draft_pb2.DraftResponse | None, verdict: Any) -> tuple[list[int], list[int]]:

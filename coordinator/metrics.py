@@ -18,7 +18,7 @@ class CoordinatorMetrics(ServingMetrics):
         ServingMetrics.__post_init__(self)
         self.failovers = Counter("splitspec:worker_failovers", "Requests moved off a failed worker", ["kind"],
                                  registry=self.registry)
-        self.overlap = Counter("splitspec:overlap_speculations", "Rounds drafted during verification, by outcome",
+        self.overlap = Counter("splitspec:overlap_speculations", "Rounds drafted during verification, by outcome (missed, held, or chained on the target)",
                                ["outcome"], registry=self.registry)
 
     def record_round(self, num_draft_tokens: int, num_accepted: int) -> None:

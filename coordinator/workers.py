@@ -52,28 +52,53 @@ def _stream_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
 
 @dataclass(slots=True)
 class VerifySession:
-    """One sequence's verify stream on its pinned target: a request and an answer per round.
-    Failures surface as AioRpcError with the stream's status, as a unary Verify's would; a round
-    that outlasts its timeout ends the stream with DEADLINE_EXCEEDED."""
+    """One sequence's verify stream on its pinned target: a request and an answer per round, and
+    plans (the next round's request per likely verdict) that let the target chain a round on its
+    own. Failures surface as AioRpcError with the stream's status, as a unary Verify's would; a
+    round that outlasts its timeout ends the stream with DEADLINE_EXCEEDED."""
 
     call: grpc.aio.StreamStreamCall
     seq_id: str
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # a plan may be written during a round
 
     async def verify(self, proposal: draft_pb2.DraftResponse | None, num_tokens: int,
                      timeout: float) -> target_pb2.VerifyResponse:
+        return await self._within(timeout, self._round(verify_request(self.seq_id, proposal, num_tokens)))
+
+    async def chained(self, timeout: float) -> target_pb2.VerifyResponse:
+        """The verdict of the round the target started on its own (the last verdict was `chained`)."""
+        return await self._within(timeout, self._read())
+
+    async def offer(self, num_tokens: int, branches: list[tuple[int, int, draft_pb2.DraftResponse]]) -> None:
+        """Plan for the round in flight (sent with `num_tokens`): after verdict (accepted, token),
+        verify the paired proposal next."""
+        plan = target_pb2.VerifyRequest(seq_id=self.seq_id, num_tokens=num_tokens)
+        for accepted, token, proposal in branches:
+            plan.branches.add(num_accepted=accepted, token_id=token,
+                              next=verify_request("", proposal, num_tokens + accepted + 1))
+        await self._write(plan)
+
+    async def _within(self, timeout: float, answer: Any) -> target_pb2.VerifyResponse:
         try:
             async with asyncio.timeout(timeout):  # no wrapper task: the write goes out in this step
-                return await self._round(verify_request(self.seq_id, proposal, num_tokens))
+                return await answer
         except TimeoutError:
             self.close()
             raise _stream_error(grpc.StatusCode.DEADLINE_EXCEEDED, f"verify took longer than {timeout:.1f}s") from None
 
     async def _round(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
+        await self._write(request)
+        return await self._read()
+
+    async def _write(self, request: target_pb2.VerifyRequest) -> None:
         try:
-            await self.call.write(request)
+            async with self.writing:
+                await self.call.write(request)
         except asyncio.InvalidStateError:  # the stream already ended: report its status
             code = await self.call.code()
             raise _stream_error(code, await self.call.details() or "verify stream ended") from None
+
+    async def _read(self) -> target_pb2.VerifyResponse:
         response = await self.call.read()
         if response is grpc.aio.EOF:
             raise _stream_error(grpc.StatusCode.UNAVAILABLE, f"verify stream for {self.seq_id} ended")

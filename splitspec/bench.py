@@ -187,6 +187,8 @@ def summarise(results: list[RequestResult], wall: float, concurrency: int, k: in
         if target_rounds else None,
         "draft_payload_bytes_per_round": round(sum(r.spec.draft_payload_bytes for r in results) / rounds, 1)
         if rounds else 0.0,
+        # overlap: rounds the target started on its own from the draft's plan, right after the last verdict
+        "chained_round_fraction": round(sum(r.spec.chained_rounds for r in results) / rounds, 4) if rounds else 0.0,
     }
     times = point["round_ms"]
     times["overhead"] = round(times["total"] - times["draft"] - times["verify"], 3) if rounds else 0.0

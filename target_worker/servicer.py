@@ -1,18 +1,34 @@
-"""Thin gRPC servicer: checks and decodes requests, queues them for the engine's next step."""
+"""Thin gRPC servicer: checks and decodes requests, queues them for the engine's next step.
+
+On a VerifyStream the coordinator may send, while a round is verified, a plan: the next round's
+request for each likely verdict. A verdict that matches a branch starts that branch's verify at
+once, before the verdict is written back, so a round whose draft guessed right costs no network
+round trip between verdict and next verify.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import time
+from dataclasses import dataclass
 from typing import AsyncIterator
 
 import grpc
 
 from splitspec.convert import sampling_from_proto
+from splitspec.errors import InvalidArgument
 from splitspec.paged.stats import worker_stats
 from splitspec.paged.step_loop import StepLoop
 from splitspec.v1 import common_pb2, target_pb2, target_pb2_grpc
 from target_worker.engine import PrefillItem, ReleaseItem, TargetEngine, VerifyItem
 from target_worker.metrics import TargetMetrics
+
+
+@dataclass(slots=True)
+class _Verifying:
+    request: target_pb2.VerifyRequest
+    outcome: asyncio.Future
+    start: float
 
 
 class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
@@ -22,9 +38,11 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
         self.steps = steps
 
     async def _submit(self, kind: str, item: object) -> object:
-        start = time.perf_counter()
+        return await self._outcome(kind, self.steps.post(item), time.perf_counter())
+
+    async def _outcome(self, kind: str, outcome: asyncio.Future, start: float) -> object:
         try:
-            return await self.steps.submit(item)
+            return await outcome
         finally:
             self.metrics.step_seconds.labels(kind).observe(time.perf_counter() - start)
             pool = self.engine.blocks.stats()
@@ -50,15 +68,39 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                                           num_cached_tokens=outcome.num_cached_tokens)
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> target_pb2.VerifyResponse:
-        return await self._verify(request)
+        if request.branches:
+            raise InvalidArgument("branches", "a plan of branches is only accepted on VerifyStream")
+        return await self._finish_verify(self._start_verify(request))
 
     async def VerifyStream(
         self, request_iterator: AsyncIterator[target_pb2.VerifyRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[target_pb2.VerifyResponse]:
-        async for request in request_iterator:
-            yield await self._verify(request)
+        rounds: asyncio.Queue[target_pb2.VerifyRequest | None] = asyncio.Queue()
+        plans: dict[int, target_pb2.VerifyRequest] = {}  # num_tokens of a round -> its plan
+        reader = asyncio.get_running_loop().create_task(_read_stream(request_iterator, rounds, plans))
+        reader.add_done_callback(_retrieve)
+        chained: _Verifying | None = None
+        try:
+            while True:
+                if chained is None:
+                    request = await rounds.get()
+                    if request is None:
+                        return
+                    verifying = self._start_verify(request)
+                else:
+                    verifying, chained = chained, None
+                response = await self._finish_verify(verifying)
+                branch = _matching_branch(verifying.request, response, plans)
+                if branch is not None:  # the next round starts before this verdict is written back
+                    chained = self._start_verify(branch)
+                    response.chained = True
+                yield response
+        finally:
+            reader.cancel()
+            if chained is not None:
+                chained.outcome.cancel()
 
-    async def _verify(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
+    def _start_verify(self, request: target_pb2.VerifyRequest) -> _Verifying:
         probs = request.draft_sparse_probs if request.HasField("draft_sparse_probs") else \
             request.draft_probs if request.HasField("draft_probs") else None
         item = VerifyItem(
@@ -67,12 +109,14 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             draft_probs=probs,
             expected_num_tokens=request.num_tokens,
         )
-        start = time.perf_counter()
-        outcome = await self._submit("verify", item)
-        elapsed = time.perf_counter() - start
+        return _Verifying(request, self.steps.post(item), time.perf_counter())
+
+    async def _finish_verify(self, verifying: _Verifying) -> target_pb2.VerifyResponse:
+        outcome = await self._outcome("verify", verifying.outcome, verifying.start)
+        elapsed = time.perf_counter() - verifying.start
         self.metrics.verifies.inc()
         if not outcome.preempted:
-            self.metrics.draft_tokens.inc(len(request.draft_token_ids))
+            self.metrics.draft_tokens.inc(len(verifying.request.draft_token_ids))
             self.metrics.accepted_tokens.inc(outcome.num_accepted)
         return target_pb2.VerifyResponse(
             num_accepted=outcome.num_accepted,
@@ -94,3 +138,46 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
     async def GetStats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.WorkerStats:
         engine = self.engine
         return worker_stats(engine.blocks, engine.stats, len(engine.sequences), len(self.steps.pending))
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """A reader ends with the stream (often by cancellation); its outcome needs no reader."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _read_stream(request_iterator: AsyncIterator[target_pb2.VerifyRequest],
+                       rounds: asyncio.Queue, plans: dict[int, target_pb2.VerifyRequest]) -> None:
+    """Rounds go to the queue in order; plans are filed under the round they are for."""
+    try:
+        async for request in request_iterator:
+            if request.branches:
+                plans[request.num_tokens] = request
+            else:
+                rounds.put_nowait(request)
+    finally:
+        rounds.put_nowait(None)
+
+
+def _matching_branch(request: target_pb2.VerifyRequest, response: target_pb2.VerifyResponse,
+                     plans: dict[int, target_pb2.VerifyRequest]) -> target_pb2.VerifyRequest | None:
+    """The next round's request if this round's plan has a branch for its verdict. Plans for this
+    round and earlier ones are used up either way."""
+    plan = plans.pop(request.num_tokens, None) if request.num_tokens else None
+    for stale in [n for n in plans if n < request.num_tokens]:
+        del plans[stale]
+    if plan is None or response.preempted:
+        return None
+    for branch in plan.branches:
+        if branch.num_accepted == response.num_accepted and branch.token_id == response.token_id:
+            if branch.next.branches:
+                raise InvalidArgument("branches.next.branches", "a branch's round cannot carry a plan of its own")
+            expected = request.num_tokens + response.num_accepted + 1
+            if branch.next.num_tokens not in (0, expected):
+                raise InvalidArgument("branches.next.num_tokens",
+                                      f"{branch.next.num_tokens} after this verdict; the sequence has {expected}")
+            chained = target_pb2.VerifyRequest()
+            chained.CopyFrom(branch.next)
+            chained.seq_id, chained.num_tokens = request.seq_id, expected
+            return chained
+    return None

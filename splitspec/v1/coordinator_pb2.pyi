@@ -56,7 +56,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., ignore_eos: _Optional[bool] = ..., k: _Optional[int] = ..., request_id: _Optional[str] = ..., draft_confidence: _Optional[float] = ...) -> None: ...
 
 class SpecStats(_message.Message):
-    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "round_seconds", "draft_seconds", "verify_seconds", "draft_step_seconds", "verify_step_seconds", "proposed_per_position", "accepted_per_position", "draft_payload_bytes", "target_rounds", "target_round_seconds", "empty_proposals")
+    __slots__ = ("rounds", "draft_tokens", "accepted_tokens", "round_seconds", "draft_seconds", "verify_seconds", "draft_step_seconds", "verify_step_seconds", "proposed_per_position", "accepted_per_position", "draft_payload_bytes", "target_rounds", "target_round_seconds", "empty_proposals", "chained_rounds")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +71,7 @@ class SpecStats(_message.Message):
     TARGET_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     TARGET_ROUND_SECONDS_FIELD_NUMBER: _ClassVar[int]
     EMPTY_PROPOSALS_FIELD_NUMBER: _ClassVar[int]
+    CHAINED_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     rounds: int
     draft_tokens: int
     accepted_tokens: int
@@ -85,7 +86,8 @@ class SpecStats(_message.Message):
     target_rounds: int
     target_round_seconds: float
     empty_proposals: int
-    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., round_seconds: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., draft_step_seconds: _Optional[float] = ..., verify_step_seconds: _Optional[float] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., draft_payload_bytes: _Optional[int] = ..., target_rounds: _Optional[int] = ..., target_round_seconds: _Optional[float] = ..., empty_proposals: _Optional[int] = ...) -> None: ...
+    chained_rounds: int
+    def __init__(self, rounds: _Optional[int] = ..., draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., round_seconds: _Optional[float] = ..., draft_seconds: _Optional[float] = ..., verify_seconds: _Optional[float] = ..., draft_step_seconds: _Optional[float] = ..., verify_step_seconds: _Optional[float] = ..., proposed_per_position: _Optional[_Iterable[int]] = ..., accepted_per_position: _Optional[_Iterable[int]] = ..., draft_payload_bytes: _Optional[int] = ..., target_rounds: _Optional[int] = ..., target_round_seconds: _Optional[float] = ..., empty_proposals: _Optional[int] = ..., chained_rounds: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")

@@ -34,21 +34,33 @@ class PrefillResponse(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens", "draft_sparse_probs")
+    __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens", "draft_sparse_probs", "branches")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_SPARSE_PROBS_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _common_pb2.Tensor
     num_tokens: int
     draft_sparse_probs: _common_pb2.SparseProbs
-    def __init__(self, seq_id: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., draft_sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ...) -> None: ...
+    branches: _containers.RepeatedCompositeFieldContainer[VerifyBranch]
+    def __init__(self, seq_id: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., draft_sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ..., branches: _Optional[_Iterable[_Union[VerifyBranch, _Mapping]]] = ...) -> None: ...
+
+class VerifyBranch(_message.Message):
+    __slots__ = ("num_accepted", "token_id", "next")
+    NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_FIELD_NUMBER: _ClassVar[int]
+    num_accepted: int
+    token_id: int
+    next: VerifyRequest
+    def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., next: _Optional[_Union[VerifyRequest, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("num_accepted", "token_id", "is_bonus", "acceptance_probs", "num_tokens", "preempted", "step_seconds")
+    __slots__ = ("num_accepted", "token_id", "is_bonus", "acceptance_probs", "num_tokens", "preempted", "step_seconds", "chained")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     IS_BONUS_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +68,7 @@ class VerifyResponse(_message.Message):
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHAINED_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     token_id: int
     is_bonus: bool
@@ -63,7 +76,8 @@ class VerifyResponse(_message.Message):
     num_tokens: int
     preempted: bool
     step_seconds: float
-    def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., acceptance_probs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., preempted: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    chained: bool
+    def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., acceptance_probs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., preempted: _Optional[bool] = ..., step_seconds: _Optional[float] = ..., chained: _Optional[bool] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_id",)

@@ -32,34 +32,61 @@ class LetterTokenizer:
 
 @dataclass
 class FakeVerifier:
+    """A target that keeps `accept` tokens of each proposal; with `chain`, it starts a planned
+    branch's round as soon as a verdict matches it, as the target servicer does."""
+
     events: Events
-    accept: int  # tokens of each proposal the target keeps
+    accept: int
+    chain: bool = False
+    plans: dict[int, list[tuple[int, int, draft_pb2.DraftResponse]]] = field(default_factory=dict)
+    ahead: asyncio.Future | None = None
 
     async def verify(self, proposal: draft_pb2.DraftResponse | None, num_tokens: int,
                      timeout: float) -> target_pb2.VerifyResponse:
         self.events.log.append(("verify", num_tokens))
+        return await self._step(proposal, num_tokens)
+
+    async def chained(self, timeout: float) -> target_pb2.VerifyResponse:
+        ahead, self.ahead = self.ahead, None
+        assert ahead is not None, "read a chained verdict the target never started"
+        return await ahead
+
+    async def offer(self, num_tokens: int, branches: list[tuple[int, int, draft_pb2.DraftResponse]]) -> None:
+        self.events.log.append(("offer", num_tokens))
+        self.plans[num_tokens] = branches
+
+    async def _step(self, proposal: draft_pb2.DraftResponse | None, num_tokens: int) -> target_pb2.VerifyResponse:
         await asyncio.sleep(0.001)  # the target's step
         if proposal is None:
             return target_pb2.VerifyResponse(token_id=num_tokens % 20, num_tokens=num_tokens + 1, step_seconds=0.001)
         accepted = min(self.accept, len(proposal.token_ids))
-        return target_pb2.VerifyResponse(num_accepted=accepted, token_id=20 + num_tokens % 5,
-                                         is_bonus=accepted == len(proposal.token_ids),
-                                         num_tokens=num_tokens + accepted + 1, step_seconds=0.001)
+        verdict = target_pb2.VerifyResponse(num_accepted=accepted, token_id=20 + num_tokens % 5,
+                                            is_bonus=accepted == len(proposal.token_ids),
+                                            num_tokens=num_tokens + accepted + 1, step_seconds=0.001)
+        plan = self.plans.pop(num_tokens, []) if self.chain else []
+        branch = next((p for a, t, p in plan if (a, t) == (verdict.num_accepted, verdict.token_id)), None)
+        if branch is not None:
+            self.events.log.append(("chained", verdict.num_tokens))
+            verdict.chained = True
+            self.ahead = asyncio.ensure_future(self._step(branch, verdict.num_tokens))
+        return verdict
 
     def close(self) -> None:
-        pass
+        if self.ahead is not None:
+            self.ahead.cancel()
 
 
 @dataclass
 class FakeTargetClient:
     events: Events
     accept: int = 1
+    chain: bool = False
 
     async def prefill(self, seq_id: str, token_ids: list[int], *args: object, **kwargs: object) -> target_pb2.PrefillResponse:
         return target_pb2.PrefillResponse(token_id=7, num_tokens=len(token_ids) + 1)
 
     def open_verify(self, seq_id: str) -> FakeVerifier:
-        return FakeVerifier(self.events, self.accept)
+        return FakeVerifier(self.events, self.accept, self.chain)
 
     async def release(self, seq_id: str) -> None:
         pass
@@ -82,7 +109,7 @@ class FakeDraftSession:
 
     async def speculate(self, k: int, width: int) -> draft_pb2.DraftResponse:
         await asyncio.sleep(0)  # the verify of the proposal this speculates on has been sent
-        verified = next(n for event, n in reversed(self.events.log) if event == "verify")
+        verified = next(n for event, n in reversed(self.events.log) if event in ("verify", "chained"))
         return draft_pb2.DraftResponse(branches=[draft_pb2.DraftBranch(
             num_accepted=self.accept, token_id=20 + verified % 5, proposal=draft_pb2.DraftResponse(token_ids=[11] * k))])
 
@@ -112,13 +139,14 @@ def pool(kind: str, client: object) -> WorkerPool:
     return workers
 
 
-def generation(events: Events, k: int, overlap: bool = False) -> Generation:
-    backend = Backend(targets=pool("target", FakeTargetClient(events)),
+def generation(events: Events, k: int, overlap: bool = False, chain: bool = False,
+               stop_token_ids: frozenset[int] = frozenset(), max_tokens: int = 12) -> Generation:
+    backend = Backend(targets=pool("target", FakeTargetClient(events, chain=chain)),
                       drafts=pool("draft", FakeDraftClient(events)) if k else None,
                       eos_token_ids=frozenset(), tokenizer=LetterTokenizer(), metrics=CoordinatorMetrics(),
                       overlap=overlap)
-    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT, max_tokens=12, params=SamplingParams(),
-                                stop=(), stop_token_ids=frozenset(), ignore_eos=True, k=k)
+    request = GenerationRequest(request_id="r", prompt_token_ids=PROMPT, max_tokens=max_tokens, params=SamplingParams(),
+                                stop=(), stop_token_ids=stop_token_ids, ignore_eos=True, k=k)
     return Generation(request, backend)
 
 
@@ -132,7 +160,8 @@ async def run(events: Events, gen: Generation) -> list[int]:
 
 def assert_next_request_before_message(events: Events) -> None:
     """Every message but the last comes after the next round's first request (a proposal, or a
-    verify of a held branch or a target-only round) for the history it ends."""
+    verify of a held branch or a target-only round, or the target chaining a planned branch) for
+    the history it ends."""
     messages = [(i, n) for i, (event, n) in enumerate(events.log) if event == "message"]
     for index, history_len in messages[1:-1]:
         requested = [i for i, (event, n) in enumerate(events.log) if event != "message" and n == history_len]
@@ -168,3 +197,31 @@ async def test_held_branch_is_verified_before_the_round_is_written() -> None:
     proposes = [n for event, n in events.log if event == "propose"]
     assert len(proposes) < len(verifies)  # some rounds came from a held branch, not a proposal
     assert_next_request_before_message(events)
+
+
+@pytest.mark.asyncio
+async def test_target_chains_planned_branches_without_a_verify_request() -> None:
+    plain, chaining = Events(), Events()
+    expected = await run(plain, generation(plain, k=3, overlap=True))
+    gen = generation(chaining, k=3, overlap=True, chain=True)
+    assert await run(chaining, gen) == expected
+    chained = [n for event, n in chaining.log if event == "chained"]
+    sent = [n for event, n in chaining.log if event == "verify"]
+    assert chained and gen.spec.chained_rounds == len(chained)
+    assert not set(chained) & set(sent)  # a chained round is never also sent
+    assert len(sent) + len(chained) == len([n for event, n in plain.log if event == "verify"])
+    offers = [n for event, n in chaining.log if event == "offer"]
+    assert all(n in offers for n in [n for event, n in plain.log if event == "verify"][1:-2])
+    assert_next_request_before_message(chaining)
+
+
+@pytest.mark.asyncio
+async def test_branches_that_would_end_the_request_are_not_offered() -> None:
+    """Verdict tokens run 24, 21, 23, 20, 22 (history 6, 8, 10, 12, 14): stop token 22 ends the
+    request after the round verified with 12 tokens, whose branch the target must not be offered."""
+    events = Events()
+    gen = generation(events, k=3, overlap=True, chain=True, stop_token_ids=frozenset({22}), max_tokens=30)
+    tokens = await run(events, gen)
+    assert tokens[-1] == 22 and gen.finish_reason == "stop" and len(PROMPT) + len(tokens) == 14
+    assert ("offer", 10) in events.log and ("chained", 12) in events.log  # plans up to the last round
+    assert ("offer", 12) not in events.log and ("chained", 14) not in events.log  # its one branch would stop

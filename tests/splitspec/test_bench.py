@@ -32,6 +32,7 @@ async def test_bench_smoke_writes_report_and_plots(tiny, tmp_path):
         assert 0 <= point["acceptance_rate"] <= 1 and len(point["acceptance_per_position"]) == 2
         assert point["draft_payload_bytes_per_round"] > 0 and point["round_ms"]["draft"] > 0
         assert "speedup" in point and "speedup_bound" in point
+        assert point["chained_round_fraction"] == 0  # no overlap: every round is sent by the coordinator
     for name in ("bench.json", "tokens_per_s.png", "generation_time.png", "ttft.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     assert "| 2 | 2 |" in table(report)

@@ -1,0 +1,113 @@
+"""The target's VerifyStream plans, against a real target server on the tiny model: a verdict that
+matches a planned branch starts that branch's round on the target at once; any other plan is
+ignored; a malformed plan is refused with INVALID_ARGUMENT naming its field."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from splitspec.paged.cache import CacheConfig
+from splitspec.service import make_channel
+from splitspec.v1 import common_pb2, target_pb2, target_pb2_grpc
+from target_worker.server import start_target
+
+PROMPT = [5, 6, 7]
+GREEDY = common_pb2.SamplingParams(temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=1)
+
+
+@pytest.fixture
+async def stub(tiny):
+    server = await start_target(tiny["target"], cache=CacheConfig(num_blocks=64))
+    channel = make_channel(server.address)
+    try:
+        yield target_pb2_grpc.TargetWorkerStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def prefill(stub, seq_id: str) -> int:
+    reply = await stub.Prefill(target_pb2.PrefillRequest(seq_id=seq_id, token_ids=PROMPT, sampling=GREEDY,
+                                                         max_new_tokens=40, num_lookahead_slots=4))
+    return reply.num_tokens
+
+
+def verify(seq_id: str, draft: list[int], num_tokens: int) -> target_pb2.VerifyRequest:
+    return target_pb2.VerifyRequest(seq_id=seq_id, draft_token_ids=draft, num_tokens=num_tokens)
+
+
+def plan(seq_id: str, num_tokens: int, *branches: tuple[int, int, list[int]]) -> target_pb2.VerifyRequest:
+    request = target_pb2.VerifyRequest(seq_id=seq_id, num_tokens=num_tokens)
+    for accepted, token, draft in branches:
+        request.branches.add(num_accepted=accepted, token_id=token,
+                             next=target_pb2.VerifyRequest(draft_token_ids=draft, num_tokens=num_tokens + accepted + 1))
+    return request
+
+
+def verdict(response: target_pb2.VerifyResponse) -> tuple[int, int, int]:
+    return response.num_accepted, response.token_id, response.num_tokens
+
+
+async def sent_rounds(stub, seq_id: str, drafts: list[list[int]]) -> list[target_pb2.VerifyResponse]:
+    """Each round sent by the caller after the last verdict, as without plans."""
+    call = stub.VerifyStream()
+    num_tokens, responses = await prefill(stub, seq_id), []
+    for draft in drafts:
+        await call.write(verify(seq_id, draft, num_tokens))
+        responses.append(await call.read())
+        num_tokens = responses[-1].num_tokens
+    call.cancel()
+    return responses
+
+
+async def test_a_matching_plan_chains_the_next_round(stub):
+    first, second, third = await sent_rounds(stub, "sent", [[1, 2], [3, 4], []])
+    assert not first.chained and not second.chained
+
+    call = stub.VerifyStream()
+    num_tokens = await prefill(stub, "chained")
+    wrong_token = (first.token_id + 1) % 64
+    await call.write(plan("chained", num_tokens, (first.num_accepted, wrong_token, [9]),
+                          (first.num_accepted, first.token_id, [3, 4])))
+    await call.write(verify("chained", [1, 2], num_tokens))
+    answer = await call.read()
+    assert answer.chained and verdict(answer) == verdict(first)
+    ahead = await call.read()  # the planned round, verified without a request
+    assert not ahead.chained and verdict(ahead) == verdict(second)
+    await call.write(verify("chained", [], ahead.num_tokens))  # the stream goes on from there
+    assert verdict(await call.read()) == verdict(third)
+    call.cancel()
+
+
+async def test_plans_for_another_verdict_or_round_are_ignored(stub):
+    (first, second) = await sent_rounds(stub, "sent", [[1, 2], [3]])
+    call = stub.VerifyStream()
+    num_tokens = await prefill(stub, "ignored")
+    await call.write(plan("ignored", num_tokens - 1, (first.num_accepted, first.token_id, [8])))  # an earlier round
+    await call.write(plan("ignored", num_tokens, (first.num_accepted, (first.token_id + 1) % 64, [8])))
+    await call.write(verify("ignored", [1, 2], num_tokens))
+    answer = await call.read()
+    assert not answer.chained and verdict(answer) == verdict(first)
+    await call.write(verify("ignored", [3], answer.num_tokens))  # nothing was started behind the caller's back
+    assert verdict(await call.read()) == verdict(second)
+    call.cancel()
+
+
+async def test_malformed_plans_name_their_field(stub):
+    num_tokens = await prefill(stub, "bad")
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await stub.Verify(plan("bad", num_tokens, (0, 1, [2])))
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unary.value.details().startswith("branches:")
+
+    (first,) = await sent_rounds(stub, "learn", [[1, 2]])
+    call = stub.VerifyStream()
+    bad = plan("bad", num_tokens, (first.num_accepted, first.token_id, [3]))
+    bad.branches[0].next.num_tokens += 1
+    await call.write(bad)
+    await call.write(verify("bad", [1, 2], num_tokens))
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        await call.read()
+    assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert streamed.value.details().startswith("branches.next.num_tokens:")
