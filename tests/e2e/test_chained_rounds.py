@@ -9,8 +9,14 @@ import time
 import pytest
 
 from coordinator.generation import Generation
-from splitspec.v1 import coordinator_pb2
+from coordinator.server import CoordinatorConfig, start_coordinator
+from draft_worker.server import start_draft
+from splitspec.paged.cache import CacheConfig
+from splitspec.service import make_channel
+from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 from target_worker.engine import TargetEngine, VerifyItem
+from target_worker.server import start_target
+from tests.e2e.test_faults import pinned
 from tests.e2e.test_greedy_identity import reference
 from tests.support import collect, start_stack
 
@@ -67,3 +73,40 @@ async def test_chained_rounds_keep_seeded_sampled_output_identical(tiny, slow_ve
         assert sent["token_ids"] == chained["token_ids"]
     finally:
         await stack.stop()
+
+
+async def test_target_lost_during_a_chained_round_fails_over(tiny, slow_verify):
+    """The pinned target goes away while it verifies a round it chained: the coordinator resumes
+    the request on the other target and sends that round itself; nothing is lost or repeated."""
+    targets = [await start_target(tiny["target"], cache=CacheConfig(num_blocks=512)) for _ in range(2)]
+    draft = await start_draft(tiny["draft_same"], cache=CacheConfig(num_blocks=512))
+    running = await start_coordinator(CoordinatorConfig(
+        target=[t.address for t in targets], draft=[draft.address], port=0, host="127.0.0.1", k=3,
+        connect_timeout=10, overlap=True))
+    stub = coordinator_pb2_grpc.CoordinatorStub(make_channel(running.address))
+    prompt, max_tokens = "chained failover", 60
+    expected = reference(tiny["target"], tiny["target"].tokenizer(prompt).input_ids, max_tokens, stop_at_eos=False)
+    registry = running.registry
+
+    def count(name: str, labels: dict[str, str]) -> float:
+        return registry.get_sample_value(name, labels) or 0
+
+    try:
+        call = stub.Generate(coordinator_pb2.GenerateRequest(prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                                             k=3, ignore_eos=True), timeout=60)
+        tokens: list[int] = []
+        stopped = False
+        async for message in call:
+            tokens.extend(message.token_ids)
+            if not stopped and count("splitspec:overlap_speculations_total", {"outcome": "chained"}) >= 2:
+                # the verdict just streamed was chained: its successor is being verified on the target
+                (lost,) = [t for t in targets if t.address == pinned(running.state.targets)]
+                await lost.stop(0)
+                stopped = True
+        assert stopped and tokens == expected
+        assert count("splitspec:worker_failovers_total", {"kind": "target"}) >= 1
+    finally:
+        await running.stop(0)
+        await draft.stop(0)
+        for target in targets:
+            await target.stop(0)
