@@ -22,7 +22,6 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-
 def next_logits(model, token_ids: list[int]) -> torch.Tensor:
     """Logits after every position: [len(token_ids), vocab]."""
     return model(torch.tensor([token_ids])).logits[0]

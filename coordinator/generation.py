@@ -38,6 +38,7 @@ from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Endpoint, WorkerPool
 from coordinator.request import GenerationRequest
 from coordinator.workers import DraftSession, VerifySession
+from splitspec.branches import matching_branch
 from splitspec.errors import DeadlineExceeded, SplitspecError, Unavailable
 from splitspec.v1 import coordinator_pb2, draft_pb2
 
@@ -474,12 +475,12 @@ class Generation:
                 self._close_draft()
                 self._open_draft()
             return None
-        held = next((index for index, branch in enumerate(ahead.branches)
-                     if branch.num_accepted == verdict.num_accepted and branch.token_id == verdict.token_id), None)
-        self.backend.metrics.overlap.labels("missed" if held is None else "chained" if verdict.chained else "held").inc()
+        held = matching_branch(ahead.branches, verdict)
+        outcome = "missed" if held is None else "chained" if verdict.chained else "held"
+        self.backend.metrics.overlap.labels(outcome).inc()
         if verdict.chained and held is None:
-            raise SplitspecError(f"the target chained a round after verdict ({verdict.num_accepted}, {verdict.token_id}), "
-                           "which no branch was drafted for")
+            raise SplitspecError(f"the target chained a round after verdict ({verdict.num_accepted}, "
+                                 f"{verdict.token_id}), which no branch was drafted for")
         if held is None or (self.session is None and not verdict.chained):
             return None
         if self.session is not None:

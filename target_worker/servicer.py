@@ -15,6 +15,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from splitspec.branches import matching_branch
 from splitspec.convert import sampling_from_proto
 from splitspec.errors import InvalidArgument
 from splitspec.paged.stats import worker_stats
@@ -166,18 +167,17 @@ def _matching_branch(request: target_pb2.VerifyRequest, response: target_pb2.Ver
     plan = plans.pop(request.num_tokens, None) if request.num_tokens else None
     for stale in [n for n in plans if n < request.num_tokens]:
         del plans[stale]
-    if plan is None or response.preempted:
+    held = matching_branch(plan.branches, response) if plan is not None and not response.preempted else None
+    if held is None:
         return None
-    for branch in plan.branches:
-        if branch.num_accepted == response.num_accepted and branch.token_id == response.token_id:
-            if branch.next.branches:
-                raise InvalidArgument("branches.next.branches", "a branch's round cannot carry a plan of its own")
-            expected = request.num_tokens + response.num_accepted + 1
-            if branch.next.num_tokens not in (0, expected):
-                raise InvalidArgument("branches.next.num_tokens",
-                                      f"{branch.next.num_tokens} after this verdict; the sequence has {expected}")
-            chained = target_pb2.VerifyRequest()
-            chained.CopyFrom(branch.next)
-            chained.seq_id, chained.num_tokens = request.seq_id, expected
-            return chained
-    return None
+    following = plan.branches[held].next
+    if following.branches:
+        raise InvalidArgument("branches.next.branches", "a branch's round cannot carry a plan of its own")
+    expected = request.num_tokens + response.num_accepted + 1
+    if following.num_tokens not in (0, expected):
+        raise InvalidArgument("branches.next.num_tokens",
+                              f"{following.num_tokens} after this verdict; the sequence has {expected}")
+    chained = target_pb2.VerifyRequest()
+    chained.CopyFrom(following)
+    chained.seq_id, chained.num_tokens = request.seq_id, expected
+    return chained
