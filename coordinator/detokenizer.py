@@ -1,61 +1,75 @@
 """Incremental detokenization with stop strings.
 
-Text is decoded with a few prompt tokens as context (so leading spaces of SentencePiece pieces
-survive) and held back while it ends in an incomplete UTF-8 sequence. Fast (Rust) tokenizers
-decode through `tokenizers`' own DecodeStream, one call per token (about 4x cheaper); others
-decode the context window twice per token. Text that could still grow into a stop string is
+The streamed text always equals `tokenizer.decode` of the generated ids (decoded after a few
+prompt tokens, so leading spaces of SentencePiece pieces survive), invalid UTF-8 included: it
+decodes as U+FFFD, as `decode` does, and never fails a request. Each token decodes a short
+window twice (the text before it and the text with it, as vLLM and TGI do) and adds the
+difference. Text is held back while it could still change:
+- while it ends in U+FFFD (an incomplete UTF-8 sequence that later bytes may complete);
+- while the last token (special tokens aside: decode skips them) is a byte-fallback token
+  (`<0xNN>`): `decode` turns a whole run of byte tokens into U+FFFD when any part of it is
+  invalid, so even a valid byte ("B") may still become U+FFFD once the next byte arrives.
+`finish` releases what is held at the end. Text that could still grow into a stop string is
 withheld from the stream; a matched stop string is never emitted.
 """
 
 from __future__ import annotations
 
+import os.path
+import re
 from typing import Any, Sequence
 
-from tokenizers.decoders import DecodeStream
-
 _CONTEXT_TOKENS = 5
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_REPLACEMENT = "\ufffd"
 
 
 class TextStream:
     def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
         self._tokenizer = tokenizer
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust tokenizer: no Python overhead
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
+        self._special_ids = frozenset(getattr(tokenizer, "all_special_ids", ()))  # skipped by decode
         self._stop = tuple(stop)
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
         self.text = ""
         self._emitted = 0
         self.stopped = False
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._stream: DecodeStream | None = None
-        if self._backend is not None:
-            self._stream = DecodeStream(skip_special_tokens=True)
-            for context_id in self._ids:  # context only: its text is not ours
-                self._stream.step(self._backend, context_id)
 
     def _decode(self, ids: Sequence[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
         return self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _next_piece(self, token_id: int) -> str | None:
-        """The text `token_id` completes, or None while it ends in an incomplete character."""
-        if self._stream is not None:
-            return self._stream.step(self._backend, token_id)
-        self._ids.append(token_id)
+    def _in_byte_run(self) -> bool:
+        """Whether the last token decode does not skip is a byte-fallback token."""
+        last = next((t for t in reversed(self._ids) if t not in self._special_ids), None)
+        return last is not None and self._is_byte_token(last)
+
+    def _is_byte_token(self, token_id: int) -> bool:
+        if self._backend is not None:
+            piece = self._backend.id_to_token(token_id)
+        else:
+            piece = self._tokenizer.convert_ids_to_tokens(token_id)
+        return piece is not None and _BYTE_TOKEN.fullmatch(piece) is not None
+
+    def _take_window(self, final: bool) -> str | None:
+        """The text the tokens after the read offset add, or None while it may still change."""
+        if not final and self._in_byte_run():
+            return None
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])
         full = self._decode(self._ids[self._prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if not final and (len(full) <= len(prefix) or full.endswith(_REPLACEMENT)):
             return None
+        common = len(prefix) if full.startswith(prefix) else len(os.path.commonprefix([prefix, full]))
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full[len(prefix) :]
+        return full[common:]
 
-    def add(self, token_id: int) -> bool:
-        """Append one token; returns True when a stop string has been completed."""
-        if self.stopped:
-            return True
-        piece = self._next_piece(token_id)
-        if not piece:
-            return False
+    def _extend(self, piece: str | None) -> bool:
+        if not piece or self.stopped:
+            return self.stopped
         search_from = max(0, len(self.text) - self._holdback)
         self.text += piece
         hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
@@ -64,8 +78,24 @@ class TextStream:
             self.stopped = True
         return self.stopped
 
+    def add(self, token_id: int) -> bool:
+        """Append one token; returns True when a stop string has been completed."""
+        if self.stopped:
+            return True
+        self._ids.append(token_id)
+        return self._extend(self._take_window(final=False))
+
+    def finish(self) -> bool:
+        """Release the text held back for tokens that may have changed it; returns `stopped`."""
+        if self.stopped or self._read_offset == len(self._ids):
+            return self.stopped
+        return self._extend(self._take_window(final=True))
+
     def delta(self, final: bool) -> str:
-        """Text not yet emitted; holds back a possible stop-string prefix unless `final`."""
+        """Text not yet emitted; holds back a possible stop-string prefix unless `final` (which
+        first releases everything held, see `finish`)."""
+        if final:
+            self.finish()
         end = len(self.text) if final or self.stopped else max(self._emitted, len(self.text) - self._holdback)
         chunk = self.text[self._emitted : end]
         self._emitted = end

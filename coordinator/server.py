@@ -17,7 +17,7 @@ from coordinator.request import Limits
 from coordinator.servicer import CoordinatorServicer
 from coordinator.workers import DraftClient, TargetClient, wait_until_serving
 from splitspec.errors import IncompatibleModels, InvalidArgument
-from splitspec.models import load_tokenizer, tokenizer_fingerprint
+from splitspec.models import first_token_difference, load_tokenizer, tokenizer_fingerprint
 from splitspec.sampling import check_confidence
 from splitspec.security import TokenInterceptor
 from splitspec.service import RunningServer, ServerSecurity, registration, serve_until_signal, start_server
@@ -61,14 +61,26 @@ class CoordinatorConfig:
         return [self.draft] if isinstance(self.draft, str) else list(self.draft)
 
 
-def check_compatible(target: common_pb2.ModelInfo, draft: common_pb2.ModelInfo) -> None:
-    """Refuse a pair whose distributions are not over the same tokens."""
+def check_compatible(target: common_pb2.ModelInfo, draft: common_pb2.ModelInfo, difference: str | None = None) -> None:
+    """Refuse a pair whose distributions are not over the same tokens. Both vocab sizes already
+    exclude embedding rows past the tokenizer's vocabulary (see splitspec.models.vocabulary_size),
+    so a padded pair over one tokenizer passes."""
     if target.vocab_size != draft.vocab_size or target.tokenizer_fingerprint != draft.tokenizer_fingerprint:
         raise IncompatibleModels(
             f"draft {draft.model} (vocab_size {draft.vocab_size}, tokenizer {draft.tokenizer_fingerprint}) does not "
-            f"match target {target.model} (vocab_size {target.vocab_size}, tokenizer {target.tokenizer_fingerprint}); "
-            "speculative decoding needs one shared vocabulary"
+            f"match target {target.model} (vocab_size {target.vocab_size}, tokenizer {target.tokenizer_fingerprint})"
+            + (f"; first differing token: {difference}" if difference else "")
+            + "; speculative decoding needs one shared tokenizer"
         )
+
+
+async def _tokenizer_difference(target_tokenizer: Any, draft: common_pb2.ModelInfo) -> str | None:
+    """The first token where the draft's tokenizer differs, when this host can load it."""
+    try:
+        draft_tokenizer = await asyncio.to_thread(load_tokenizer, draft.model)
+    except Exception:  # noqa: BLE001 - the draft's model may live only on its own host
+        return None
+    return first_token_difference(target_tokenizer, draft_tokenizer)
 
 
 def _same_vocabulary(reference: common_pb2.ModelInfo) -> Callable[[common_pb2.ModelInfo], None]:
@@ -90,6 +102,13 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
     first_target = await targets.wait_for_one(config.connect_timeout)
     target_info = first_target.info or await first_target.client.info()
     targets.check_info = _same_vocabulary(target_info)
+    tokenizer_name = config.tokenizer or target_info.model
+    tokenizer = await asyncio.to_thread(load_tokenizer, tokenizer_name)
+    if tokenizer_fingerprint(tokenizer) != target_info.tokenizer_fingerprint:
+        raise IncompatibleModels(
+            f"tokenizer {tokenizer_name} ({tokenizer_fingerprint(tokenizer)}) does not match the target's "
+            f"({target_info.tokenizer_fingerprint})"
+        )
     drafts, draft_info, max_k = None, None, config.max_k
     if config.drafts:
         drafts = WorkerPool("draft", config.drafts, partial(DraftClient, tls=config.tls),
@@ -102,17 +121,13 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
             draft_info = await probe.info()
         finally:
             await probe.close()
-        check_compatible(target_info, draft_info)
+        difference = None
+        if draft_info.tokenizer_fingerprint != target_info.tokenizer_fingerprint:
+            difference = await _tokenizer_difference(tokenizer, draft_info)
+        check_compatible(target_info, draft_info, difference)
         drafts.check_info = _same_vocabulary(target_info)
         await drafts.start()
         max_k = min(max_k, draft_info.max_k)
-    tokenizer_name = config.tokenizer or target_info.model
-    tokenizer = await asyncio.to_thread(load_tokenizer, tokenizer_name)
-    if tokenizer_fingerprint(tokenizer) != target_info.tokenizer_fingerprint:
-        raise IncompatibleModels(
-            f"tokenizer {tokenizer_name} ({tokenizer_fingerprint(tokenizer)}) does not match the target's "
-            f"({target_info.tokenizer_fingerprint})"
-        )
     metrics = CoordinatorMetrics()
     backend = Backend(
         targets=targets,

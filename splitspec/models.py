@@ -105,6 +105,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def first_token_difference(first: Any, second: Any) -> str | None:
+    """Where two tokenizers' vocabularies first disagree ("id 7: 'a' vs 'b'"), or None."""
+    ids_first = {i: token for token, i in first.get_vocab().items()}
+    ids_second = {i: token for token, i in second.get_vocab().items()}
+    for token_id in sorted(ids_first.keys() | ids_second.keys()):
+        a, b = ids_first.get(token_id), ids_second.get(token_id)
+        if a != b:
+            return f"id {token_id}: {a!r} vs {b!r}"
+    return None
+
+
 def load_tokenizer(name: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -129,6 +140,27 @@ def _eos_ids(config: Any, generation_config: Any, tokenizer: Any) -> tuple[int, 
     if tokenizer.eos_token_id is not None:
         ids.append(tokenizer.eos_token_id)
     return tuple(dict.fromkeys(int(i) for i in ids))
+
+
+def vocabulary_size(tokenizer: Any, rows: int) -> int:
+    """The ids a model serves: those its tokenizer defines and its LM head scores. Embedding rows
+    past the tokenizer's vocabulary (padding to a multiple, as Qwen2.5 7B has 152064 rows for 151665
+    tokens) are no tokens: they get probability 0, so two models with one tokenizer share a support."""
+    return min(len(tokenizer), rows)
+
+
+def drop_padded_rows(model: Any, vocab_size: int) -> None:
+    """Keep the first `vocab_size` rows of the LM head (a view: a tied embedding is not copied),
+    so every forward pass scores exactly the served ids."""
+    head = model.get_output_embeddings()
+    rows = head.weight.shape[0]
+    if rows == vocab_size:
+        return
+    head.weight = torch.nn.Parameter(head.weight[:vocab_size], requires_grad=False)
+    if getattr(head, "bias", None) is not None:
+        head.bias = torch.nn.Parameter(head.bias[:vocab_size], requires_grad=False)
+    head.out_features = vocab_size
+    log.info("lm head padding dropped", extra={"rows": rows, "vocab": vocab_size})
 
 
 def _source(name: str, need_weights: bool) -> str:
@@ -182,7 +214,8 @@ def load_vocabulary(name: str, max_model_len: int | None = None) -> LoadedModel:
         generation_config = None
     tokenizer = load_tokenizer(source)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return _loaded(name, None, text_config, generation_config, tokenizer, int(text_config.vocab_size),
+    vocab_size = vocabulary_size(tokenizer, int(text_config.vocab_size))
+    return _loaded(name, None, text_config, generation_config, tokenizer, vocab_size,
                    torch.device("cpu"), torch.float32, max_model_len)
 
 
@@ -201,7 +234,8 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", max_model_l
         raise ModelLoadError(f"cannot load model {name}: {exc}") from exc
     model.to(torch_device).eval()
     tokenizer = load_tokenizer(source)
-    vocab_size = int(model.get_output_embeddings().weight.shape[0])
+    vocab_size = vocabulary_size(tokenizer, int(model.get_output_embeddings().weight.shape[0]))
+    drop_padded_rows(model, vocab_size)
     loaded = _loaded(name, model, model.config, getattr(model, "generation_config", None), tokenizer, vocab_size,
                      torch_device, torch_dtype, max_model_len)
     log.info(

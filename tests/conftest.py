@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitspec.models import LoadedModel, load_model
-from tests.support import real_model_dir, save_tiny_llama
+from tests.support import byte_level_bpe_tokenizer, real_model_dir, save_padded_copy, save_tiny_llama
 
 torch.set_num_threads(1)
 
@@ -17,10 +17,11 @@ torch.set_num_threads(1)
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """target; draft_same (identical weights); draft_noisy (perturbed); draft_close (slightly
     perturbed: agrees with the target often, not always); draft_other (independent);
-    draft_short (perturbed, 40-position context); draft_wide (a different vocabulary size)."""
+    draft_short (perturbed, 40-position context); draft_wide (another tokenizer: byte-level BPE,
+    300 rows); target_padded (the target with 320 embedding rows for the 259 tokens)."""
     root = tmp_path_factory.mktemp("tiny")
     target = save_tiny_llama(root / "target", seed=0)
-    return {
+    dirs = {
         "target": target,
         "draft_same": save_tiny_llama(root / "draft_same", seed=1, base=target),
         "draft_noisy": save_tiny_llama(root / "draft_noisy", seed=2, base=target, noise=0.35),
@@ -28,7 +29,10 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "draft_other": save_tiny_llama(root / "draft_other", seed=3),
         "draft_short": save_tiny_llama(root / "draft_short", seed=4, base=target, noise=0.35, max_positions=40),
         "draft_wide": save_tiny_llama(root / "draft_wide", seed=5, vocab_size=300),
+        "target_padded": save_padded_copy(target, root / "target_padded", rows=320),
     }
+    byte_level_bpe_tokenizer().save_pretrained(dirs["draft_wide"])
+    return dirs
 
 
 @pytest.fixture(scope="session")

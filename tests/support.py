@@ -39,6 +39,93 @@ def save_byte_tokenizer(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
+_TOKENIZER_CORPUS = [
+    "Once upon a time there was a little girl named Lily.", "She liked to play in the park with her dog.",
+    "Tom and Lily went to the park and saw a big red ball.", "héllo wörld ✓ naïve café", "One day, a cat ran.",
+]
+
+
+def sentencepiece_tokenizer(vocab_size: int = 200) -> "PreTrainedTokenizerFast":  # noqa: F821
+    """A Llama/SentencePiece-style tokenizer: BPE over '▁'-joined words with byte fallback
+    (`<0x00>`..`<0xFF>` after <unk>, <s>, </s>), decoded as Llama's tokenizer.json decodes."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>"]
+    normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    trained = Tokenizer(models.BPE(unk_token="<unk>"))
+    trained.normalizer = normalizer
+    trained.train_from_iterator(_TOKENIZER_CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, show_progress=False))
+    vocab = {token: i for i, token in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token, _ in sorted(trained.get_vocab().items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) for m in json.loads(trained.to_str())["model"]["merges"]]
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizer
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def byte_level_bpe_tokenizer(vocab_size: int = 400) -> "PreTrainedTokenizerFast":  # noqa: F821
+    """A GPT-2-style byte-level BPE trained on a small corpus: merged tokens may hold part of a
+    multi-byte character."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(_TOKENIZER_CORPUS * 4, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>")
+
+
+SLIDING_WINDOW = 12  # tiny families with a sliding window use this one: tests run far past it
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             initializer_range=0.08, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+_SLIDING = dict(sliding_window=SLIDING_WINDOW, layer_types=["sliding_attention", "full_attention"])
+FAMILIES: dict[str, tuple[str, dict]] = {  # family -> (transformers config class, what it sets beyond _TINY)
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=SLIDING_WINDOW, max_window_layers=0)),
+    "qwen3": ("Qwen3Config", dict(head_dim=16)),
+    "mistral": ("MistralConfig", dict(sliding_window=SLIDING_WINDOW)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, attn_logit_softcapping=1.0,
+                                    final_logit_softcapping=3.0, **_SLIDING)),
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, **_SLIDING)),
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.3,
+                                      logits_scaling=2.0)),
+    "olmo2": ("Olmo2Config", {}),
+}
+
+
+def save_tiny_model(directory: Path, family: str, seed: int, base: Path | None = None, noise: float = 0.0,
+                    rows: int = BYTE_VOCAB, max_positions: int = 160) -> Path:
+    """A random model of `family` (see FAMILIES) over the byte tokenizer, with `rows` embedding
+    rows; with `base`, a copy of that model's weights plus Gaussian noise."""
+    import transformers
+
+    class_name, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, class_name)(vocab_size=rows, max_position_embeddings=max_positions,
+                                               **{**_TINY, **extra})
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    if base is not None:
+        model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(base).state_dict())
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(noise * parameter.std() * torch.randn_like(parameter))
+    model.save_pretrained(directory)
+    save_byte_tokenizer(directory)
+    return directory
+
+
 def save_tiny_llama(
     directory: Path,
     seed: int,
@@ -66,6 +153,24 @@ def save_tiny_llama(
                 parameter.add_(noise * parameter.std() * torch.randn_like(parameter))
     model.save_pretrained(directory)
     save_byte_tokenizer(directory)
+    return directory
+
+
+def save_padded_copy(source: Path, directory: Path, rows: int, seed: int = 0) -> Path:
+    """`source` with its embedding and LM head padded to `rows` rows, as Qwen2.5's larger sizes are.
+    The padded head rows score far above every real token, so a server that lets them through
+    emits them (greedy) or samples them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source)
+    real_rows = model.get_output_embeddings().weight.shape[0]
+    model.resize_token_embeddings(rows, mean_resizing=False)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        head = model.get_output_embeddings().weight
+        head[real_rows:] = 50 * head[:real_rows].std() * torch.randn(rows - real_rows, head.shape[1])
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(source).save_pretrained(directory)
     return directory
 
 

@@ -4,13 +4,17 @@ The model keeps its own projections, RoPE and MLPs; only the attention step chan
 tokens' K/V are written into the pool at their slots, and each sequence's queries attend to the
 keys its block table points at (causally, by absolute position). A batch packs many sequences'
 new tokens into one row of T tokens; each may have a different length and context.
-Without paged metadata the function is plain SDPA, so the same model object still runs
-`generate` (used by tests as the dense reference).
+Each layer's own attention settings are honoured: a sliding window (Mistral, Qwen2/3 with
+`use_sliding_window`, Gemma2/3's local layers) masks keys more than `sliding_window - 1`
+positions before the query, as transformers' `sliding_window_overlay` does (the pool still keeps
+them); a logit soft-cap (Gemma2) runs the attention as Gemma2's eager attention computes it.
+Without paged metadata the function is plain SDPA (eager math where there is a soft-cap), so the
+same model object still runs `generate` (used by tests as the dense reference).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,6 +36,19 @@ class PagedMetadata:
     packed_index: torch.Tensor | None = None  # [T] index into the flattened [B * max_q] queries
     mask: torch.Tensor | None = None          # [B, 1, max_q, max_context] key position <= query position;
                                               # None for one sequence with one new token
+    query_positions: torch.Tensor | None = None  # [B, max_q] absolute position of each query
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # sliding window -> its mask
+
+    def mask_for(self, sliding_window: int | None) -> torch.Tensor | None:
+        """The causal mask, narrowed to `sliding_window` keys per query where that excludes any."""
+        if not sliding_window or self.max_context <= sliding_window:
+            return self.mask
+        if sliding_window not in self.window_masks:
+            assert self.query_positions is not None
+            keys = torch.arange(self.max_context, device=self.query_positions.device).view(1, 1, -1)
+            queries = self.query_positions.unsqueeze(-1)  # [B, max_q, 1]
+            self.window_masks[sliding_window] = ((keys <= queries) & (keys > queries - sliding_window)).unsqueeze(1)
+        return self.window_masks[sliding_window]
 
 
 def _context(cache: torch.Tensor, paged: PagedMetadata) -> torch.Tensor:
@@ -43,6 +60,41 @@ def _context(cache: torch.Tensor, paged: PagedMetadata) -> torch.Tensor:
     assert paged.block_tables is not None
     batch = paged.block_tables.shape[0]
     return cache[paged.block_tables].reshape(batch, -1, kv_heads, head_dim)[:, : paged.max_context]
+
+
+def attend(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+           scale: float | None, softcap: float | None) -> torch.Tensor:
+    """queries: [B, heads, Q, D]; keys/values: [B, kv_heads, K, D]; mask: bool [B, 1, Q, K] or None
+    -> [B, heads, Q, D]. SDPA, or with `softcap` the eager math of Gemma2 (scores soft-capped by
+    tanh before the mask and an fp32 softmax)."""
+    if softcap is None:
+        return scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    groups = queries.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(queries, keys.transpose(2, 3)) * (queries.shape[-1] ** -0.5 if scale is None else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(queries.dtype)
+    return torch.matmul(weights, values)
+
+
+def _dense(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           attention_mask: torch.Tensor | None, scaling: float | None, dropout: float, **kwargs: Any) -> tuple:
+    """No paged metadata (a plain `generate`): SDPA as transformers runs it, eager math with a soft-cap."""
+    softcap = kwargs.pop("softcap", None)
+    if softcap is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    if attention_mask is None:  # causal, new queries at the end of the keys
+        q_len, k_len = query.shape[2], key.shape[2]
+        positions = torch.arange(k_len - q_len, k_len, device=query.device).view(-1, 1)
+        attention_mask = (torch.arange(k_len, device=query.device).view(1, -1) <= positions).view(1, 1, q_len, k_len)
+    elif attention_mask.dtype != torch.bool:
+        attention_mask = attention_mask == 0
+    return attend(query, key, value, attention_mask, scaling, softcap).transpose(1, 2), None
 
 
 def paged_attention(
@@ -58,10 +110,7 @@ def paged_attention(
 ) -> tuple[torch.Tensor, None]:
     """query: [1, heads, T, head_dim]; key/value: [1, kv_heads, T, head_dim] -> [1, T, heads, head_dim]"""
     if paged is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return _dense(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     layer = module.layer_idx
     k_cache, v_cache = paged.pool.keys[layer], paged.pool.values[layer]
     _, _, kv_heads, head_dim = k_cache.shape
@@ -75,13 +124,13 @@ def paged_attention(
         packed_queries = query[0].transpose(0, 1)  # [T, heads, head_dim]
         padded = torch.cat([packed_queries, packed_queries.new_zeros(1, *packed_queries.shape[1:])])
         queries = padded[paged.query_index].transpose(1, 2)  # [B, heads, max_q, head_dim]
-    out = scaled_dot_product_attention(
+    out = attend(
         queries,
         keys.transpose(1, 2).to(queries.dtype),
         values.transpose(1, 2).to(queries.dtype),
-        attn_mask=paged.mask,
-        scale=scaling,
-        enable_gqa=True,
+        paged.mask_for(kwargs.get("sliding_window")),
+        scaling,
+        kwargs.get("softcap"),
     )  # [B, heads, max_q, head_dim]
     if paged.packed_index is None:
         return out.transpose(1, 2), None

@@ -59,6 +59,7 @@ class PagedRunner:
             metadata.block_tables = torch.tensor(
                 [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
                 dtype=torch.long, device=device)
+        metadata.query_positions = query_positions.to(device)
         if max_q > 1 or len(chunks) > 1:  # one sequence's single new token sees all its keys: no mask
             mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
             metadata.mask = mask.unsqueeze(1).to(device)
@@ -83,7 +84,7 @@ class PagedRunner:
         """Index maps between the packed row [T] and the padded batch [B, max_q]; returns the
         padded query positions [B, max_q] (positions: each sequence's new token positions)."""
         query_index = torch.full((len(positions), max_q), total, dtype=torch.long)
-        query_positions = torch.zeros((len(positions), max_q), dtype=torch.long)
+        query_positions = torch.zeros((len(positions), max_q), dtype=torch.long)  # padding rows: position 0
         packed_index = torch.empty(total, dtype=torch.long)
         offset = 0
         for b, sequence_positions in enumerate(positions):

@@ -110,6 +110,7 @@ async def test_incompatible_pair_is_refused_at_startup(tiny):
         message = str(info.value)
         assert "vocab_size 300" in message and "vocab_size 259" in message
         assert tiny["draft_wide"].fingerprint in message and tiny["target"].fingerprint in message
+        assert "first differing token: id 0: '<unk>' vs '<|endoftext|>'" in message
     finally:
         await draft.stop(0)
         await target.stop(0)

@@ -66,6 +66,46 @@ def pvalue(samples: list[int], marginal: dict[int, float]) -> float:
     return float(chisquare(observed, expected).pvalue)
 
 
+async def sample_many(target, draft, k: int, max_tokens: int, overlap: bool = False,
+                      params: SamplingParams = PARAMS) -> tuple[list[dict], float]:
+    """N seeded requests through a whole stack; returns the results and how many overlap branches held."""
+    stack = await start_stack(target, draft, k=k, overlap=overlap, overlap_width=2)
+    try:
+        async def one(seed: int) -> dict:
+            return await collect(stack.stub, coordinator_pb2.GenerateRequest(
+                prompt=PROMPT, max_tokens=max_tokens, k=k, seed=seed, ignore_eos=True, temperature=params.temperature,
+                top_k=params.top_k, repetition_penalty=params.repetition_penalty))
+
+        results = []
+        batch = 1 if overlap else 50  # overlap speculates only for a request alone on its draft
+        for start in range(0, N, batch):
+            results += await asyncio.gather(*(one(seed) for seed in range(start, min(N, start + batch))))
+        held = stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
+                                                           {"outcome": "held"}) or 0
+    finally:
+        await stack.stop()
+    return results, held
+
+
+def assert_follows(results: list[dict], reference, positions: tuple[int, ...], check_acceptance: bool = True,
+                   params: SamplingParams = PARAMS) -> dict[int, dict[int, float]]:
+    """Tokens at `positions` came from speculative rounds and follow the exact marginals of
+    `reference` (.model, .vocab_size, .tokenizer); returns those marginals."""
+    origins = [r["origins"] for r in results]
+    assert all(o[0] == coordinator_pb2.TOKEN_ORIGIN_TARGET for o in origins)
+    speculative = {coordinator_pb2.TOKEN_ORIGIN_ACCEPTED, coordinator_pb2.TOKEN_ORIGIN_RECOVERED,
+                   coordinator_pb2.TOKEN_ORIGIN_BONUS}
+    assert all(o[1] in speculative for o in origins)
+    if check_acceptance:
+        accepted = sum(o[1] == coordinator_pb2.TOKEN_ORIGIN_ACCEPTED for o in origins)
+        assert 0.05 * N < accepted < 0.95 * N, "the test needs both accepted and rejected draft tokens"
+    exact = exact_marginals(reference, reference.tokenizer(PROMPT).input_ids, depth=max(positions) + 1, params=params)
+    for position in positions:
+        samples = [r["token_ids"][position] for r in results]
+        assert pvalue(samples, exact[position]) > 1e-3, f"token {position + 1}"
+    return exact
+
+
 @pytest.mark.parametrize("overlap,draft_name,k,max_tokens,positions",
                          [(False, "draft_noisy", 2, 4, (1, 2)), (True, "draft_close", 1, 5, (1, 2, 3))],
                          ids=["plain", "overlap"])
@@ -76,39 +116,13 @@ async def test_speculative_tokens_follow_the_target_distribution(tiny, overlap, 
     sampled verdict is the one it assumed; using one whose assumption failed would draw the next
     tokens from the wrong context and distort their marginals."""
     target, draft = tiny["target"], tiny[draft_name]
-    prompt = target.tokenizer(PROMPT).input_ids
-    stack = await start_stack(target, draft, k=k, overlap=overlap, overlap_width=2)
-    try:
-        async def one(seed: int) -> dict:
-            return await collect(stack.stub, coordinator_pb2.GenerateRequest(
-                prompt=PROMPT, max_tokens=max_tokens, k=k, seed=seed, ignore_eos=True, temperature=PARAMS.temperature,
-                top_k=PARAMS.top_k, repetition_penalty=PARAMS.repetition_penalty))
-
-        results = []
-        batch = 1 if overlap else 50  # overlap speculates only for a request alone on its draft
-        for start in range(0, N, batch):
-            results += await asyncio.gather(*(one(seed) for seed in range(start, min(N, start + batch))))
-        held = stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
-                                                           {"outcome": "held"}) or 0
-    finally:
-        await stack.stop()
-    origins = [r["origins"] for r in results]
-    assert all(o[0] == coordinator_pb2.TOKEN_ORIGIN_TARGET for o in origins)
-    speculative = {coordinator_pb2.TOKEN_ORIGIN_ACCEPTED, coordinator_pb2.TOKEN_ORIGIN_RECOVERED,
-                   coordinator_pb2.TOKEN_ORIGIN_BONUS}
-    assert all(o[1] in speculative for o in origins)
+    results, held = await sample_many(target, draft, k, max_tokens, overlap)
     if overlap:
         assert 0.2 * N < held < 0.9 * N, f"{held} speculative rounds held: the test needs both outcomes"
-    else:
-        accepted = sum(o[1] == coordinator_pb2.TOKEN_ORIGIN_ACCEPTED for o in origins)
-        assert 0.05 * N < accepted < 0.95 * N, "the test needs both accepted and rejected draft tokens"
-
-    exact = exact_marginals(target, prompt, depth=max(positions) + 1)
-    for position in positions:
-        samples = [r["token_ids"][position] for r in results]
-        assert pvalue(samples, exact[position]) > 1e-3, f"token {position + 1}"
+    exact = assert_follows(results, target, positions, check_acceptance=not overlap)
 
     # Power: the noisy draft's own marginal for token 2 is rejected decisively at this N.
+    prompt = target.tokenizer(PROMPT).input_ids
     draft_exact = exact_marginals(tiny["draft_noisy"], prompt, depth=2)[1]
     draft_like = np.random.default_rng(0).choice(
         list(draft_exact), size=N, p=np.array(list(draft_exact.values())) / sum(draft_exact.values()))
