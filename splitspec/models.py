@@ -163,7 +163,8 @@ def drop_padded_rows(model: Any, vocab_size: int) -> None:
     log.info("lm head padding dropped", extra={"rows": rows, "vocab": vocab_size})
 
 
-def _source(name: str, need_weights: bool) -> str:
+def model_source(name: str, need_weights: bool) -> str:
+    """A checked local directory, or `name` as a hub id."""
     path = Path(name).expanduser()
     if path.exists() or name.startswith((".", "/", "~")):
         check_model_dir(path, need_weights)
@@ -203,7 +204,7 @@ def load_vocabulary(name: str, max_model_len: int | None = None) -> LoadedModel:
     needs to serve the target's vocabulary, context and fingerprint."""
     from transformers import AutoConfig, GenerationConfig
 
-    source = _source(name, need_weights=False)
+    source = model_source(name, need_weights=False)
     try:
         config = AutoConfig.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
@@ -225,7 +226,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", max_model_l
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    source = _source(name, need_weights=True)
+    source = model_source(name, need_weights=True)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     try:

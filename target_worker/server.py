@@ -28,6 +28,7 @@ from target_worker.tensor_parallel import (
     TensorParallelGroup,
     TensorParallelRunner,
     check_devices,
+    check_shardable_checkpoint,
     free_address,
     init_group,
     load_shard,
@@ -96,6 +97,7 @@ async def serve_tensor_parallel(config: TargetConfig) -> None:
     """Rank 0: launch ranks 1..N-1, join the group, shard, serve; stop everything if a rank dies."""
     size = config.tensor_parallel_size
     check_devices(config.device, size)
+    check_shardable_checkpoint(config.model, size)
     device = rank_device(config.device, 0)
     loaded = load_shard(config.model, device, config.dtype, config.max_model_len, 0, size)
     num_blocks = plan_num_blocks(loaded, config.cache, size)

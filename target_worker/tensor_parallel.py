@@ -52,6 +52,61 @@ def check_divisible(config: Any, size: int) -> None:
                               f"{size} must divide intermediate_size ({config.intermediate_size})")
 
 
+_ATTENTION_COLUMNS = ("q_proj", "k_proj", "v_proj")
+_MLP_COLUMNS = ("gate_proj", "up_proj")
+_PROJECTION_NORMS = ("q_norm", "k_norm")
+
+
+def _parameterised_children(module: Any) -> dict[str, Any]:
+    return {name: child for name, child in module.named_children() if any(True for _ in child.parameters())}
+
+
+def _unshardable(model: Any) -> str | None:
+    """Why `model` cannot be sharded here, or None."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return "it has no model.layers"
+    known_attention = {*_ATTENTION_COLUMNS, "qkv_proj", "o_proj", *_PROJECTION_NORMS}
+    known_mlp = {*_MLP_COLUMNS, "gate_up_proj", "down_proj"}
+    for index, layer in enumerate(layers):
+        attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        if attention is None or mlp is None:
+            return f"layer {index} has no self_attn or no mlp"
+        for part, known in ((attention, known_attention), (mlp, known_mlp)):
+            for name, child in _parameterised_children(part).items():
+                if name not in known:
+                    return f"layer {index}'s {type(part).__name__} has {name} ({type(child).__name__})"
+        if not (all(hasattr(attention, n) for n in _ATTENTION_COLUMNS) or hasattr(attention, "qkv_proj")):
+            return f"layer {index}'s attention has neither q_proj/k_proj/v_proj nor qkv_proj"
+        if not (all(hasattr(mlp, n) for n in _MLP_COLUMNS) or hasattr(mlp, "gate_up_proj")):
+            return f"layer {index}'s mlp has neither gate_proj/up_proj nor gate_up_proj"
+        for name in _PROJECTION_NORMS:
+            norm = getattr(attention, name, None)
+            if norm is not None and norm.weight.numel() != attention.head_dim and not hasattr(norm, "variance_epsilon"):
+                return f"layer {index}'s {name} ({type(norm).__name__}) spans the heads with an unknown formula"
+    return None
+
+
+def check_shardable(model: Any, size: int) -> None:
+    """Refuse, naming the architecture, a model `shard_model` cannot split `size` ways."""
+    check_divisible(model.config, size)
+    reason = _unshardable(model)
+    if reason:
+        architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+        raise InvalidArgument("--tensor-parallel-size", f"{architecture} cannot be sharded: {reason}")
+
+
+def check_shardable_checkpoint(model: str, size: int) -> None:
+    """`check_shardable` on the checkpoint's architecture built on the meta device: no weights read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from splitspec.models import model_source
+
+    config = AutoConfig.from_pretrained(model_source(model, need_weights=False))
+    with torch.device("meta"):
+        check_shardable(AutoModelForCausalLM.from_config(config), size)
+
+
 def check_devices(device: str, size: int) -> None:
     if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
         available = torch.cuda.device_count()
@@ -59,8 +114,48 @@ def check_devices(device: str, size: int) -> None:
             raise InvalidArgument("--tensor-parallel-size", f"{size} ranks need {size} CUDA devices; {available} visible")
 
 
-def _rows(weight: torch.Tensor, rank: int, size: int) -> torch.Tensor:
-    return weight.chunk(size, dim=0)[rank].clone()
+def _rows(weight: torch.Tensor, rank: int, size: int, parts: list[int] | None = None) -> torch.Tensor:
+    """This rank's rows of each of a fused weight's `parts` (row counts; default: one part)."""
+    pieces = weight.split(parts) if parts else (weight,)
+    return torch.cat([piece.chunk(size, dim=0)[rank] for piece in pieces]).clone()
+
+
+def _keep_rows(linear: Any, rank: int, size: int, parts: list[int] | None = None) -> None:
+    linear.weight = torch.nn.Parameter(_rows(linear.weight, rank, size, parts), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = torch.nn.Parameter(_rows(linear.bias, rank, size, parts), requires_grad=False)
+
+
+class _RankConfig:
+    """The model config as one rank's attention reads it: its share of the heads (Phi3 slices its
+    fused QKV output by config.num_attention_heads); everything else reads through, live."""
+
+    def __init__(self, config: Any, size: int) -> None:
+        self._config = config
+        self.num_attention_heads = config.num_attention_heads // size
+        self.num_key_value_heads = (getattr(config, "num_key_value_heads", None) or config.num_attention_heads) // size
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+class ShardedRMSNorm(torch.nn.Module):
+    """An RMSNorm (weight * x / rms(x)) over a projection split across ranks: each rank holds its
+    slice of the weight and the mean square is all-reduced over the whole projection."""
+
+    def __init__(self, norm: Any, rank: int, size: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(_rows(norm.weight, rank, size), requires_grad=False)
+        self.variance_epsilon = norm.variance_epsilon
+        self.width = norm.weight.numel()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        square_sum = hidden_states.pow(2).sum(-1, keepdim=True)
+        dist.all_reduce(square_sum)
+        hidden_states = hidden_states * torch.rsqrt(square_sum / self.width + self.variance_epsilon)
+        return (self.weight * hidden_states).to(dtype)
 
 
 def _all_reduce_output(module: Any, inputs: Any, output: torch.Tensor) -> torch.Tensor:
@@ -80,12 +175,30 @@ def _gather_vocab(vocab_size: int) -> Any:
 @torch.no_grad()
 def shard_model(model: Any, rank: int, size: int) -> None:
     """Keep this rank's slice of every parallel weight and install the collectives."""
+    check_shardable(model, size)
+    config = model.config
     for layer in model.model.layers:
         attention, mlp = layer.self_attn, layer.mlp
-        for linear in (attention.q_proj, attention.k_proj, attention.v_proj, mlp.gate_proj, mlp.up_proj):
-            linear.weight = torch.nn.Parameter(_rows(linear.weight, rank, size), requires_grad=False)
-            if linear.bias is not None:
-                linear.bias = torch.nn.Parameter(_rows(linear.bias, rank, size), requires_grad=False)
+        if hasattr(attention, "qkv_proj"):
+            q_rows = config.num_attention_heads * attention.head_dim
+            kv_rows = (attention.qkv_proj.weight.shape[0] - q_rows) // 2
+            _keep_rows(attention.qkv_proj, rank, size, [q_rows, kv_rows, kv_rows])
+        else:
+            for name in _ATTENTION_COLUMNS:
+                _keep_rows(getattr(attention, name), rank, size)
+        if hasattr(mlp, "gate_up_proj"):
+            half = mlp.gate_up_proj.weight.shape[0] // 2
+            _keep_rows(mlp.gate_up_proj, rank, size, [half, half])
+        else:
+            for name in _MLP_COLUMNS:
+                _keep_rows(getattr(mlp, name), rank, size)
+        for name in _PROJECTION_NORMS:
+            norm = getattr(attention, name, None)
+            if norm is not None and norm.weight.numel() != attention.head_dim:
+                setattr(attention, name, ShardedRMSNorm(norm, rank, size))
+        attention.config = _RankConfig(config, size)
+        if hasattr(attention, "num_key_value_heads"):
+            attention.num_key_value_heads = attention.config.num_key_value_heads
         for linear in (attention.o_proj, mlp.down_proj):
             linear.weight = torch.nn.Parameter(linear.weight.chunk(size, dim=1)[rank].clone(), requires_grad=False)
             if linear.bias is not None and rank:
@@ -107,7 +220,6 @@ def load_shard(model: str, device: str, dtype: str, max_model_len: int | None, r
     target = resolve_device(device)
     dtype_name = str(resolve_dtype(dtype, target)).removeprefix("torch.")  # "auto" means what it means on `target`
     loaded = load_model(model, "cpu", dtype_name, max_model_len)
-    check_divisible(loaded.model.config, size)
     shard_model(loaded.model, rank, size)
     loaded.model.to(target)
     loaded.device = target

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitspec.models import LoadedModel, load_model
-from tests.support import byte_level_bpe_tokenizer, real_model_dir, save_padded_copy, save_tiny_llama
+from tests.support import FAMILIES, byte_level_bpe_tokenizer, real_model_dir, save_padded_copy, save_tiny_llama, save_tiny_model
 
 torch.set_num_threads(1)
 
@@ -47,3 +47,14 @@ def real() -> dict[str, LoadedModel]:
         "target": load_model(str(root / "tinystories-260k"), device="cpu", dtype="float32"),
         "draft": load_model(str(root / "tinystories-xs"), device="cpu", dtype="float32"),
     }
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    """family -> (target, draft): the draft is the target's weights plus noise."""
+    root = tmp_path_factory.mktemp("families")
+    dirs = {}
+    for family in FAMILIES:
+        target = save_tiny_model(root / family, family, seed=0)
+        dirs[family] = (target, save_tiny_model(root / f"{family}-draft", family, seed=1, base=target, noise=0.2))
+    return dirs

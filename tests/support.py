@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-def sentencepiece_tokenizer(vocab_size: int = 200) -> "PreTrainedTokenizerFast":  # noqa: F821
+def sentencepiece_tokenizer(vocab_size: int = 200) -> Any:
     """A Llama/SentencePiece-style tokenizer: BPE over '▁'-joined words with byte fallback
     (`<0x00>`..`<0xFF>` after <unk>, <s>, </s>), decoded as Llama's tokenizer.json decodes."""
     import json
@@ -71,7 +72,7 @@ def sentencepiece_tokenizer(vocab_size: int = 200) -> "PreTrainedTokenizerFast":
     return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def byte_level_bpe_tokenizer(vocab_size: int = 400) -> "PreTrainedTokenizerFast":  # noqa: F821
+def byte_level_bpe_tokenizer(vocab_size: int = 400) -> Any:
     """A GPT-2-style byte-level BPE trained on a small corpus: merged tokens may hold part of a
     multi-byte character."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -124,6 +125,18 @@ def save_tiny_model(directory: Path, family: str, seed: int, base: Path | None =
     model.save_pretrained(directory)
     save_byte_tokenizer(directory)
     return directory
+
+
+def eager_generate(directory: Path, prompt_ids: list[int], max_new_tokens: int, **overrides) -> list[int]:
+    """Greedy tokens of `transformers` itself, eager attention (config `overrides` applied)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", **overrides)
+    model.generation_config.eos_token_id = None  # what is unset in a GenerationConfig falls back to it
+    with torch.inference_mode():
+        out = model.eval().generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
 
 
 def save_tiny_llama(

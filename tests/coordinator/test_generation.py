@@ -29,6 +29,9 @@ class LetterTokenizer:
     def decode(self, ids: list[int], **_: object) -> str:
         return "".join(chr(97 + t % 26) for t in ids)
 
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return self.decode([token_id])
+
 
 @dataclass
 class FakeVerifier:

@@ -6,40 +6,15 @@ low enough to change the output)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import torch
-import transformers
 
 from splitspec.models import load_model
 from splitspec.v1 import coordinator_pb2
-from tests.support import FAMILIES, SLIDING_WINDOW, collect, save_tiny_model, start_stack
+from tests.support import FAMILIES, SLIDING_WINDOW, collect, eager_generate, start_stack
 
 PROMPTS = ("hello world", "The quick brown fox")
 MAX_TOKENS = 3 * SLIDING_WINDOW
 SLIDING = ("qwen2", "mistral", "gemma2", "gemma3")
-
-
-@pytest.fixture(scope="session")
-def family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
-    """family -> (target, draft): the draft is the target's weights plus noise."""
-    root = tmp_path_factory.mktemp("families")
-    dirs = {}
-    for family in FAMILIES:
-        target = save_tiny_model(root / family, family, seed=0)
-        dirs[family] = (target, save_tiny_model(root / f"{family}-draft", family, seed=1, base=target, noise=0.2))
-    return dirs
-
-
-def eager_generate(directory: Path, prompt_ids: list[int], max_new_tokens: int, **overrides) -> list[int]:
-    """Greedy tokens of `transformers` itself, eager attention (config `overrides` applied)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", **overrides)
-    model.generation_config.eos_token_id = None  # what is unset in a GenerationConfig falls back to it
-    with torch.inference_mode():
-        out = model.eval().generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                    pad_token_id=0)
-    return out[0, len(prompt_ids):].tolist()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
