@@ -112,6 +112,8 @@ class ChoiceStream:
         for token in response.token_ids:
             self.pieces.add(token)
             pieces.append(self.pieces.delta(final=False))
+        if response.finish_reason and pieces:
+            pieces[-1] += self.pieces.delta(final=True)  # text held back for the last tokens
         if response.token_ids and self.first_token_at is None:
             self.first_token_at = time.perf_counter()
             self.metrics.ttft.observe(self.first_token_at - self.started)

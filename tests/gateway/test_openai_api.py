@@ -57,7 +57,7 @@ async def test_streamed_completion_matches_and_reports_usage(web):
     stream = await client(url).completions.create(model=MODEL, prompt="stream me", max_tokens=25, temperature=0,
                                                   stream=True, stream_options={"include_usage": True},
                                                   extra_body={"ignore_eos": True})
-    text, finish, usage, token_ids, origins = "", None, None, [], []
+    text, finish, usage, token_ids, origins, pieces = "", None, None, [], [], []
     async for chunk in stream:
         if chunk.usage:
             usage = chunk.usage
@@ -66,7 +66,9 @@ async def test_streamed_completion_matches_and_reports_usage(web):
             finish = choice.finish_reason or finish
             token_ids += choice.model_extra["splitspec"]["token_ids"]
             origins += choice.model_extra["splitspec"]["origins"]
+            pieces += choice.model_extra["splitspec"]["pieces"]
     assert text == expected["text"] and finish == "length"
+    assert "".join(pieces) == text and len(pieces) == len(token_ids)
     assert token_ids == expected["token_ids"]
     assert set(origins) <= {"target", "accepted", "recovered", "bonus"} and "accepted" in origins
     assert usage.completion_tokens == 25 == len(token_ids)
