@@ -107,15 +107,16 @@ FAMILIES: dict[str, tuple[str, dict]] = {  # family -> (transformers config clas
 
 
 def save_tiny_model(directory: Path, family: str, seed: int, base: Path | None = None, noise: float = 0.0,
-                    rows: int = BYTE_VOCAB, max_positions: int = 160) -> Path:
+                    rows: int = BYTE_VOCAB, max_positions: int = 160, **config: Any) -> Path:
     """A random model of `family` (see FAMILIES) over the byte tokenizer, with `rows` embedding
-    rows; with `base`, a copy of that model's weights plus Gaussian noise."""
+    rows and `config` over the family's settings; with `base`, a copy of that model's weights plus
+    Gaussian noise."""
     import transformers
 
     class_name, extra = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, class_name)(vocab_size=rows, max_position_embeddings=max_positions,
-                                               **{**_TINY, **extra})
+                                               **{**_TINY, **extra, **config})
     model = transformers.AutoModelForCausalLM.from_config(config)
     if base is not None:
         model.load_state_dict(transformers.AutoModelForCausalLM.from_pretrained(base).state_dict())
@@ -150,23 +151,8 @@ def save_tiny_llama(
     kv_heads: int = 2,
 ) -> Path:
     """A random Llama; with `base`, a copy of that model's weights plus Gaussian noise."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-        initializer_range=0.08, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
-    )
-    model = LlamaForCausalLM(config)
-    if base is not None:
-        model.load_state_dict(LlamaForCausalLM.from_pretrained(base).state_dict())
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.add_(noise * parameter.std() * torch.randn_like(parameter))
-    model.save_pretrained(directory)
-    save_byte_tokenizer(directory)
-    return directory
+    return save_tiny_model(directory, "llama", seed, base, noise, vocab_size, max_positions,
+                           num_attention_heads=heads, num_key_value_heads=kv_heads)
 
 
 def save_padded_copy(source: Path, directory: Path, rows: int, seed: int = 0) -> Path:

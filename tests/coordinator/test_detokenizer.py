@@ -43,7 +43,7 @@ class SlowTokenizer:
 _BUILT: dict[str, object] = {}
 
 
-def built(kind: str, real=None):
+def built(kind: str):
     if kind not in _BUILT:
         _BUILT[kind] = {"sentencepiece": sentencepiece_tokenizer, "byte-level": byte_level_bpe_tokenizer}[kind]()
     return _BUILT[kind]
@@ -84,13 +84,17 @@ def token_ids(tokenizer):
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+def draw_case(tokenizer, data) -> tuple[list[int], list[int]]:
+    """A prompt's ids and random generated ids."""
+    return tokenizer(data.draw(st.sampled_from(PROMPTS))).input_ids, data.draw(token_ids(tokenizer))
+
+
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte-level"])
 @PROPERTY
 @given(data=st.data())
 def test_streamed_text_equals_one_shot_decode_for_any_tokens(kind, data):
     tokenizer = built(kind)
-    prompt_ids = tokenizer(data.draw(st.sampled_from(PROMPTS))).input_ids
-    ids = data.draw(token_ids(tokenizer))
+    prompt_ids, ids = draw_case(tokenizer, data)
     stream = TextStream(tokenizer, prompt_ids)
     assert "".join(feed(stream, ids)) == stream.text == one_shot(tokenizer, prompt_ids, ids)
 
@@ -100,8 +104,7 @@ def test_streamed_text_equals_one_shot_decode_for_any_tokens(kind, data):
 @given(data=st.data())
 def test_stop_strings_cut_at_their_first_match_across_tokens(kind, data):
     tokenizer = built(kind)
-    prompt_ids = tokenizer(data.draw(st.sampled_from(PROMPTS))).input_ids
-    ids = data.draw(token_ids(tokenizer))
+    prompt_ids, ids = draw_case(tokenizer, data)
     expected = one_shot(tokenizer, prompt_ids, ids)
     if not expected:
         return
@@ -133,8 +136,7 @@ def test_invalid_utf8_from_byte_fallback_becomes_replacement_characters(real):
 @given(data=st.data())
 def test_tinystories_tokenizer_streams_any_tokens_like_decode(real, data):
     tokenizer = real["target"].tokenizer
-    prompt_ids = tokenizer(data.draw(st.sampled_from(PROMPTS))).input_ids
-    ids = data.draw(token_ids(tokenizer))
+    prompt_ids, ids = draw_case(tokenizer, data)
     assert "".join(feed(TextStream(tokenizer, prompt_ids), ids)) == one_shot(tokenizer, prompt_ids, ids)
 
 
