@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from splitspec.errors import InvalidArgument, Unavailable
+from splitspec.errors import InvalidArgument, ModelLoadError, Unavailable
 from splitspec.paged.runner import Chunk, PagedRunner
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,8 @@ def _unshardable(model: Any) -> str | None:
             return f"layer {index}'s attention has neither q_proj/k_proj/v_proj nor qkv_proj"
         if not (all(hasattr(mlp, n) for n in _MLP_COLUMNS) or hasattr(mlp, "gate_up_proj")):
             return f"layer {index}'s mlp has neither gate_proj/up_proj nor gate_up_proj"
+        if not (hasattr(attention, "o_proj") and hasattr(mlp, "down_proj")):
+            return f"layer {index} has no o_proj or no down_proj"
         for name in _PROJECTION_NORMS:
             norm = getattr(attention, name, None)
             if norm is not None and norm.weight.numel() != attention.head_dim and not hasattr(norm, "variance_epsilon"):
@@ -102,7 +104,10 @@ def check_shardable_checkpoint(model: str, size: int) -> None:
 
     from splitspec.models import model_source
 
-    config = AutoConfig.from_pretrained(model_source(model, need_weights=False))
+    try:
+        config = AutoConfig.from_pretrained(model_source(model, need_weights=False))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"cannot load the config of {model}: {exc}") from exc
     with torch.device("meta"):
         check_shardable(AutoModelForCausalLM.from_config(config), size)
 

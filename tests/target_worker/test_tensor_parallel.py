@@ -5,6 +5,8 @@ unshardable architectures are refused with the numbers or the name."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -124,7 +126,8 @@ def _greedy_rank(rank: int, size: int, address: str, model_dirs: list[str], out:
             tokens.append(token)
     if rank == 0:
         torch.save(generated, out)
-    torch.distributed.destroy_process_group()
+    torch.distributed.barrier()
+    os._exit(0)  # no Gloo teardown: a rank tearing down while its peer still does aborted 1 run in ~15
 
 
 def test_tp2_greedy_tokens_of_every_family_match_transformers(family_dirs, tmp_path):
