@@ -63,9 +63,8 @@ class TextStream:
         full = self._decode(self._ids[self._prefix_offset :])
         if not final and (len(full) <= len(prefix) or full.endswith(_REPLACEMENT)):
             return None
-        common = len(prefix) if full.startswith(prefix) else len(os.path.commonprefix([prefix, full]))
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
-        return full[common:]
+        return full[len(os.path.commonprefix([prefix, full])):]  # the prefix itself, unless decode rewrote it
 
     def _extend(self, piece: str | None) -> bool:
         if not piece or self.stopped:

@@ -61,6 +61,11 @@ def _parameterised_children(module: Any) -> dict[str, Any]:
     return {name: child for name, child in module.named_children() if any(True for _ in child.parameters())}
 
 
+def _spans_heads(norm: Any, attention: Any) -> bool:
+    """A q/k norm over the whole projection (Olmo2), not over one head (Qwen3, Gemma3)."""
+    return norm.weight.numel() != attention.head_dim
+
+
 def _unshardable(model: Any) -> str | None:
     """Why `model` cannot be sharded here, or None."""
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -84,7 +89,7 @@ def _unshardable(model: Any) -> str | None:
             return f"layer {index} has no o_proj or no down_proj"
         for name in _PROJECTION_NORMS:
             norm = getattr(attention, name, None)
-            if norm is not None and norm.weight.numel() != attention.head_dim and not hasattr(norm, "variance_epsilon"):
+            if norm is not None and _spans_heads(norm, attention) and not hasattr(norm, "variance_epsilon"):
                 return f"layer {index}'s {name} ({type(norm).__name__}) spans the heads with an unknown formula"
     return None
 
@@ -199,7 +204,7 @@ def shard_model(model: Any, rank: int, size: int) -> None:
                 _keep_rows(getattr(mlp, name), rank, size)
         for name in _PROJECTION_NORMS:
             norm = getattr(attention, name, None)
-            if norm is not None and norm.weight.numel() != attention.head_dim:
+            if norm is not None and _spans_heads(norm, attention):
                 setattr(attention, name, ShardedRMSNorm(norm, rank, size))
         attention.config = _RankConfig(config, size)
         if hasattr(attention, "num_key_value_heads"):
