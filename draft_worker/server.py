@@ -15,6 +15,7 @@ from splitspec.config import WorkerConfig
 from splitspec.errors import InvalidArgument
 from splitspec.layerskip import skip_layers
 from splitspec.models import LoadedModel, load_model, load_vocabulary
+from splitspec.paged.compiled import export_compiles
 from splitspec.paged.cache import CacheConfig, build_paged_cache
 from splitspec.service import (
     RunningServer,
@@ -47,9 +48,11 @@ async def start_draft(
     tls: Any = None,
     reflection: bool = False,
     model_nice: int = 0,
+    compile: bool = False,
 ) -> RunningServer:
-    """Serve an already loaded draft model (a separate model, or the target with layers skipped)."""
-    blocks, runner = build_paged_cache(loaded, cache or CacheConfig())
+    """Serve an already loaded draft model (a separate model, or the target with layers skipped);
+    `compile`: its forward runs through torch.compile, compiled before the server starts."""
+    blocks, runner = build_paged_cache(loaded, cache or CacheConfig(), compile=compile)
     engine = DraftEngine(loaded, blocks, runner, max_k=max_k)
     return await serve_engine(engine, loaded.vocab_size, port, host, watchdog_seconds, tls, reflection, model_nice)
 
@@ -68,6 +71,8 @@ async def start_ngram_draft(
 async def serve_engine(engine: DraftEngine | NgramEngine, vocab_size: int, port: int, host: str,
                        watchdog_seconds: float, tls: Any, reflection: bool, model_nice: int = 0) -> RunningServer:
     metrics = DraftMetrics()
+    runner = getattr(engine, "runner", None)
+    export_compiles(metrics.registry, lambda: runner.compiles if runner is not None else 0)
     return await start_stepped_server(
         engine, lambda steps: DraftServicer(engine, metrics, steps), draft_pb2_grpc.add_DraftWorkerServicer_to_server,
         draft_pb2.DESCRIPTOR.services_by_name["DraftWorker"], metrics.registry, port, host, "draft-model",
@@ -94,6 +99,7 @@ async def serve_draft(config: DraftConfig) -> None:
             skip_layers(loaded.model, config.skip_layers)
             loaded.name = f"{config.model} skipping layers {','.join(map(str, config.skip_layers))}"
         running = await start_draft(loaded, config.port, config.host, config.max_k, config.cache,
-                                    config.watchdog_seconds, config.tls, config.reflection, config.model_nice)
+                                    config.watchdog_seconds, config.tls, config.reflection, config.model_nice,
+                                    compile=not config.enforce_eager)
     log.info("draft worker serving", extra={"port": running.port, "model": config.model, "method": config.method})
     await serve_until_signal(running, config.grace, config.metrics_port)

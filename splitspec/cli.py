@@ -28,7 +28,9 @@ def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: the cores it may use)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run the model eagerly: no torch.compile (which takes a minute or more at start)")
     parser.add_argument("--max-model-len", type=int, default=None, help="cap the context below the model's")
     parser.add_argument("--cpu-cores", default=None, help="pin the worker to these cores, e.g. 1 or 2-7")
     parser.add_argument("--model-nice", type=int, default=10, metavar="N",
@@ -214,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--threads", type=int, default=None)
+    up.add_argument("--enforce-eager", action="store_true", help="passed to the workers: no torch.compile")
     up.add_argument("--tensor-parallel-size", type=int, default=1, help="passed to the target worker")
     up.add_argument("--http-port", type=int, default=8000, help="the gateway's port (0: no gateway)")
     up.add_argument("--targets", type=int, default=1, help="target worker replicas (a local pool)")
@@ -294,15 +297,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
+    """`threads` torch threads; by default one per core this process may run on (after --cpu-cores:
+    torch would otherwise count every core of the machine and oversubscribe the pinned ones)."""
+    import torch
 
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
 
 
 def _worker_fields(args: argparse.Namespace) -> dict[str, Any]:
     names = ("model", "port", "host", "device", "dtype", "max_model_len", "metrics_port", "grace", "watchdog_seconds",
-             "reflection", "model_nice")
+             "reflection", "model_nice", "enforce_eager")
     if not 0 <= args.model_nice <= 19:
         raise ValueError(f"--model-nice must be between 0 and 19, got {args.model_nice}")
     return {**{name: getattr(args, name) for name in names}, "tls": _tls(args)}
@@ -401,6 +405,8 @@ def _up(args: argparse.Namespace) -> int:
     common = ["--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1", "--log-level", args.log_level]
     if args.threads:
         common += ["--threads", str(args.threads)]
+    if args.enforce_eager:
+        common.append("--enforce-eager")
     if args.targets < 1 or args.drafts < 0:
         raise ValueError("--targets must be >= 1 and --drafts >= 0")
     # Workers size their KV pools from the same free memory: give each a share of it.

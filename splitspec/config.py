@@ -20,3 +20,4 @@ class WorkerConfig:
     tls: Any = None          # splitspec.security.TLSConfig
     reflection: bool = False
     model_nice: int = 0      # --model-nice: the model thread's priority below the I/O threads
+    enforce_eager: bool = False  # --enforce-eager: no torch.compile of the forward

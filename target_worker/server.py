@@ -11,6 +11,7 @@ from typing import Any
 from splitspec.config import WorkerConfig
 from splitspec.errors import InvalidArgument, Unavailable
 from splitspec.models import LoadedModel, load_model
+from splitspec.paged.compiled import export_compiles
 from splitspec.paged.cache import CacheConfig, build_paged_cache, plan_num_blocks
 from splitspec.service import (
     RunningServer,
@@ -59,8 +60,11 @@ async def start_target(
     tls: Any = None,
     reflection: bool = False,
     model_nice: int = 0,
+    compile: bool = False,
 ) -> RunningServer:
-    """Serve an already loaded model (used by the CLI and by in-process tests)."""
+    """Serve an already loaded model (used by the CLI and by in-process tests). `compile`: the
+    forward runs through torch.compile, compiled before the server starts (not with tensor
+    parallelism, whose ranks run eagerly)."""
     cache = cache or CacheConfig()
     max_batch_tokens = max_batch_tokens or max(4096, loaded.max_model_len)
     if max_batch_tokens < loaded.max_model_len:
@@ -69,10 +73,11 @@ async def start_target(
     if tensor_parallel_size > 1:
         blocks, runner = build_paged_cache(loaded, cache, tensor_parallel_size, TensorParallelRunner)
     else:
-        blocks, runner = build_paged_cache(loaded, cache)
+        blocks, runner = build_paged_cache(loaded, cache, compile=compile)
     engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
                           max_batch_tokens=max_batch_tokens, batching=batching)
     metrics = TargetMetrics()
+    export_compiles(metrics.registry, lambda: runner.compiles)
     return await start_stepped_server(
         engine, lambda steps: TargetServicer(engine, metrics, steps), target_pb2_grpc.add_TargetWorkerServicer_to_server,
         target_pb2.DESCRIPTOR.services_by_name["TargetWorker"], metrics.registry, port, host, "target-model",
@@ -88,7 +93,8 @@ async def serve_target(config: TargetConfig) -> None:
     loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
                                  config.batching, watchdog_seconds=config.watchdog_seconds, tls=config.tls,
-                                 reflection=config.reflection, model_nice=config.model_nice)
+                                 reflection=config.reflection, model_nice=config.model_nice,
+                                 compile=not config.enforce_eager)
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)
 

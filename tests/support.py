@@ -216,14 +216,18 @@ async def start_stack(
     overlap: bool = False,
     overlap_width: int = 3,
     ngram: tuple[int, int] | None = None,
+    compile: bool = False,
 ) -> Stack:
     """Real servers on free loopback ports, in this process. `ngram=(min, max)`: the draft worker
-    is n-gram lookup over the target's vocabulary instead of `draft`."""
-    target_server = await start_target(target, cache=target_cache or CacheConfig(num_blocks=512), batching=batching)
+    is n-gram lookup over the target's vocabulary instead of `draft`; `compile`: both workers run
+    their forward through torch.compile (a few graphs each, compiled before they serve)."""
+    target_server = await start_target(target, cache=target_cache or CacheConfig(num_blocks=512), batching=batching,
+                                       compile=compile)
     if ngram is not None:
         draft_server = await start_ngram_draft(target, max_k=max_k, ngram_min=ngram[0], ngram_max=ngram[1])
     else:
-        draft_server = (await start_draft(draft, max_k=max_k, cache=draft_cache or CacheConfig(num_blocks=512))
+        draft_server = (await start_draft(draft, max_k=max_k, cache=draft_cache or CacheConfig(num_blocks=512),
+                                          compile=compile)
                         if draft is not None else None)
     coordinator = await start_coordinator(
         CoordinatorConfig(
@@ -278,8 +282,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_up(*args: str, timeout: float = 180):
-    """`splitspec up ARGS` in its own session; returns (process, coordinator address) once healthy."""
+def launch_up(*args: str, timeout: float = 180, compile: bool = False):
+    """`splitspec up ARGS` in its own session; returns (process, coordinator address) once healthy.
+    Eager unless `compile` (tests that are not about compiling skip its start-up minute)."""
     import select
     import subprocess
     import sys
@@ -288,6 +293,8 @@ def launch_up(*args: str, timeout: float = 180):
     port = free_port()
     if "--http-port" not in args:
         args = (*args, "--http-port", "0")  # no gateway unless the test asks for one
+    if not compile:
+        args = (*args, "--enforce-eager")
     process = subprocess.Popen([sys.executable, "-m", "splitspec.cli", "up", "--port", str(port), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, line = time.monotonic() + timeout, ""
@@ -336,7 +343,7 @@ def spawn_worker(kind: str, model_dir, port: int | None = None, *extra: str, tim
     port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "splitspec.cli", kind, "--model", str(model_dir), "--port", str(port),
-         "--host", "127.0.0.1", "--threads", "1", "--log-level", "warning", *extra],
+         "--host", "127.0.0.1", "--threads", "1", "--log-level", "warning", "--enforce-eager", *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

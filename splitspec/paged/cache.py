@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from splitspec.errors import InvalidArgument
@@ -55,12 +56,19 @@ def plan_num_blocks(loaded: LoadedModel, config: CacheConfig, shards: int = 1) -
 
 
 def build_paged_cache(
-    loaded: LoadedModel, config: CacheConfig, shards: int = 1, runner_class: type[PagedRunner] = PagedRunner
+    loaded: LoadedModel, config: CacheConfig, shards: int = 1, runner_class: type[PagedRunner] = PagedRunner,
+    compile: bool = False,
 ) -> tuple[BlockManager, PagedRunner]:
-    """`shards` > 1: this rank's pool holds only its share of the KV heads (tensor parallelism)."""
+    """`shards` > 1: this rank's pool holds only its share of the KV heads (tensor parallelism);
+    `compile`: the runner's forward goes through torch.compile."""
     num_blocks = plan_num_blocks(loaded, config, shards)
     pool = KVPool(loaded.model.config, num_blocks, config.block_size, loaded.dtype, loaded.device, shards)
     log.info("kv cache allocated", extra={"num_blocks": num_blocks, "block_size": config.block_size,
                                           "bytes": num_blocks * bytes_per_block(loaded.model.config, config.block_size,
                                                                                 loaded.dtype)})
-    return BlockManager(num_blocks, config.block_size), runner_class(loaded.model, pool)
+    runner = runner_class(loaded.model, pool, compile)
+    if compile:
+        started = time.perf_counter()
+        runner.warm_up()
+        log.info("forward compiled", extra={"graphs": runner.compiles, "seconds": round(time.perf_counter() - started, 1)})
+    return BlockManager(num_blocks, config.block_size), runner

@@ -3,12 +3,14 @@ new tokens (prefill chunks, verification windows, draft steps) together."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from splitspec.paged.attention import PagedMetadata, use_paged_attention
+from splitspec.paged.compiled import CompiledForward
 from splitspec.paged.kv_pool import KVPool
 
 
@@ -24,11 +26,29 @@ class Chunk:
 
 
 class PagedRunner:
-    def __init__(self, model: Any, pool: KVPool) -> None:
+    def __init__(self, model: Any, pool: KVPool, compile: bool = False) -> None:
+        """`compile`: run the forward through torch.compile (`CompiledForward`); else eagerly."""
         self.model = model
         self.pool = pool
         self.device = next(model.parameters()).device
         use_paged_attention(model)
+        self.compiled = CompiledForward(model, self.device) if compile else None
+
+    @property
+    def compiles(self) -> int:
+        """Graphs compiled so far (0 when eager)."""
+        return self.compiled.compiles if self.compiled is not None else 0
+
+    def warm_up(self) -> None:
+        """Compile before serving (no request waits for it): the one-token graph and the padded
+        batch graph. Writes K/V into the first blocks, which no sequence holds yet."""
+        if self.compiled is None:
+            return
+        size = self.pool.block_size
+        self.forward([Chunk(token_ids=[0], start=size, slots=[size], block_table=[0, 1], num_logits=1)])
+        self.forward([Chunk(token_ids=[0, 0], start=0, slots=[0, 1], block_table=[0, 1], num_logits=2),
+                      Chunk(token_ids=[0, 0, 0], start=0, slots=[size, size + 1, size + 2], block_table=[1, 0],
+                            num_logits=1)])
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write of whole blocks (src, dst) before they are written."""
@@ -39,28 +59,37 @@ class PagedRunner:
         """Returns, per chunk, logits [num_logits, vocab] (float32, on the CPU)."""
         device, lengths = self.device, [len(c.token_ids) for c in chunks]
         total, max_q = sum(lengths), max(lengths)
-        max_context = max(c.start + length for c, length in zip(chunks, lengths))
+        compiled = self.compiled is not None
+        max_blocks = max(max(len(c.block_table) for c in chunks), 2 if compiled else 1)
+        # Compiled, every key of the gathered blocks is a column of the mask (no slice whose size
+        # could equal the blocks' and split the graph), and a batch of two or more tokens takes the
+        # general layout with no dimension of size 1 (padding rows), so that one dynamic graph
+        # serves all of them; one token of one sequence is the other graph.
+        max_context = (max_blocks * self.pool.block_size if compiled
+                       else max(c.start + length for c, length in zip(chunks, lengths)))
         positions = [torch.arange(c.start, c.start + length) for c, length in zip(chunks, lengths)]
         metadata = PagedMetadata(
             pool=self.pool,
             slot_mapping=torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long, device=device),
             max_context=max_context,
         )
-        if len(chunks) == 1:  # one sequence: its queries are the packed row as they are
+        padded = compiled and total > 1
+        rows, width = (max(len(chunks), 2), max(max_q, 2)) if padded else (len(chunks), max_q)
+        if len(chunks) == 1 and not padded:  # one sequence: its queries are the packed row as they are
             table = chunks[0].block_table
-            if table == list(range(table[0], table[0] + len(table))):
+            if table == list(range(table[0], table[0] + len(table))) and not compiled:
                 metadata.block_range = (table[0], len(table))  # consecutive blocks: a view, no gather
             else:
-                metadata.block_tables = torch.tensor([table], dtype=torch.long, device=device)
+                metadata.block_tables = torch.tensor([table + [0] * (max_blocks - len(table))], dtype=torch.long,
+                                                     device=device)
             query_positions = positions[0].view(1, -1)
         else:
-            query_positions = self._pack(metadata, positions, total, max_q)
-            max_blocks = max(len(c.block_table) for c in chunks)
-            metadata.block_tables = torch.tensor(
-                [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks],
-                dtype=torch.long, device=device)
+            query_positions = self._pack(metadata, positions, total, rows, width)
+            tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+            tables += [[0] * max_blocks] * (rows - len(chunks))
+            metadata.block_tables = torch.tensor(tables, dtype=torch.long, device=device)
         metadata.query_positions = query_positions.to(device)
-        if max_q > 1 or len(chunks) > 1:  # one sequence's single new token sees all its keys: no mask
+        if width > 1 or rows > 1 or compiled:  # eager, one token of one sequence sees all its keys: no mask
             mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
             metadata.mask = mask.unsqueeze(1).to(device)
         logit_rows: list[int] = []
@@ -68,30 +97,51 @@ class PagedRunner:
         for chunk, length in zip(chunks, lengths):
             logit_rows.extend(range(offset + length - chunk.num_logits, offset + length))
             offset += length
+        wanted = len(logit_rows)
+        if padded and wanted == 1:
+            logit_rows.append(logit_rows[0])
         input_ids = torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long, device=device)
-        out = self.model(
+        position_ids = torch.cat(positions).unsqueeze(0).to(device)  # packed order
+        logits_to_keep = torch.tensor(logit_rows, dtype=torch.long, device=device)
+        if self.compiled is None:
+            forward = self.model
+        else:
+            forward = functools.partial(self.compiled, dynamic_dims=self._dynamic_dims(
+                metadata, input_ids, position_ids, logits_to_keep) if padded else
+                ((metadata.block_tables, (1,)), (metadata.mask, (3,))))
+        out = forward(
             input_ids=input_ids,
-            position_ids=torch.cat(positions).unsqueeze(0).to(device),  # packed order
+            position_ids=position_ids,
             attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),  # unused: no dense mask built
             use_cache=False,
             paged=metadata,
-            logits_to_keep=torch.tensor(logit_rows, dtype=torch.long, device=device),
+            logits_to_keep=logits_to_keep,
         )
-        logits = out.logits[0].float().cpu()
+        logits = out.logits[0, :wanted].float().cpu()
         return list(torch.split(logits, [c.num_logits for c in chunks]))
 
-    def _pack(self, metadata: PagedMetadata, positions: list[torch.Tensor], total: int, max_q: int) -> torch.Tensor:
-        """Index maps between the packed row [T] and the padded batch [B, max_q]; returns the
-        padded query positions [B, max_q] (positions: each sequence's new token positions)."""
-        query_index = torch.full((len(positions), max_q), total, dtype=torch.long)
-        query_positions = torch.zeros((len(positions), max_q), dtype=torch.long)  # padding rows: position 0
+    @staticmethod
+    def _dynamic_dims(metadata: PagedMetadata, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                      logits_to_keep: torch.Tensor) -> tuple[tuple[torch.Tensor, tuple[int, ...]], ...]:
+        """Every size of a padded batch that varies between steps (none is 1)."""
+        return ((input_ids, (1,)), (position_ids, (1,)), (logits_to_keep, (0,)), (metadata.slot_mapping, (0,)),
+                (metadata.packed_index, (0,)), (metadata.block_tables, (0, 1)), (metadata.query_index, (0, 1)),
+                (metadata.query_positions, (0, 1)), (metadata.mask, (0, 2, 3)))
+
+    def _pack(self, metadata: PagedMetadata, positions: list[torch.Tensor], total: int, rows: int,
+              width: int) -> torch.Tensor:
+        """Index maps between the packed row [T] and the padded batch [rows, width]; returns the
+        padded query positions [rows, width] (positions: each sequence's new token positions;
+        padding rows and columns: position 0, query the zero row T)."""
+        query_index = torch.full((rows, width), total, dtype=torch.long)
+        query_positions = torch.zeros((rows, width), dtype=torch.long)
         packed_index = torch.empty(total, dtype=torch.long)
         offset = 0
         for b, sequence_positions in enumerate(positions):
             length = len(sequence_positions)
             query_index[b, :length] = torch.arange(offset, offset + length)
             query_positions[b, :length] = sequence_positions
-            packed_index[offset : offset + length] = torch.arange(b * max_q, b * max_q + length)
+            packed_index[offset : offset + length] = torch.arange(b * width, b * width + length)
             offset += length
         metadata.query_index = query_index.to(self.device)
         metadata.packed_index = packed_index.to(self.device)

@@ -67,9 +67,9 @@ def pvalue(samples: list[int], marginal: dict[int, float]) -> float:
 
 
 async def sample_many(target, draft, k: int, max_tokens: int, overlap: bool = False,
-                      params: SamplingParams = PARAMS) -> tuple[list[dict], float]:
+                      params: SamplingParams = PARAMS, compile: bool = False) -> tuple[list[dict], float]:
     """N seeded requests through a whole stack; returns the results and how many overlap branches held."""
-    stack = await start_stack(target, draft, k=k, overlap=overlap, overlap_width=2)
+    stack = await start_stack(target, draft, k=k, overlap=overlap, overlap_width=2, compile=compile)
     try:
         async def one(seed: int) -> dict:
             return await collect(stack.stub, coordinator_pb2.GenerateRequest(
@@ -106,17 +106,19 @@ def assert_follows(results: list[dict], reference, positions: tuple[int, ...], c
     return exact
 
 
-@pytest.mark.parametrize("overlap,draft_name,k,max_tokens,positions",
-                         [(False, "draft_noisy", 2, 4, (1, 2)), (True, "draft_close", 1, 5, (1, 2, 3))],
-                         ids=["plain", "overlap"])
-async def test_speculative_tokens_follow_the_target_distribution(tiny, overlap, draft_name, k, max_tokens, positions):
+@pytest.mark.parametrize("overlap,draft_name,k,max_tokens,positions,compile",
+                         [(False, "draft_noisy", 2, 4, (1, 2), False), (True, "draft_close", 1, 5, (1, 2, 3), False),
+                          (False, "draft_noisy", 2, 4, (1, 2), True)],
+                         ids=["plain", "overlap", "compiled"])
+async def test_speculative_tokens_follow_the_target_distribution(tiny, overlap, draft_name, k, max_tokens, positions,
+                                                                  compile):
     """Plain: the noisy draft exercises acceptance and the residual. Overlap: with k=1 and 5 tokens,
     round 2's proposal is drafted during round 1's verification from an assumed verdict (accepted
     or not, then one of the draft's 2 most likely tokens there). A branch holds only when the
     sampled verdict is the one it assumed; using one whose assumption failed would draw the next
     tokens from the wrong context and distort their marginals."""
     target, draft = tiny["target"], tiny[draft_name]
-    results, held = await sample_many(target, draft, k, max_tokens, overlap)
+    results, held = await sample_many(target, draft, k, max_tokens, overlap, compile=compile)
     if overlap:
         assert 0.2 * N < held < 0.9 * N, f"{held} speculative rounds held: the test needs both outcomes"
     exact = assert_follows(results, target, positions, check_acceptance=not overlap)
