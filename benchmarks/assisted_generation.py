@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 
-def run(model, tokenizer, prompts: list[str], max_tokens: int, assistant=None) -> float:
+def run(model, tokenizer, prompts: list[str], max_tokens: int, assistant=None, texts: list[str] | None = None) -> float:
+    """Output tokens/s over `prompts`, one after another; each completion's text goes to `texts`."""
     tokens, start = 0, time.perf_counter()
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -26,6 +27,8 @@ def run(model, tokenizer, prompts: list[str], max_tokens: int, assistant=None) -
         with torch.inference_mode():
             out = model.generate(ids, generation_config=config, assistant_model=assistant)
         tokens += out.shape[1] - ids.shape[1]
+        if texts is not None:
+            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return tokens / (time.perf_counter() - start)
 
 
