@@ -28,7 +28,8 @@ def run(model, tokenizer, prompts: list[str], max_tokens: int, assistant=None, t
             out = model.generate(ids, generation_config=config, assistant_model=assistant)
         tokens += out.shape[1] - ids.shape[1]
         if texts is not None:
-            texts.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            prompt_text = tokenizer.decode(ids[0], skip_special_tokens=True)  # the completion as servers return it
+            texts.append(tokenizer.decode(out[0], skip_special_tokens=True)[len(prompt_text):])
     return tokens / (time.perf_counter() - start)
 
 

@@ -420,8 +420,7 @@ def _up(args: argparse.Namespace) -> int:
         args.draft = args.draft or args.target
     elif args.skip_layers or args.skip_layers_file:
         raise ValueError("--skip-layers needs --draft-method layerskip")
-    target_cores, draft_cores = _split_cores(args.draft is not None)
-    draft_cores = draft_cores if args.draft is not None else []
+    target_cores, draft_cores = _split_cores(args.draft is not None)  # no draft: the cores left to the services
     commands: dict[str, list[str]] = {}
     # the workers compile their forward before they serve: wait for them as long as `up` does
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
@@ -449,6 +448,10 @@ def _up(args: argparse.Namespace) -> int:
         if args.api_key:
             commands["gateway"] += ["--api-key", args.api_key]
     children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
+    if args.draft is None and draft_cores:  # target only: coordinator and gateway keep to the core it left
+        for name in ("coordinator", "gateway"):
+            if name in children:
+                os.sched_setaffinity(children[name].pid, parse_cores(draft_cores[1]))
 
     stopping = False
 
