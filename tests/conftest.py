@@ -40,6 +40,13 @@ def tiny(tiny_dirs: dict[str, Path]) -> dict[str, LoadedModel]:
     return {name: load_model(str(path), device="cpu", dtype="float32") for name, path in tiny_dirs.items()}
 
 
+@pytest.fixture
+def fresh(tiny_dirs: dict[str, Path]):
+    """Loads a tiny model anew: compile tests count the graphs built for their own model object
+    (torch.compile reuses graphs compiled for the session's shared copies)."""
+    return lambda name: load_model(str(tiny_dirs[name]), device="cpu", dtype="float32")
+
+
 @pytest.fixture(scope="session")
 def real() -> dict[str, LoadedModel]:
     root = real_model_dir()

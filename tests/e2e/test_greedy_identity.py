@@ -47,10 +47,10 @@ async def test_tiny_models_match_target_alone(tiny, draft_name):
         await stack.stop()
 
 
-async def test_compiled_workers_match_target_alone(tiny):
+async def test_compiled_workers_match_target_alone(tiny, fresh):
     """Both workers compiled (torch.compile, two graphs each): greedy output is still exactly the
     eager target's `generate`, speculative and target-only, one request and four at once."""
-    stack = await start_stack(tiny["target"], tiny["draft_noisy"], k=4, max_k=8, compile=True)
+    stack = await start_stack(fresh("target"), fresh("draft_noisy"), k=4, max_k=8, compile=True)
     try:
         prompts = ("hello world", "The quick brown fox", "a", "once upon")
         expected = [reference(tiny["target"], tiny["target"].tokenizer(p).input_ids, 40, stop_at_eos=False)

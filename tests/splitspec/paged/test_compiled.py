@@ -28,10 +28,9 @@ def chunks_of(blocks, generator, shapes: list[tuple[int, int]], tag: str) -> tup
     return prefills, chunks
 
 
-def run_both(tiny, batches: list[list[tuple[int, int]]]):
+def run_both(loaded, batches: list[list[tuple[int, int]]]):
     """Each batch of (context, new) shapes through an eager and a compiled runner on identical
     pools: contexts are prefilled first by the same runner (eager or compiled), then the batch."""
-    loaded = tiny["target"]
     runs = []
     for compile in (False, True):
         blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=256, block_size=4), compile=compile)
@@ -46,7 +45,7 @@ def run_both(tiny, batches: list[list[tuple[int, int]]]):
     return runs
 
 
-def test_compiled_logits_match_eager_on_every_shape(tiny):
+def test_compiled_logits_match_eager_on_every_shape(fresh):
     batches = [
         [(0, 7)],                       # a prefill
         [(9, 1)],                       # one decode step
@@ -55,7 +54,7 @@ def test_compiled_logits_match_eager_on_every_shape(tiny):
         [(2, 5), (17, 3), (0, 11)],     # verifies and a prefill packed together
         [(1, 1)],                       # a context inside one block
     ]
-    (_, eager), (runner, compiled) = run_both(tiny, batches)
+    (_, eager), (runner, compiled) = run_both(fresh("target"), batches)
     worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, compiled)
                 for a, b in zip(batch_e, batch_c))
     assert worst <= TOLERANCE, f"compiled logits differ from eager by {worst}"
