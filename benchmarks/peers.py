@@ -170,8 +170,8 @@ def run_assisted(spec: str, prompts: list[str], max_tokens: int, threads: int) -
         texts: list[str] = []
         start = time.perf_counter()
         rate = run(target, tokenizer, prompts, max_tokens, assistant=assistant, texts=texts)
-        rows.append(Row(name, 1, len(prompts), round(rate * (time.perf_counter() - start)),
-                        round(time.perf_counter() - start, 2), round(rate, 1), texts))
+        seconds = time.perf_counter() - start
+        rows.append(Row(name, 1, len(prompts), round(rate * seconds), round(seconds, 2), round(rate, 1), texts))
         print(f"[{name}] concurrency 1: {rate:.1f} tok/s", file=sys.stderr, flush=True)
     return rows
 

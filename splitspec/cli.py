@@ -391,7 +391,7 @@ def _http_ok(port: int) -> bool:
         return False
 
 
-def _split_cores(with_draft: bool) -> tuple[list[str], list[str]]:
+def _split_cores(with_draft: bool) -> tuple[list[int], list[int]]:
     """With two or more cores, drafts and targets get separate ones (a quarter, at least one, for
     the drafts) so they never steal each other's core. Without a draft the target leaves one core
     to the coordinator and gateway, as vLLM leaves one to its API server: a model thread that
@@ -401,8 +401,11 @@ def _split_cores(with_draft: bool) -> tuple[list[str], list[str]]:
     if len(cores) < 2:
         return [], []
     split = max(1, len(cores) // 4) if with_draft else 1
-    as_flag = lambda chosen: ["--cpu-cores", ",".join(map(str, chosen))]  # noqa: E731
-    return as_flag(cores[split:]), as_flag(cores[:split])
+    return cores[split:], cores[:split]
+
+
+def _cores_flag(cores: list[int]) -> list[str]:
+    return ["--cpu-cores", ",".join(map(str, cores))] if cores else []
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -420,7 +423,8 @@ def _up(args: argparse.Namespace) -> int:
         args.draft = args.draft or args.target
     elif args.skip_layers or args.skip_layers_file:
         raise ValueError("--skip-layers needs --draft-method layerskip")
-    target_cores, draft_cores = _split_cores(args.draft is not None)  # no draft: the cores left to the services
+    target_cores, other_cores = _split_cores(args.draft is not None)  # the drafts', or with none the services'
+    target_flag, draft_flag = _cores_flag(target_cores), _cores_flag(other_cores)
     commands: dict[str, list[str]] = {}
     # the workers compile their forward before they serve: wait for them as long as `up` does
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
@@ -432,13 +436,13 @@ def _up(args: argparse.Namespace) -> int:
         port = _free_port()
         commands[f"target{index}" if args.targets > 1 else "target"] = [
             *python, "target", "--model", args.target, "--port", str(port), *common, "--kv-cache-memory",
-            f"{target_share:.3f}", "--tensor-parallel-size", str(args.tensor_parallel_size), *target_cores]
+            f"{target_share:.3f}", "--tensor-parallel-size", str(args.tensor_parallel_size), *target_flag]
         coordinator += ["--target", f"127.0.0.1:{port}"]
     for index in range(args.drafts if args.draft else 0):
         port = _free_port()
         commands[f"draft{index}" if args.drafts > 1 else "draft"] = [
             *python, "draft", "--model", args.draft, "--port", str(port), *common, "--kv-cache-memory",
-            f"{draft_share:.3f}", *_drafter_flags(args), *draft_cores]
+            f"{draft_share:.3f}", *_drafter_flags(args), *draft_flag]
         coordinator += ["--draft", f"127.0.0.1:{port}"]
     commands["coordinator"] = coordinator
     if args.http_port:
@@ -448,10 +452,10 @@ def _up(args: argparse.Namespace) -> int:
         if args.api_key:
             commands["gateway"] += ["--api-key", args.api_key]
     children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
-    if args.draft is None and draft_cores:  # target only: coordinator and gateway keep to the core it left
+    if args.draft is None and other_cores:  # target only: coordinator and gateway keep to the core it left
         for name in ("coordinator", "gateway"):
             if name in children:
-                os.sched_setaffinity(children[name].pid, parse_cores(draft_cores[1]))
+                os.sched_setaffinity(children[name].pid, other_cores)
 
     stopping = False
 

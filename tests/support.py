@@ -282,9 +282,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_up(*args: str, timeout: float = 180, compile: bool = False):
+def launch_up(*args: str, timeout: float = 180):
     """`splitspec up ARGS` in its own session; returns (process, coordinator address) once healthy.
-    Eager unless `compile` (tests that are not about compiling skip its start-up minute)."""
+    Eager (`--enforce-eager`): these tests are not about compiling and skip its start-up minute."""
     import select
     import subprocess
     import sys
@@ -293,8 +293,7 @@ def launch_up(*args: str, timeout: float = 180, compile: bool = False):
     port = free_port()
     if "--http-port" not in args:
         args = (*args, "--http-port", "0")  # no gateway unless the test asks for one
-    if not compile:
-        args = (*args, "--enforce-eager")
+    args = (*args, "--enforce-eager")
     process = subprocess.Popen([sys.executable, "-m", "splitspec.cli", "up", "--port", str(port), *args],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline, line = time.monotonic() + timeout, ""

@@ -3,7 +3,6 @@ new tokens (prefill chunks, verification windows, draft steps) together."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,14 +40,12 @@ class PagedRunner:
 
     def warm_up(self) -> None:
         """Compile before serving (no request waits for it): the one-token graph and the padded
-        batch graph. Writes K/V into the first blocks, which no sequence holds yet."""
+        batch graph. Writes K/V into block 0 only (any pool has it), which no sequence holds yet."""
         if self.compiled is None:
             return
-        size = self.pool.block_size
-        self.forward([Chunk(token_ids=[0], start=size, slots=[size], block_table=[0, 1], num_logits=1)])
-        self.forward([Chunk(token_ids=[0, 0], start=0, slots=[0, 1], block_table=[0, 1], num_logits=2),
-                      Chunk(token_ids=[0, 0, 0], start=0, slots=[size, size + 1, size + 2], block_table=[1, 0],
-                            num_logits=1)])
+        self.forward([Chunk(token_ids=[0], start=1, slots=[0], block_table=[0], num_logits=1)])
+        self.forward([Chunk(token_ids=[0, 0], start=0, slots=[0, 0], block_table=[0], num_logits=2),
+                      Chunk(token_ids=[0, 0, 0], start=0, slots=[0, 0, 0], block_table=[0], num_logits=1)])
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write of whole blocks (src, dst) before they are written."""
@@ -75,19 +72,17 @@ class PagedRunner:
         )
         padded = compiled and total > 1
         rows, width = (max(len(chunks), 2), max(max_q, 2)) if padded else (len(chunks), max_q)
-        if len(chunks) == 1 and not padded:  # one sequence: its queries are the packed row as they are
-            table = chunks[0].block_table
-            if table == list(range(table[0], table[0] + len(table))) and not compiled:
-                metadata.block_range = (table[0], len(table))  # consecutive blocks: a view, no gather
-            else:
-                metadata.block_tables = torch.tensor([table + [0] * (max_blocks - len(table))], dtype=torch.long,
-                                                     device=device)
+        tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+        tables += [[0] * max_blocks] * (rows - len(chunks))
+        first = chunks[0].block_table
+        if not compiled and len(chunks) == 1 and first == list(range(first[0], first[0] + len(first))):
+            metadata.block_range = (first[0], len(first))  # one sequence on consecutive blocks: a view, no gather
+        else:
+            metadata.block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+        if rows == 1:  # one sequence: its queries are the packed row as they are
             query_positions = positions[0].view(1, -1)
         else:
             query_positions = self._pack(metadata, positions, total, rows, width)
-            tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
-            tables += [[0] * max_blocks] * (rows - len(chunks))
-            metadata.block_tables = torch.tensor(tables, dtype=torch.long, device=device)
         metadata.query_positions = query_positions.to(device)
         if width > 1 or rows > 1 or compiled:  # eager, one token of one sequence sees all its keys: no mask
             mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
@@ -103,13 +98,7 @@ class PagedRunner:
         input_ids = torch.tensor([[t for c in chunks for t in c.token_ids]], dtype=torch.long, device=device)
         position_ids = torch.cat(positions).unsqueeze(0).to(device)  # packed order
         logits_to_keep = torch.tensor(logit_rows, dtype=torch.long, device=device)
-        if self.compiled is None:
-            forward = self.model
-        else:
-            forward = functools.partial(self.compiled, dynamic_dims=self._dynamic_dims(
-                metadata, input_ids, position_ids, logits_to_keep) if padded else
-                ((metadata.block_tables, (1,)), (metadata.mask, (3,))))
-        out = forward(
+        inputs = dict(
             input_ids=input_ids,
             position_ids=position_ids,
             attention_mask=torch.ones(1, 1, 1, 1, dtype=torch.bool, device=device),  # unused: no dense mask built
@@ -117,13 +106,20 @@ class PagedRunner:
             paged=metadata,
             logits_to_keep=logits_to_keep,
         )
+        if self.compiled is None:
+            out = self.model(**inputs)
+        else:
+            out = self.compiled(self._dynamic_dims(metadata, input_ids, position_ids, logits_to_keep, padded), **inputs)
         logits = out.logits[0, :wanted].float().cpu()
         return list(torch.split(logits, [c.num_logits for c in chunks]))
 
     @staticmethod
     def _dynamic_dims(metadata: PagedMetadata, input_ids: torch.Tensor, position_ids: torch.Tensor,
-                      logits_to_keep: torch.Tensor) -> tuple[tuple[torch.Tensor, tuple[int, ...]], ...]:
-        """Every size of a padded batch that varies between steps (none is 1)."""
+                      logits_to_keep: torch.Tensor, padded: bool) -> tuple[tuple[torch.Tensor, tuple[int, ...]], ...]:
+        """Every size that varies between steps: of a padded batch (none is 1), or of one token of
+        one sequence (its blocks and keys)."""
+        if not padded:
+            return ((metadata.block_tables, (1,)), (metadata.mask, (3,)))
         return ((input_ids, (1,)), (position_ids, (1,)), (logits_to_keep, (0,)), (metadata.slot_mapping, (0,)),
                 (metadata.packed_index, (0,)), (metadata.block_tables, (0, 1)), (metadata.query_index, (0, 1)),
                 (metadata.query_positions, (0, 1)), (metadata.mask, (0, 2, 3)))
