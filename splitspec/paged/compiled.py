@@ -17,6 +17,9 @@ from typing import Any, Callable
 import torch
 
 
+RECOMPILE_LIMIT = 64  # a worker builds 2 graphs; a test process compiles many models (Dynamo's default: 8)
+
+
 def export_compiles(registry: Any, counter: Callable[[], int]) -> None:
     """`splitspec:compiled_graphs` in `registry`: graphs compiled so far (recompiles included)."""
     from prometheus_client import Gauge
@@ -50,11 +53,14 @@ class CompiledForward:
         """`dynamic_dims`: (tensor, dims) pairs to mark dynamic on this call (each size >= 2).
         The inductor settings hold while Dynamo traces too: freezing decides there whether the
         weights are graph constants or inputs. Python floats (scales, epsilons) are constants of
-        the model, so they specialize rather than cost a second trace."""
+        the model, so they specialize rather than cost a second trace. Dynamo's recompile limit
+        counts the graphs of every model this process compiled through the same forward code;
+        past it Dynamo would run the forward eagerly, silently."""
         from torch._dynamo import config as dynamo_config
         from torch._inductor import config as inductor_config
 
         for tensor, dims in dynamic_dims:
             torch._dynamo.mark_dynamic(tensor, dims)
-        with inductor_config.patch(inductor_patches(self.device)), dynamo_config.patch(specialize_float=True):
+        with inductor_config.patch(inductor_patches(self.device)), dynamo_config.patch(
+                specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
             return self.function(**inputs)
