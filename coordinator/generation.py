@@ -178,7 +178,8 @@ class Generation:
                 if not self.finish_reason and upcoming is None:
                     k = self._round_k()
                     if k == 0:  # no draft, or no room for a proposal: a target-only round
-                        upcoming = self._start_round(None, 0.0)
+                        # (chained: the target decodes this sequence by itself and already runs it)
+                        upcoming = self._start_round(None, 0.0, chained=verdict.chained)
                     else:  # the next proposal is drafted while this round's tokens are written
                         pending = asyncio.get_running_loop().create_task(self._propose(k))
                 if upcoming is not None or pending is not None:
@@ -305,7 +306,8 @@ class Generation:
                 else:
                     if self.verifier is None:
                         self.verifier = endpoint.client.open_verify(self.seq_id)
-                    verdict = await self.verifier.verify(proposal, len(self.history), timeout)
+                    verdict = await self.verifier.verify(proposal, len(self.history), timeout,
+                                                         self._autonomous_rounds(proposal))
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in WORKER_FAILURES:
                     raise
@@ -321,6 +323,14 @@ class Generation:
                 if exc.code() not in WORKER_FAILURES:
                     raise
                 failure = self._target_failed(exc)
+
+    def _autonomous_rounds(self, proposal: draft_pb2.DraftResponse | None) -> int:
+        """Target-only rounds the target may run by itself after this one: all the request has
+        left once it has no draft (none configured, k = 0, or its context is exhausted), so that
+        tokens stream with no round trip between them; none while a draft may still propose."""
+        if proposal is not None or self.session is not None:
+            return 0
+        return max(0, self.request.max_tokens - len(self.generated) - 1)
 
     # --- draft ---------------------------------------------------------------------------------
     def _open_draft(self) -> None:

@@ -62,8 +62,12 @@ class VerifySession:
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)  # a plan may be written during a round
 
     async def verify(self, proposal: draft_pb2.DraftResponse | None, num_tokens: int,
-                     timeout: float) -> target_pb2.VerifyResponse:
-        return await self._within(timeout, self._round(verify_request(self.seq_id, proposal, num_tokens)))
+                     timeout: float, autonomous_rounds: int = 0) -> target_pb2.VerifyResponse:
+        """Verify `proposal` (None: a target-only round, which may go on for `autonomous_rounds`
+        more rounds on the target: their verdicts are read with `chained`)."""
+        request = verify_request(self.seq_id, proposal, num_tokens)
+        request.autonomous_rounds = autonomous_rounds
+        return await self._within(timeout, self._round(request))
 
     async def chained(self, timeout: float) -> target_pb2.VerifyResponse:
         """The verdict of the round the target started on its own (the last verdict was `chained`)."""

@@ -602,7 +602,8 @@ async def _stats(args: argparse.Namespace) -> int:
             kind = "draft"
     if args.json:
         fields = MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-        fields.update(preemptions=stats.preemptions, steps=stats.steps)  # int64: numbers, not strings
+        fields.update(preemptions=stats.preemptions, steps=stats.steps,  # int64: numbers, not strings
+                      steps_by_batch_sequences=list(stats.steps_by_batch_sequences))
         print(json.dumps({"worker": kind, **fields}))
         return 0
     print(f"{kind} worker {args.worker}")
@@ -613,6 +614,9 @@ async def _stats(args: argparse.Namespace) -> int:
     print(f"  prefix cache   {stats.prefix_cache_hit_rate:.1%} of full prompt blocks reused")
     print(f"  batching       {stats.steps} steps, mean {stats.mean_batch_sequences:.2f} sequences / "
           f"{stats.mean_batch_tokens:.1f} tokens per step, max {stats.max_batch_sequences} sequences")
+    histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(stats.steps_by_batch_sequences) if n and count)
+    if histogram:
+        print(f"  steps by batch {histogram} (sequences: steps)")
     return 0
 
 

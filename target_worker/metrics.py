@@ -14,6 +14,7 @@ class TargetMetrics:
     verifies: Counter = field(init=False)
     draft_tokens: Counter = field(init=False)
     accepted_tokens: Counter = field(init=False)
+    chained_rounds: Counter = field(init=False)
     step_seconds: Histogram = field(init=False)
     running_sequences: Gauge = field(init=False)
     kv_blocks_used: Gauge = field(init=False)
@@ -27,6 +28,9 @@ class TargetMetrics:
         self.verifies = Counter("splitspec:target_verifies", "Verify calls", registry=r)
         self.draft_tokens = Counter("splitspec:target_draft_tokens", "Draft tokens verified", registry=r)
         self.accepted_tokens = Counter("splitspec:target_accepted_tokens", "Draft tokens accepted", registry=r)
+        self.chained_rounds = Counter("splitspec:target_chained_rounds",
+                                      "Rounds started before the last verdict went out, by what started them",
+                                      ["how"], registry=r)
         self.step_seconds = Histogram(
             "splitspec:target_step_seconds", "Model step latency", ["kind"], registry=r,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -3,7 +3,9 @@
 On a VerifyStream the coordinator may send, while a round is verified, a plan: the next round's
 request for each likely verdict. A verdict that matches a branch starts that branch's verify at
 once, before the verdict is written back, so a round whose draft guessed right costs no network
-round trip between verdict and next verify.
+round trip between verdict and next verify. A target-only round may carry a budget of
+autonomous rounds: the target then decodes that sequence by itself, one chained round after
+another, so every sequence decoding this way is in each step's batch (no round trip splits it).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> target_pb2.VerifyResponse:
         if request.branches:
             raise InvalidArgument("branches", "a plan of branches is only accepted on VerifyStream")
+        if request.autonomous_rounds:
+            raise InvalidArgument("autonomous_rounds", "autonomous rounds are only run on VerifyStream")
         return await self._finish_verify(self._start_verify(request))
 
     async def VerifyStream(
@@ -91,10 +95,14 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                 else:
                     verifying, chained = chained, None
                 response = await self._finish_verify(verifying)
-                branch = _matching_branch(verifying.request, response, plans)
-                if branch is not None:  # the next round starts before this verdict is written back
-                    chained = self._start_verify(branch)
+                following = _matching_branch(verifying.request, response, plans)
+                how = "plan"
+                if following is None and rounds.empty():
+                    following, how = _autonomous_round(verifying.request, response), "autonomous"
+                if following is not None:  # the next round starts before this verdict is written back
+                    chained = self._start_verify(following)
                     response.chained = True
+                    self.metrics.chained_rounds.labels(how).inc()
                 yield response
         finally:
             reader.cancel()
@@ -102,6 +110,10 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                 chained.outcome.cancel()
 
     def _start_verify(self, request: target_pb2.VerifyRequest) -> _Verifying:
+        if request.autonomous_rounds < 0:
+            raise InvalidArgument("autonomous_rounds", f"must be >= 0, got {request.autonomous_rounds}")
+        if request.autonomous_rounds and request.draft_token_ids:
+            raise InvalidArgument("autonomous_rounds", "only a target-only round (no draft tokens) goes on by itself")
         probs = request.draft_sparse_probs if request.HasField("draft_sparse_probs") else \
             request.draft_probs if request.HasField("draft_probs") else None
         item = VerifyItem(
@@ -158,6 +170,15 @@ async def _read_stream(request_iterator: AsyncIterator[target_pb2.VerifyRequest]
                 rounds.put_nowait(request)
     finally:
         rounds.put_nowait(None)
+
+
+def _autonomous_round(request: target_pb2.VerifyRequest,
+                      response: target_pb2.VerifyResponse) -> target_pb2.VerifyRequest | None:
+    """The next target-only round of a sequence decoding by itself, while its budget lasts."""
+    if request.autonomous_rounds < 1 or response.preempted:
+        return None
+    return target_pb2.VerifyRequest(seq_id=request.seq_id, num_tokens=response.num_tokens,
+                                    autonomous_rounds=request.autonomous_rounds - 1)
 
 
 def _matching_branch(request: target_pb2.VerifyRequest, response: target_pb2.VerifyResponse,

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from splitspec.models import LoadedModel, load_model
-from tests.support import FAMILIES, byte_level_bpe_tokenizer, real_model_dir, save_padded_copy, save_tiny_llama, save_tiny_model
+from tests.support import (FAMILIES, byte_level_bpe_tokenizer, real_model_dir, save_padded_copy, save_tiny_llama,
+                           save_tiny_model, start_stack)
 
 torch.set_num_threads(1)
 
@@ -45,6 +46,16 @@ def fresh(tiny_dirs: dict[str, Path]):
     """Loads a tiny model anew: compile tests count the graphs built for their own model object
     (torch.compile reuses graphs compiled for the session's shared copies)."""
     return lambda name: load_model(str(tiny_dirs[name]), device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+async def compiled_stack(tiny_dirs: dict[str, Path]):
+    """One stack whose two workers run compiled (the target and draft_noisy, loaded anew): a graph
+    takes 15-20 s to compile here, so the compiled end-to-end tests share these four."""
+    load = lambda name: load_model(str(tiny_dirs[name]), device="cpu", dtype="float32")  # noqa: E731
+    stack = await start_stack(load("target"), load("draft_noisy"), k=4, max_k=8, compile=True)
+    yield stack
+    await stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -205,6 +205,12 @@ class Stack:
                 await server.stop(0)
 
 
+def soak_requests(full: int) -> int:
+    """Requests a soak test sends: a third of `full` by default (CI time), all of it with
+    SPLITSPEC_SOAK=full."""
+    return full if os.environ.get("SPLITSPEC_SOAK") == "full" else full // 3
+
+
 async def start_stack(
     target: LoadedModel,
     draft: LoadedModel | None,

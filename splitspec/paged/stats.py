@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from splitspec.paged.block_manager import BlockManager
 from splitspec.v1 import common_pb2
@@ -15,12 +15,16 @@ class EngineStats:
     batched_tokens: int = 0
     max_batch_sequences: int = 0
     preemptions: int = 0
+    steps_by_batch: list[int] = field(default_factory=lambda: [0])  # [n]: steps that ran n sequences
 
     def record_step(self, sequences: int, tokens: int) -> None:
         self.steps += 1
         self.batched_sequences += sequences
         self.batched_tokens += tokens
         self.max_batch_sequences = max(self.max_batch_sequences, sequences)
+        while len(self.steps_by_batch) <= sequences:
+            self.steps_by_batch.append(0)
+        self.steps_by_batch[sequences] += 1
 
 
 def worker_stats(blocks: BlockManager | None, stats: EngineStats, running: int, waiting: int) -> common_pb2.WorkerStats:
@@ -34,6 +38,7 @@ def worker_stats(blocks: BlockManager | None, stats: EngineStats, running: int, 
         mean_batch_sequences=stats.batched_sequences / steps,
         max_batch_sequences=stats.max_batch_sequences,
         mean_batch_tokens=stats.batched_tokens / steps,
+        steps_by_batch_sequences=stats.steps_by_batch if stats.steps else [],
     )
     if blocks is not None:
         pool = blocks.stats()

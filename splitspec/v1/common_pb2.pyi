@@ -77,7 +77,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("block_size", "blocks_total", "blocks_used", "blocks_free", "utilization", "running_sequences", "waiting_requests", "preemptions", "prefix_cache_hit_rate", "steps", "mean_batch_sequences", "max_batch_sequences", "mean_batch_tokens")
+    __slots__ = ("block_size", "blocks_total", "blocks_used", "blocks_free", "utilization", "running_sequences", "waiting_requests", "preemptions", "prefix_cache_hit_rate", "steps", "mean_batch_sequences", "max_batch_sequences", "mean_batch_tokens", "steps_by_batch_sequences")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class WorkerStats(_message.Message):
     MEAN_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MEAN_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_BY_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     block_size: int
     blocks_total: int
     blocks_used: int
@@ -104,4 +105,5 @@ class WorkerStats(_message.Message):
     mean_batch_sequences: float
     max_batch_sequences: int
     mean_batch_tokens: float
-    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., utilization: _Optional[float] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., steps: _Optional[int] = ..., mean_batch_sequences: _Optional[float] = ..., max_batch_sequences: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ...) -> None: ...
+    steps_by_batch_sequences: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., utilization: _Optional[float] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., steps: _Optional[int] = ..., mean_batch_sequences: _Optional[float] = ..., max_batch_sequences: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ..., steps_by_batch_sequences: _Optional[_Iterable[int]] = ...) -> None: ...

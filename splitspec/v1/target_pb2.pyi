@@ -34,20 +34,22 @@ class PrefillResponse(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens", "draft_sparse_probs", "branches")
+    __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens", "draft_sparse_probs", "branches", "autonomous_rounds")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_SPARSE_PROBS_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    AUTONOMOUS_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _common_pb2.Tensor
     num_tokens: int
     draft_sparse_probs: _common_pb2.SparseProbs
     branches: _containers.RepeatedCompositeFieldContainer[VerifyBranch]
-    def __init__(self, seq_id: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., draft_sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ..., branches: _Optional[_Iterable[_Union[VerifyBranch, _Mapping]]] = ...) -> None: ...
+    autonomous_rounds: int
+    def __init__(self, seq_id: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., draft_sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ..., branches: _Optional[_Iterable[_Union[VerifyBranch, _Mapping]]] = ..., autonomous_rounds: _Optional[int] = ...) -> None: ...
 
 class VerifyBranch(_message.Message):
     __slots__ = ("num_accepted", "token_id", "next")

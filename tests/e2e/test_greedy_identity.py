@@ -47,21 +47,18 @@ async def test_tiny_models_match_target_alone(tiny, draft_name):
         await stack.stop()
 
 
-async def test_compiled_workers_match_target_alone(tiny, fresh):
+async def test_compiled_workers_match_target_alone(tiny, compiled_stack):
     """Both workers compiled (torch.compile, two graphs each): greedy output is still exactly the
     eager target's `generate`, speculative and target-only, one request and four at once."""
-    stack = await start_stack(fresh("target"), fresh("draft_noisy"), k=4, max_k=8, compile=True)
-    try:
-        prompts = ("hello world", "The quick brown fox", "a", "once upon")
-        expected = [reference(tiny["target"], tiny["target"].tokenizer(p).input_ids, 40, stop_at_eos=False)
-                    for p in prompts]
-        for k in (0, 1, 4):
-            results = await asyncio.gather(*(collect(stack.stub, coordinator_pb2.GenerateRequest(
-                prompt=p, max_tokens=40, temperature=0.0, k=k, ignore_eos=True)) for p in prompts))
-            assert [r["token_ids"] for r in results] == expected, k
-        assert stack.target.state.runner.compiles == 2 and stack.draft.state.runner.compiles == 2
-    finally:
-        await stack.stop()
+    stack = compiled_stack
+    prompts = ("hello world", "The quick brown fox", "a", "once upon")
+    expected = [reference(tiny["target"], tiny["target"].tokenizer(p).input_ids, 40, stop_at_eos=False)
+                for p in prompts]
+    for k in (0, 1, 4):
+        results = await asyncio.gather(*(collect(stack.stub, coordinator_pb2.GenerateRequest(
+            prompt=p, max_tokens=40, temperature=0.0, k=k, ignore_eos=True)) for p in prompts))
+        assert [r["token_ids"] for r in results] == expected, k
+    assert stack.target.state.runner.compiles == 2 and stack.draft.state.runner.compiles == 2
 
 
 def _prompts(count: int) -> list[str]:

@@ -1,6 +1,7 @@
 """The target's VerifyStream plans, against a real target server on the tiny model: a verdict that
 matches a planned branch starts that branch's round on the target at once; any other plan is
-ignored; a malformed plan is refused with INVALID_ARGUMENT naming its field."""
+ignored; a malformed plan is refused with INVALID_ARGUMENT naming its field. A target-only round
+with autonomous rounds goes on by itself, giving the tokens that rounds sent one by one give."""
 
 from __future__ import annotations
 
@@ -111,3 +112,56 @@ async def test_malformed_plans_name_their_field(stub):
         await call.read()
     assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert streamed.value.details().startswith("branches.next.num_tokens:")
+
+
+async def test_autonomous_rounds_decode_by_themselves_as_sent_rounds_would(stub):
+    sent = await sent_rounds(stub, "sent", [[]] * 6)
+    call = stub.VerifyStream()
+    num_tokens = await prefill(stub, "alone")
+    request = verify("alone", [], num_tokens)
+    request.autonomous_rounds = 4
+    await call.write(request)
+    answers = [await call.read() for _ in range(5)]  # one request, five verdicts
+    assert [a.chained for a in answers] == [True, True, True, True, False]  # the budget is spent
+    assert [verdict(a) for a in answers] == [verdict(r) for r in sent[:5]]
+    await call.write(verify("alone", [], answers[-1].num_tokens))  # the caller takes over again
+    assert verdict(await call.read()) == verdict(sent[5])
+    call.cancel()
+
+
+async def test_a_request_on_the_stream_ends_autonomous_rounds(stub):
+    call = stub.VerifyStream()
+    num_tokens = await prefill(stub, "interrupted")
+    request = verify("interrupted", [], num_tokens)
+    request.autonomous_rounds = 30
+    await call.write(request)
+    first = await call.read()
+    assert first.chained
+    # the round chained after `first` may have produced more; the next request is for what follows
+    answers = [first]
+    while answers[-1].chained:
+        if len(answers) == 1:
+            await call.write(verify("interrupted", [1, 2], 0))  # num_tokens 0: whatever the sequence has
+        answers.append(await call.read())
+    assert len(answers) < 31  # it stopped before its budget: the request was taken next
+    assert answers[-1].num_tokens == num_tokens + len(answers)  # one token per autonomous round
+    last = await call.read()  # the request's own verdict
+    assert not last.chained and last.num_tokens > answers[-1].num_tokens
+    call.cancel()
+
+
+@pytest.mark.parametrize("draft,rounds,message", [([], -1, "must be >= 0"), ([1, 2], 3, "only a target-only round")])
+async def test_malformed_autonomous_rounds_name_their_field(stub, draft, rounds, message):
+    num_tokens = await prefill(stub, "bad")
+    request = verify("bad", draft, num_tokens)
+    request.autonomous_rounds = rounds
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await stub.Verify(request)
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unary.value.details().startswith("autonomous_rounds:")
+    call = stub.VerifyStream()
+    await call.write(request)
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        await call.read()
+    assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert streamed.value.details().startswith("autonomous_rounds:") and message in streamed.value.details()
