@@ -122,7 +122,7 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             draft_probs=probs,
             expected_num_tokens=request.num_tokens,
         )
-        return _Verifying(request, self.steps.post(item), time.perf_counter())
+        return _Verifying(request, self.steps.post(item, follows=request.autonomous_rounds > 0), time.perf_counter())
 
     async def _finish_verify(self, verifying: _Verifying) -> target_pb2.VerifyResponse:
         outcome = await self._outcome("verify", verifying.outcome, verifying.start)
