@@ -45,7 +45,9 @@ class FakeVerifier:
     ahead: asyncio.Future | None = None
 
     async def verify(self, proposal: draft_pb2.DraftResponse | None, num_tokens: int,
-                     timeout: float) -> target_pb2.VerifyResponse:
+                     timeout: float, autonomous_rounds: int = 0) -> target_pb2.VerifyResponse:
+        """Autonomous rounds are not run here: each verdict comes back unchained, so the
+        coordinator sends every round itself."""
         self.events.log.append(("verify", num_tokens))
         return await self._step(proposal, num_tokens)
 
