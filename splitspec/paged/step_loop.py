@@ -19,9 +19,9 @@ Item = TypeVar("Item")
 # Event-loop turns between a step's outcomes and the next batch when a caller said it answers its
 # outcome with the next item at once (an autonomous round): it then joins the next step instead of
 # items that came in during the step running alone. Without them four autonomously decoding
-# sequences ran in alternating batches of 1 and 3. Only then: on every step they cost speculative
-# rounds 12% at concurrency 1 (62.2 against 70.9 tok/s), the next step starting after the
-# event loop's writes instead of beside them.
+# sequences ran in alternating batches of 1 and 3. Other steps start at once, as before: with the
+# turns on every step, speculative rounds measured 58-62 tok/s at concurrency 1 where one run
+# without them gave 71 (not reproduced since: run-to-run spread on this VM is that large).
 FOLLOW_UP_TICKS = 2
 
 
