@@ -95,9 +95,8 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                 else:
                     verifying, chained = chained, None
                 response = await self._finish_verify(verifying)
-                following = _matching_branch(verifying.request, response, plans)
-                how = "plan"
-                if following is None and rounds.empty():
+                following, how = _matching_branch(verifying.request, response, plans), "plan"
+                if following is None and rounds.empty():  # no request waits: an autonomous round may go on
                     following, how = _autonomous_round(verifying.request, response), "autonomous"
                 if following is not None:  # the next round starts before this verdict is written back
                     chained = self._start_verify(following)

@@ -11,17 +11,22 @@ from splitspec.v1 import common_pb2
 @dataclass(slots=True)
 class EngineStats:
     steps: int = 0
-    batched_sequences: int = 0  # summed over steps: mean batch size = batched_sequences / steps
     batched_tokens: int = 0
-    max_batch_sequences: int = 0
     preemptions: int = 0
     steps_by_batch: list[int] = field(default_factory=lambda: [0])  # [n]: steps that ran n sequences
 
+    @property
+    def batched_sequences(self) -> int:
+        """Summed over steps: mean batch size = batched_sequences / steps."""
+        return sum(n * count for n, count in enumerate(self.steps_by_batch))
+
+    @property
+    def max_batch_sequences(self) -> int:
+        return len(self.steps_by_batch) - 1
+
     def record_step(self, sequences: int, tokens: int) -> None:
         self.steps += 1
-        self.batched_sequences += sequences
         self.batched_tokens += tokens
-        self.max_batch_sequences = max(self.max_batch_sequences, sequences)
         while len(self.steps_by_batch) <= sequences:
             self.steps_by_batch.append(0)
         self.steps_by_batch[sequences] += 1
