@@ -1,12 +1,17 @@
 """Compiled forward passes: `torch.compile` (inductor) of a model's forward as the paged runner
 calls it, with the settings each device wants, dynamic shapes and a count of the graphs built.
 
-CPU: freezing (weights become constants of the graph) and weight prepacking (oneDNN/MKL blocked
-layouts for the linear layers), which is what makes a forward of a few tokens cost about what one
-token costs; vLLM's CPU backend relies on the same two. CUDA: CUDA graphs (inductor's cudagraph
-trees record one graph per shape it meets). Shapes are dynamic from the first call, so a new batch
-size or context length does not recompile; what does recompile (a new branch of the attention
-metadata) is counted in `compiles`.
+CPU: freezing (weights become constants of the graph), weight prepacking, linears that share an
+input concatenated into one (q/k/v, gate/up: fewer, wider GEMMs, as vLLM's merged linears), and
+inductor's C++ micro-GEMM templates for every linear on a constant weight (`max_autotune` with the
+CPP backend, the ATen choices dropped where a template applies). A decode or verify step runs
+GEMMs of a few rows, bound by reading the weights once; the templates stream them at 1.3-1.5x
+the speed of oneDNN's or MKL's kernels there (benchmarks/forward_cost.py, README). On hundreds of
+rows (a prefill) oneDNN is faster, so the runner compiles graphs only for steps of up to
+`GRAPH_TOKENS[device]` tokens and runs longer ones eagerly. CUDA: CUDA graphs (inductor's
+cudagraph trees record one graph per shape it meets), for steps of any size.
+Shapes are dynamic from the first call, so a new batch size or context length does not
+recompile; what does recompile (a new branch of the attention metadata) is counted in `compiles`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Callable
 import torch
 
 
+GRAPH_TOKENS = {"cpu": 64}  # device type -> most tokens a compiled forward takes (absent: no limit)
 RECOMPILE_LIMIT = 64  # a worker builds 2 graphs; a test process compiles many models (Dynamo's default: 8)
 
 
@@ -30,7 +36,29 @@ def export_compiles(registry: Any, counter: Callable[[], int]) -> None:
 def inductor_patches(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         return {"triton.cudagraphs": True}
-    return {"freezing": True, "cpp.weight_prepack": True}
+    return {"freezing": True, "cpp.weight_prepack": True, "cpp.enable_concat_linear": True,
+            "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+
+
+def prefer_cpp_templates(choices: list[Any]) -> list[Any]:
+    """Inductor's autotuning choices for one GEMM, narrowed to its generated kernels (on CPU: the
+    C++ templates) where there are any, so the ATen kernel is the fallback, not a rival.
+    Autotuning would time each choice on its own, with the weight hot in cache, and often pick
+    oneDNN; in a forward every weight comes from memory, where the templates win. One choice
+    left also means nothing to time, which keeps compiling fast."""
+    from torch._inductor.select_algorithm import ExternKernelCaller
+
+    generated = [choice for choice in choices if not isinstance(choice, ExternKernelCaller)]
+    return generated or choices
+
+
+def _register_choice_filter() -> None:
+    """Inductor keeps one algorithm selector per process; add the filter to it once."""
+    from torch._inductor.select_algorithm import get_algorithm_selector_cache
+
+    selector = get_algorithm_selector_cache()
+    if prefer_cpp_templates not in selector.preprocessing_fns:
+        selector.add_preprocessing_fn(prefer_cpp_templates)
 
 
 @dataclass(slots=True, eq=False)
@@ -39,14 +67,22 @@ class CompiledForward:
     device: torch.device
     compiles: int = 0                    # graphs inductor compiled (recompiles and graph breaks included)
     function: Callable = field(init=False)
+    max_tokens: int | None = field(init=False)  # longest step the graphs take (None: any)
 
     def __post_init__(self) -> None:
         self.function = torch.compile(self.model, backend=self._compile_graph, dynamic=True)
+        self.max_tokens = GRAPH_TOKENS.get(self.device.type)
+
+    def takes(self, tokens: int) -> bool:
+        """Whether a step of `tokens` new tokens runs through the graphs (else eagerly)."""
+        return self.max_tokens is None or tokens <= self.max_tokens
 
     def _compile_graph(self, graph: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
+        if self.device.type == "cpu":
+            _register_choice_filter()
         return compile_fx(graph, example_inputs)
 
     def __call__(self, dynamic_dims: tuple[tuple[torch.Tensor, tuple[int, ...]], ...] = (), **inputs: Any) -> Any:

@@ -56,7 +56,7 @@ class PagedRunner:
         """Returns, per chunk, logits [num_logits, vocab] (float32, on the CPU)."""
         device, lengths = self.device, [len(c.token_ids) for c in chunks]
         total, max_q = sum(lengths), max(lengths)
-        compiled = self.compiled is not None
+        compiled = self.compiled is not None and self.compiled.takes(total)
         max_blocks = max(max(len(c.block_table) for c in chunks), 2 if compiled else 1)
         # Compiled, every key of the gathered blocks is a column of the mask (no slice whose size
         # could equal the blocks' and split the graph), and a batch of two or more tokens takes the
@@ -106,7 +106,7 @@ class PagedRunner:
             paged=metadata,
             logits_to_keep=logits_to_keep,
         )
-        if self.compiled is None:
+        if not compiled:
             out = self.model(**inputs)
         else:
             out = self.compiled(self._dynamic_dims(metadata, input_ids, position_ids, logits_to_keep, padded), **inputs)

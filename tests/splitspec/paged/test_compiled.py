@@ -1,5 +1,6 @@
-"""The compiled forward (torch.compile with freezing and weight prepacking) gives the eager
-forward's logits on every batch shape a worker runs, and compiles a bounded number of graphs."""
+"""The compiled forward (torch.compile with freezing, weight prepacking and C++ GEMM templates)
+gives the eager forward's logits on every batch shape a worker runs, compiles a bounded number
+of graphs, and leaves steps longer than its graphs take to the eager forward."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from splitspec.paged.cache import CacheConfig, build_paged_cache
-from splitspec.paged.compiled import export_compiles
+from splitspec.paged.compiled import GRAPH_TOKENS, export_compiles, prefer_cpp_templates
 from splitspec.paged.runner import Chunk
 
 TOLERANCE = 1e-4
@@ -28,12 +29,16 @@ def chunks_of(blocks, generator, shapes: list[tuple[int, int]], tag: str) -> tup
     return prefills, chunks
 
 
-def run_both(loaded, batches: list[list[tuple[int, int]]]):
+def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int] | None = None):
     """Each batch of (context, new) shapes through an eager and a compiled runner on identical
-    pools: contexts are prefilled first by the same runner (eager or compiled), then the batch."""
+    pools: contexts are prefilled first by the same runner (eager or compiled), then the batch.
+    `graph_calls` collects the token count of each forward that reached the compiled graphs."""
     runs = []
     for compile in (False, True):
         blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=256, block_size=4), compile=compile)
+        if compile and graph_calls is not None:
+            graphs = runner.compiled.function
+            runner.compiled.function = lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
         generator = torch.Generator().manual_seed(0)
         outputs = []
         for number, shapes in enumerate(batches):
@@ -53,12 +58,20 @@ def test_compiled_logits_match_eager_on_every_shape(fresh):
         [(3, 1), (21, 1), (6, 1), (30, 1)],  # decode steps of four sequences
         [(2, 5), (17, 3), (0, 11)],     # verifies and a prefill packed together
         [(1, 1)],                       # a context inside one block
+        [(0, GRAPH_TOKENS["cpu"] + 1)],  # a prefill longer than the graphs take: eager
+        [(5, GRAPH_TOKENS["cpu"] - 3), (8, 3)],  # a batch of exactly as many tokens as they take
     ]
-    (_, eager), (runner, compiled) = run_both(fresh("target"), batches)
+    graph_calls: list[int] = []
+    (_, eager), (runner, compiled) = run_both(fresh("target"), batches, graph_calls)
     worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, compiled)
                 for a, b in zip(batch_e, batch_c))
     assert worst <= TOLERANCE, f"compiled logits differ from eager by {worst}"
     assert runner.compiles == 2, f"{runner.compiles} graphs: one token, and one padded dynamic batch graph"
+    limit = GRAPH_TOKENS["cpu"]
+    assert runner.compiled.max_tokens == limit
+    steps = [sum(new for _, new in shapes) for shapes in batches]
+    prefills = [sum(context for context, _ in shapes) for shapes in batches if any(c for c, _ in shapes)]
+    assert sorted(graph_calls) == sorted(t for t in steps + prefills if t <= limit)
 
     registry = CollectorRegistry()
     export_compiles(registry, lambda: runner.compiles)
@@ -69,3 +82,13 @@ def test_eager_runner_compiles_nothing(tiny):
     _, runner = build_paged_cache(tiny["target"], CacheConfig(num_blocks=16, block_size=4))
     runner.warm_up()
     assert runner.compiles == 0 and runner.compiled is None
+
+
+def test_gemm_choices_narrow_to_generated_kernels():
+    """Autotuning's choices keep only the generated (C++ template) kernels where there are any;
+    the ATen kernel stays where it is the only one."""
+    from torch._inductor.select_algorithm import ExternKernelCaller
+
+    aten, template = object.__new__(ExternKernelCaller), object()
+    assert prefer_cpp_templates([template, aten]) == [template]
+    assert prefer_cpp_templates([aten]) == [aten]
