@@ -65,6 +65,7 @@ def _register_choice_filter() -> None:
 class CompiledForward:
     model: Any
     device: torch.device
+    overrides: dict[str, Any] = field(default_factory=dict)  # inductor settings over the device's (A/B runs)
     compiles: int = 0                    # graphs inductor compiled (recompiles and graph breaks included)
     function: Callable = field(init=False)
     max_tokens: int | None = field(init=False)  # longest step the graphs take (None: any)
@@ -97,6 +98,6 @@ class CompiledForward:
 
         for tensor, dims in dynamic_dims:
             torch._dynamo.mark_dynamic(tensor, dims)
-        with inductor_config.patch(inductor_patches(self.device)), dynamo_config.patch(
+        with inductor_config.patch({**inductor_patches(self.device), **self.overrides}), dynamo_config.patch(
                 specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
             return self.function(**inputs)
