@@ -6,7 +6,7 @@ input concatenated into one (q/k/v, gate/up: fewer, wider GEMMs, as vLLM's merge
 inductor's C++ micro-GEMM templates for every linear on a constant weight (`max_autotune` with the
 CPP backend, the ATen choices dropped where a template applies). A decode or verify step runs
 GEMMs of a few rows, bound by reading the weights once; the templates stream them at 1.3-1.5x
-the speed of oneDNN's or MKL's kernels there (benchmarks/forward_cost.py, README). On hundreds of
+the speed of oneDNN's or MKL's kernels there (benchmarks/compile_ab.py, README). On hundreds of
 rows (a prefill) oneDNN is faster, so the runner compiles graphs only for steps of up to
 `GRAPH_TOKENS[device]` tokens and runs longer ones eagerly. CUDA: CUDA graphs (inductor's
 cudagraph trees record one graph per shape it meets), for steps of any size.
