@@ -1,42 +1,56 @@
-"""Adaptive k (`--k auto`): pick the draft length that maximises expected tokens per second.
+"""Goodput k (`--k auto`, the default of `splitspec up`): the draft length with the most tokens per second.
 
 For draft length k with per-position conditional acceptance a_1..a_k, a round yields
-E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens and costs draft(k) + verify(k) seconds; k = 0 is
-the target alone, 1 token per verify(0). Costs are measured across all requests: the draft's time
-per proposed token and a least-squares line of verify time against k (verification of k + 1
-tokens is not flat in k on a CPU). Acceptance is measured per request (its own text), smoothed
-towards a prior so that early rounds do not swing k; until a request has data, the prior rate is
-used. This follows SmartSpec (arXiv 2406.14066): choose by goodput, not by acceptance.
+E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens and takes T(k) seconds, verdict to verdict:
+drafting, the network, queueing and the verify step, with overlap and chained rounds as they
+happened. k = 0 is the target alone, decoding by itself (autonomous rounds, no round trip per
+token): E(0) = 1. T depends on how many sequences share the target's steps, so it is measured
+per batch bucket (the requests pinned to the target, rounded up to a power of two): at
+concurrency 1 a verify of k + 1 tokens costs little more than one token and speculation pays;
+at concurrency 32 the step is compute-bound and k = 0 wins. Acceptance is pooled over all
+requests, with old rounds decaying, and smoothed towards a prior: so every request at a batch
+size makes the same choice, and a round time is measured on a batch that runs that choice, not
+priced by other requests' steps (one request decoding alone while three speculate sees their
+verifies in its own step). This follows SmartSpec (arXiv 2406.14066): choose by goodput, not by
+acceptance, and let k = 0 win when it is fastest.
+
+Round times not yet measured in a bucket are explored first (EXPLORE: a long and a short
+proposal and k = 0), and each is measured again once it has gone unseen for REFRESH_ROUNDS
+rounds per sequence, so that a cost taken while the stack warmed up does not stick. Other k are
+read off a line through the bucket's measured k >= 1 points. Exploration changes speed only,
+never the output.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
+EXPLORE = (1, 2, 3, 4, 0)  # draft lengths measured first in every bucket (capped at max_k)
+REFRESH_ROUNDS = 64     # rounds per sequence in a bucket after which a k's round time is measured again
+AUTONOMOUS_CHUNK = 16   # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
+
+
+def batch_bucket(sequences: int) -> int:
+    """1, 2, 4, 8, ...: the power of two at or above `sequences`."""
+    return 1 << max(0, sequences - 1).bit_length()
+
 
 @dataclass(slots=True)
-class CostModel:
-    """Coordinator-wide step costs (seconds), as exponential moving averages."""
+class RoundTimes:
+    """One batch bucket's round seconds by draft length, as exponential moving averages."""
 
-    draft_per_token: float | None = None
-    verify_points: dict[int, float] = field(default_factory=dict)  # k -> mean verify seconds
-    smoothing: float = 0.1
+    seconds: dict[int, float] = field(default_factory=dict)  # k -> mean round seconds
+    seen_at: dict[int, int] = field(default_factory=dict)    # k -> `rounds` when last observed
+    rounds: int = 0
 
-    def observe(self, k: int, draft_seconds: float, verify_seconds: float) -> None:
-        if k:
-            per_token = draft_seconds / k
-            self.draft_per_token = per_token if self.draft_per_token is None else \
-                (1 - self.smoothing) * self.draft_per_token + self.smoothing * per_token
-        old = self.verify_points.get(k)
-        self.verify_points[k] = verify_seconds if old is None else (1 - self.smoothing) * old + self.smoothing * verify_seconds
-
-    def verify(self, k: int) -> float | None:
-        """Verify seconds for k draft tokens: the measured value, else a line through the measured points."""
-        if k in self.verify_points:
-            return self.verify_points[k]
-        points = list(self.verify_points.items())
-        if len(points) < 2:
+    def line(self, k: int) -> float | None:
+        """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points."""
+        points = [(p, t) for p, t in self.seconds.items() if p >= 1]
+        if not points:
             return None
+        if len(points) == 1:
+            return points[0][1]
         n = len(points)
         mean_k = sum(p for p, _ in points) / n
         mean_t = sum(t for _, t in points) / n
@@ -46,18 +60,55 @@ class CostModel:
 
 
 @dataclass(slots=True)
+class CostModel:
+    """Coordinator-wide round times, per batch bucket and draft length."""
+
+    smoothing: float = 0.1
+    buckets: dict[int, RoundTimes] = field(default_factory=dict)
+
+    def times(self, sequences: int) -> RoundTimes:
+        return self.buckets.setdefault(batch_bucket(sequences), RoundTimes())
+
+    def observe(self, sequences: int, k: int, seconds: float) -> None:
+        times = self.times(sequences)
+        times.rounds += 1
+        old = times.seconds.get(k)
+        times.seconds[k] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+        times.seen_at[k] = times.rounds
+
+    def round_seconds(self, sequences: int, k: int) -> float | None:
+        """T(k) at this batch: measured, else (k >= 1) off the line; None when nothing says."""
+        times = self.times(sequences)
+        if k in times.seconds:
+            return times.seconds[k]
+        return times.line(k) if k >= 1 else None
+
+    def stale(self, sequences: int, k: int) -> bool:
+        """Never measured at this batch, or not for REFRESH_ROUNDS rounds per sequence."""
+        times = self.times(sequences)
+        if k not in times.seconds:
+            return True
+        return times.rounds - times.seen_at[k] > REFRESH_ROUNDS * batch_bucket(sequences)
+
+
+@dataclass(slots=True)
 class AcceptanceEstimate:
-    """One request's per-position acceptance, smoothed towards `prior`."""
+    """Per-position acceptance, smoothed towards `prior`; each round weighs `decay` times the one
+    after it, so the estimate follows the traffic."""
 
     prior: float = 0.6
     weight: float = 4.0  # pseudo-observations of the prior
-    proposed: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
+    decay: float = 0.999
+    proposed: list[float] = field(default_factory=list)
+    accepted: list[float] = field(default_factory=list)
 
     def observe(self, k: int, num_accepted: int) -> None:
         while len(self.proposed) < k:
-            self.proposed.append(0)
-            self.accepted.append(0)
+            self.proposed.append(0.0)
+            self.accepted.append(0.0)
+        for position in range(len(self.proposed)):
+            self.proposed[position] *= self.decay
+            self.accepted[position] *= self.decay
         for position in range(k):
             if position <= num_accepted:  # positions after the first rejection were never judged
                 self.proposed[position] += 1
@@ -77,24 +128,18 @@ def expected_tokens(estimate: AcceptanceEstimate, k: int) -> float:
     return total
 
 
-AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
-
-
-def choose_k(estimate: AcceptanceEstimate, costs: CostModel, max_k: int) -> int:
-    """argmax over k in [0, max_k] of E(k) / (draft(k) + verify(k)). Until every k in 1..max_k has
-    been measured once (coordinator-wide), the smallest unmeasured k is tried: exploration costs
-    at most max_k rounds and never changes the output, only its speed."""
-    for k in range(1, max_k + 1):
-        if k not in costs.verify_points:
+def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int) -> int:
+    """argmax over k in [0, max_k] of E(k) / T(k) at a batch of `sequences`; a stale EXPLORE
+    length first."""
+    for k in dict.fromkeys(min(k, max_k) for k in EXPLORE):
+        if costs.stale(sequences, k):
             return k
-    if costs.draft_per_token is None or costs.verify(0) is None:
-        return max_k
-    best_k, best_rate = 0, 1.0 / costs.verify(0)
-    for k in range(1, max_k + 1):
-        verify = costs.verify(k)
-        if verify is None:
+    best_k, best_rate = 0, 0.0
+    for k in range(max_k + 1):
+        seconds = costs.round_seconds(sequences, k)
+        if seconds is None:
             continue
-        rate = expected_tokens(estimate, k) / (costs.draft_per_token * k + verify)
+        rate = expected_tokens(estimate, k) / seconds
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k

@@ -32,7 +32,7 @@ from typing import Any, AsyncIterator
 
 import grpc
 
-from coordinator.adaptive import AUTO_K, AcceptanceEstimate, CostModel, choose_k
+from coordinator.adaptive import AUTO_K, AUTONOMOUS_CHUNK, AcceptanceEstimate, CostModel, choose_k
 from coordinator.detokenizer import TextStream
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Endpoint, WorkerPool
@@ -67,7 +67,8 @@ class Backend:
     tokenizer: Any
     metrics: CoordinatorMetrics
     timeouts: Timeouts = field(default_factory=Timeouts)
-    costs: CostModel = field(default_factory=CostModel)   # measured step costs for --k auto
+    costs: CostModel = field(default_factory=CostModel)   # --k auto: measured round times ...
+    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)  # ... and acceptance, pooled
     max_k: int = 16
     overlap: bool = False  # draft round n+1 while round n is verified
     overlap_width: int = 3  # candidate tokens per accept length that overlap drafts for
@@ -132,7 +133,6 @@ class Generation:
     tried_drafts: set[str] = field(default_factory=set)
     preemptions: int = 0
     failovers: int = 0
-    acceptance: AcceptanceEstimate = field(default_factory=AcceptanceEstimate)
 
     def __post_init__(self) -> None:
         self.history = list(self.request.prompt_token_ids)
@@ -176,10 +176,12 @@ class Generation:
                     if ahead is not None:  # the next round is verified while this one's tokens are written
                         upcoming = self._start_round(ahead, settle_wait, chained=verdict.chained)
                 if not self.finish_reason and upcoming is None:
-                    k = self._round_k()
-                    if k == 0:  # no draft, or no room for a proposal: a target-only round
-                        # (chained: the target decodes this sequence by itself and already runs it)
-                        upcoming = self._start_round(None, 0.0, chained=verdict.chained)
+                    # chained after a target-only round: the target decodes this sequence by itself
+                    # and already runs its next round
+                    autonomous = verdict.chained and current.proposal is None
+                    k = 0 if autonomous else self._round_k()
+                    if k == 0:  # no draft, no room for a proposal, or k = 0 is fastest: a target-only round
+                        upcoming = self._start_round(None, 0.0, chained=autonomous)
                     else:  # the next proposal is drafted while this round's tokens are written
                         pending = asyncio.get_running_loop().create_task(self._propose(k))
                 if upcoming is not None or pending is not None:
@@ -325,12 +327,16 @@ class Generation:
                 failure = self._target_failed(exc)
 
     def _autonomous_rounds(self, proposal: draft_pb2.DraftResponse | None) -> int:
-        """Target-only rounds the target may run by itself after this one: all the request has
-        left once it has no draft (none configured, k = 0, or its context is exhausted), so that
-        tokens stream with no round trip between them; none while a draft may still propose."""
-        if proposal is not None or self.session is not None:
+        """Target-only rounds the target may run by itself after this one, so that tokens stream
+        with no round trip between them: all the request has left once it has no draft (none
+        configured, k = 0, or its context is exhausted); AUTONOMOUS_CHUNK when --k auto found
+        k = 0 fastest, after which k is chosen again."""
+        if proposal is not None:
             return 0
-        return max(0, self.request.max_tokens - len(self.generated) - 1)
+        left = max(0, self.request.max_tokens - len(self.generated) - 1)
+        if self.session is None:
+            return left
+        return min(left, AUTONOMOUS_CHUNK) if self.request.k == AUTO_K else 0
 
     # --- draft ---------------------------------------------------------------------------------
     def _open_draft(self) -> None:
@@ -361,8 +367,12 @@ class Generation:
             return 0
         k = self.request.k
         if k == AUTO_K:
-            k = choose_k(self.acceptance, self.backend.costs, self.backend.max_k)
+            k = choose_k(self.backend.acceptance, self.backend.costs, self._sequences(), self.backend.max_k)
         return max(0, self._fit_k(k, len(self.history), len(self.generated)))
+
+    def _sequences(self) -> int:
+        """Requests sharing this request's target: the batch its rounds are verified in."""
+        return self.target.pinned if self.target is not None else 1
 
     def _fit_k(self, k: int, history_len: int, generated: int) -> int:
         """k limited so that the round never outgrows max_tokens (its last token is the target's)
@@ -394,12 +404,9 @@ class Generation:
                 k = None
 
     def _learn(self, current: _Round, verdict: Any) -> None:
-        """Feed --k auto's estimates: step costs coordinator-wide, acceptance for this request."""
-        proposal = current.proposal
-        k = len(proposal.token_ids) if proposal is not None else 0
-        self.backend.costs.observe(k, current.exposed_draft if k else 0.0, verdict.step_seconds)
-        if k:
-            self.acceptance.observe(k, verdict.num_accepted)
+        """Feed --k auto's acceptance estimate."""
+        if current.proposal is not None and current.proposal.token_ids:
+            self.backend.acceptance.observe(len(current.proposal.token_ids), verdict.num_accepted)
 
     def _record_round(self, current: _Round, verdict: Any, start: float, end: float) -> None:
         """Count the round, and where its time (`start` to `end`, verdict to verdict) went: draft,
@@ -407,6 +414,8 @@ class Generation:
         for it: its step time, or for a proposal drafted during the last verify only the wait for
         it after that verdict."""
         proposal, spec = current.proposal, self.spec
+        if proposal is None or proposal.token_ids:  # --k auto's round times (an empty proposal is neither)
+            self.backend.costs.observe(self._sequences(), len(proposal.token_ids) if proposal else 0, end - start)
         if proposal is None or not proposal.token_ids:
             spec.target_rounds += 1
             spec.target_round_seconds += end - start

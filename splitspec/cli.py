@@ -188,14 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests waiting for a slot; beyond it RESOURCE_EXHAUSTED at once")
     coord.add_argument("--health-interval", type=float, default=1.0,
                        help="seconds between health checks / DNS re-resolution of the worker pools")
-    coord.add_argument("--k", type=_k_value, default=4,
-                       help="default draft tokens per round, or 'auto' (chosen per request by expected tokens/s)")
+    coord.add_argument("--k", type=_k_value, default="auto",
+                       help="default draft tokens per round, or 'auto' (the default: chosen per request and "
+                            "round by measured tokens/s at the current batch, k = 0 included)")
     coord.add_argument("--max-k", type=int, default=16)
     coord.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
     coord.add_argument("--connect-timeout", type=float, default=120.0)
     coord.add_argument("--auth-token", default=None, help="require 'authorization: Bearer TOKEN' from clients")
-    coord.add_argument("--overlap", action="store_true",
-                       help="draft the next round while the target verifies this one, once per likely verdict")
+    coord.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                       help="draft the next round while the target verifies this one, once per likely verdict "
+                            "(default on)")
     coord.add_argument("--overlap-width", type=int, default=3, metavar="N",
                        help="with --overlap: candidate tokens per accept length drafted for (the draft's N "
                             "most likely; (k + 1) * N branches per round)")
@@ -211,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the draft model (--draft-method model); layerskip and ngram use the target")
     up.add_argument("--draft-method", default="model", choices=["model", "layerskip", "ngram"])
     _add_drafter_args(up)
-    up.add_argument("--k", default="4", help="draft tokens per round, or 'auto'")
+    up.add_argument("--k", default="auto", help="draft tokens per round, or 'auto' (the default)")
     up.add_argument("--port", type=int, default=50051)
     up.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -221,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=8000, help="the gateway's port (0: no gateway)")
     up.add_argument("--targets", type=int, default=1, help="target worker replicas (a local pool)")
     up.add_argument("--drafts", type=int, default=1, help="draft worker replicas (a local pool)")
-    up.add_argument("--overlap", action="store_true", help="passed to the coordinator")
+    up.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=True,
+                    help="passed to the coordinator (default on)")
     up.add_argument("--overlap-width", default=None, metavar="N", help="passed to the coordinator")
     up.add_argument("--draft-confidence", default=None, metavar="P", help="passed to the coordinator")
     up.add_argument("--api-key", default=None, help="passed to the gateway")
@@ -429,7 +432,7 @@ def _up(args: argparse.Namespace) -> int:
     # the workers compile their forward before they serve: wait for them as long as `up` does
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
                    "--connect-timeout", str(args.startup_timeout),
-                   "--log-level", args.log_level, *(["--overlap"] if args.overlap else []),
+                   "--log-level", args.log_level, "--overlap" if args.overlap else "--no-overlap",
                    *(["--draft-confidence", args.draft_confidence] if args.draft_confidence else []),
                    *(["--overlap-width", args.overlap_width] if args.overlap_width else [])]
     for index in range(args.targets):

@@ -20,7 +20,8 @@ K_VALUES = (1, 2, 4, 8)
 def reference(loaded, prompt_ids: list[int], max_new_tokens: int, stop_at_eos: bool) -> list[int]:
     config = GenerationConfig(
         max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0,
-        eos_token_id=list(loaded.eos_token_ids) if stop_at_eos else None,
+        # [] and not None: None falls back to the model's generation_config and stops at its EOS
+        eos_token_id=list(loaded.eos_token_ids) if stop_at_eos else [],
     )
     with torch.inference_mode():
         out = loaded.model.generate(torch.tensor([prompt_ids]), generation_config=config)
@@ -117,8 +118,10 @@ async def test_adaptive_k_keeps_greedy_output_identical(tiny):
             result = await collect(stack.stub, coordinator_pb2.GenerateRequest(
                 prompt=prompt, max_tokens=60, temperature=0.0, ignore_eos=True))
             assert result["token_ids"] == expected
-        costs = stack.coordinator.state.costs
-        assert set(range(1, 7)) <= set(costs.verify_points)  # every k was explored and measured
+        from coordinator.adaptive import EXPLORE
+
+        measured = stack.coordinator.state.costs.buckets[1].seconds  # one request at a time: bucket 1
+        assert set(EXPLORE) <= set(measured)  # each listed length was explored and measured, k = 0 included
     finally:
         await stack.stop()
 
