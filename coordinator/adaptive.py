@@ -14,11 +14,20 @@ priced by other requests' steps (one request decoding alone while three speculat
 verifies in its own step). This follows SmartSpec (arXiv 2406.14066): choose by goodput, not by
 acceptance, and let k = 0 win when it is fastest.
 
-Round times not yet measured in a bucket are explored first (EXPLORE: a long and a short
-proposal and k = 0), and each is measured again once it has gone unseen for REFRESH_ROUNDS
-rounds per sequence, so that a cost taken while the stack warmed up does not stick. Other k are
-read off a line through the bucket's measured k >= 1 points. Exploration changes speed only,
-never the output.
+The choice is one per batch bucket, shared by every request in it: a round is measured only on
+a batch whose requests all run the same k. Measured one request at a time, speculation always
+looks worth it: a request's three extra tokens cost little inside a step of target-only
+sequences, and a target-only request's step is priced by its neighbours' verifies. Goodput is a
+property of the batch, so the batch chooses.
+
+A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again by goodput.
+Round times not yet measured are explored first (EXPLORE: short and long proposals and k = 0),
+and each is measured again once it has gone unseen for REFRESH_ROUNDS rounds per sequence, so
+that a cost taken under other traffic does not stick. After a switch, the first SETTLE_ROUNDS
+rounds per sequence of the new choice still share steps with rounds of the last one and are not
+measured; an exploring choice is held until MEASURE_ROUNDS more have been. Other k are read off
+a line through the bucket's measured k >= 1 points. Exploration changes speed only, never the
+output.
 """
 
 from __future__ import annotations
@@ -27,8 +36,11 @@ from dataclasses import dataclass, field
 
 AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
 EXPLORE = (1, 2, 3, 4, 0)  # draft lengths measured first in every bucket (capped at max_k)
-REFRESH_ROUNDS = 64     # rounds per sequence in a bucket after which a k's round time is measured again
-AUTONOMOUS_CHUNK = 16   # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
+REFRESH_ROUNDS = 256    # rounds per sequence in a bucket after which an unchosen k is measured again
+DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
+SETTLE_ROUNDS = 3       # rounds per sequence of a new choice not measured: they share steps with the last one
+MEASURE_ROUNDS = 4      # rounds per sequence an exploring choice is measured before it is compared
+AUTONOMOUS_CHUNK = 8    # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
 
 
 def batch_bucket(sequences: int) -> int:
@@ -38,11 +50,15 @@ def batch_bucket(sequences: int) -> int:
 
 @dataclass(slots=True)
 class RoundTimes:
-    """One batch bucket's round seconds by draft length, as exponential moving averages."""
+    """One batch bucket's round seconds by draft length, as exponential moving averages, and the
+    draft length its requests run now."""
 
     seconds: dict[int, float] = field(default_factory=dict)  # k -> mean round seconds
-    seen_at: dict[int, int] = field(default_factory=dict)    # k -> `rounds` when last observed
-    rounds: int = 0
+    seen_at: dict[int, int] = field(default_factory=dict)    # k -> `rounds` when last measured
+    rounds: int = 0                                          # rounds observed, any k
+    choice: int | None = None                                # the k every request here runs
+    choice_rounds: int = 0                                   # rounds of `choice` observed since it was chosen
+    hold: int = 0                                            # ... before the bucket chooses again
 
     def line(self, k: int) -> float | None:
         """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points."""
@@ -70,8 +86,16 @@ class CostModel:
         return self.buckets.setdefault(batch_bucket(sequences), RoundTimes())
 
     def observe(self, sequences: int, k: int, seconds: float) -> None:
+        """A round of `k` draft tokens took `seconds`, verdict to verdict. Measured only when it ran
+        the bucket's choice and the switch to it has settled (before any choice: always)."""
         times = self.times(sequences)
         times.rounds += 1
+        if times.choice is not None:
+            if (k == 0) != (times.choice == 0) or k > times.choice:
+                return  # another choice's round (a shorter proposal counts: confidence or max_tokens cut it)
+            times.choice_rounds += 1
+            if times.choice_rounds <= SETTLE_ROUNDS * batch_bucket(sequences):
+                return
         old = times.seconds.get(k)
         times.seconds[k] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
         times.seen_at[k] = times.rounds
@@ -129,11 +153,21 @@ def expected_tokens(estimate: AcceptanceEstimate, k: int) -> float:
 
 
 def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int) -> int:
-    """argmax over k in [0, max_k] of E(k) / T(k) at a batch of `sequences`; a stale EXPLORE
-    length first."""
-    for k in dict.fromkeys(min(k, max_k) for k in EXPLORE):
-        if costs.stale(sequences, k):
-            return k
+    """The k of this batch bucket: its current choice while held, else a stale EXPLORE length,
+    else the argmax over k in [0, max_k] of E(k) / T(k)."""
+    times, bucket = costs.times(sequences), batch_bucket(sequences)
+    if times.choice is None or times.choice_rounds >= times.hold:
+        exploring = next((k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE) if costs.stale(sequences, k)), None)
+        if exploring is not None:
+            times.choice, times.hold = exploring, (SETTLE_ROUNDS + MEASURE_ROUNDS) * bucket
+        else:
+            times.choice, times.hold = fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket
+        times.choice_rounds = 0
+    return min(times.choice, max_k)
+
+
+def fastest_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int) -> int:
+    """argmax over k in [0, max_k] of E(k) / T(k) at a batch of `sequences`."""
     best_k, best_rate = 0, 0.0
     for k in range(max_k + 1):
         seconds = costs.round_seconds(sequences, k)

@@ -365,10 +365,11 @@ class Generation:
             log.info("draft context exhausted; continuing target-only", extra={"request_id": self.request.request_id})
             self._close_draft()
             return 0
-        k = self.request.k
-        if k == AUTO_K:
-            k = choose_k(self.backend.acceptance, self.backend.costs, self._sequences(), self.backend.max_k)
+        k = self._auto_k() if self.request.k == AUTO_K else self.request.k
         return max(0, self._fit_k(k, len(self.history), len(self.generated)))
+
+    def _auto_k(self) -> int:
+        return choose_k(self.backend.acceptance, self.backend.costs, self._sequences(), self.backend.max_k)
 
     def _sequences(self) -> int:
         """Requests sharing this request's target: the batch its rounds are verified in."""
@@ -414,7 +415,7 @@ class Generation:
         for it: its step time, or for a proposal drafted during the last verify only the wait for
         it after that verdict."""
         proposal, spec = current.proposal, self.spec
-        if proposal is None or proposal.token_ids:  # --k auto's round times (an empty proposal is neither)
+        if self.request.k == AUTO_K and (proposal is None or proposal.token_ids):  # --k auto's round times
             self.backend.costs.observe(self._sequences(), len(proposal.token_ids) if proposal else 0, end - start)
         if proposal is None or not proposal.token_ids:
             spec.target_rounds += 1
@@ -451,7 +452,7 @@ class Generation:
         if self.draft is None or self.draft.pinned > 1:  # other requests keep this draft busy: no idle time to use
             return None
         produced = len(proposal.token_ids) + 1  # the longest verdict: all accepted and the bonus token
-        k = self.request.k if self.request.k != AUTO_K else len(proposal.token_ids)
+        k = self.request.k if self.request.k != AUTO_K else self._auto_k()
         k = self._fit_k(k, len(self.history) + produced, len(self.generated) + produced)
         if k < 1:
             return None

@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 
 from coordinator.adaptive import (
-    EXPLORE, REFRESH_ROUNDS, AcceptanceEstimate, CostModel, batch_bucket, choose_k, expected_tokens,
+    DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_ROUNDS, SETTLE_ROUNDS, AcceptanceEstimate, CostModel,
+    batch_bucket, choose_k, expected_tokens,
 )
 
 
@@ -18,6 +19,17 @@ def costs(rounds: dict[int, float], sequences: int = 1) -> CostModel:
 def rounds(target_alone: float, base: float, per_token: float) -> dict[int, float]:
     """Round seconds for k = 0 and, on a line, for every other EXPLORE length."""
     return {k: target_alone if k == 0 else base + per_token * k for k in EXPLORE}
+
+
+def drive(model: CostModel, estimate: AcceptanceEstimate, seconds: dict[int, float], rounds: int,
+          sequences: int = 1, max_k: int = 8) -> list[int]:
+    """`rounds` rounds, each of the k chosen for it, taking `seconds[k]` (k beyond the dict: its last)."""
+    chosen = []
+    for _ in range(rounds):
+        k = choose_k(estimate, model, sequences, max_k)
+        chosen.append(k)
+        model.observe(sequences, k, seconds.get(k, seconds[max(seconds)]))
+    return chosen
 
 
 def sure(rate: float) -> AcceptanceEstimate:
@@ -63,27 +75,47 @@ def test_unmeasured_lengths_are_read_off_the_line_through_measured_ones():
 
 
 def test_exploration_measures_each_listed_length_before_choosing():
-    model = CostModel()
-    explored = []
-    for _ in EXPLORE:
-        k = choose_k(sure(0.9), model, 1, 8)
-        explored.append(k)
-        model.observe(1, k, 0.030 + 0.001 * k)
-    assert explored == list(EXPLORE)
+    model, window = CostModel(), SETTLE_ROUNDS + MEASURE_ROUNDS
+    chosen = drive(model, sure(0.9), {k: 0.030 + 0.001 * k for k in range(9)}, len(EXPLORE) * window)
+    assert chosen == [k for k in EXPLORE for _ in range(window)]
+    assert set(model.buckets[1].seconds) == set(EXPLORE)
     assert choose_k(sure(0.9), model, 1, 8) == 8  # then goodput decides
     assert choose_k(sure(0.9), model, 1, 3) == 3  # capped at max_k
 
 
+def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
+    """Four requests in bucket 4 ask in turn: all get the bucket's choice. A round of another k
+    (one that started before the switch) is not measured, nor are the first rounds of the choice,
+    which still share steps with the last one."""
+    model = CostModel()
+    k = choose_k(sure(0.9), model, 4, 4)
+    assert [choose_k(sure(0.9), model, 3, 4) for _ in range(3)] == [k] * 3
+    model.observe(4, 0, 0.500)  # a target-only round from before the switch
+    for _ in range(SETTLE_ROUNDS * 4):
+        model.observe(4, k, 0.500)  # shares steps with the last choice's rounds
+    assert model.buckets[4].seconds == {}
+    model.observe(4, k, 0.040)
+    assert model.buckets[4].seconds == {k: 0.040}
+    assert choose_k(sure(0.9), model, 4, 4) == k  # held until measured for MEASURE_ROUNDS per sequence
+
+
+def test_the_choice_is_made_again_by_goodput():
+    """Measured, k = 4 is fastest; then acceptance drops and, at the next decision, k = 0 wins."""
+    model = CostModel()
+    seconds = rounds(0.030, 0.030, 0.001)
+    drive(model, sure(0.9), seconds, len(EXPLORE) * (SETTLE_ROUNDS + MEASURE_ROUNDS))
+    assert drive(model, sure(0.9), seconds, DECIDE_ROUNDS, max_k=4) == [4] * DECIDE_ROUNDS
+    assert drive(model, sure(0.01), seconds, 1, max_k=4) == [0]
+
+
 def test_a_length_unseen_for_long_is_measured_again():
-    model = costs(rounds(0.030, 0.030, 0.0005))
-    assert choose_k(sure(0.9), model, 1, 4) == 4
-    for _ in range(REFRESH_ROUNDS + 1):  # only k = 4 rounds for a while: the others go stale
-        model.observe(1, 4, 0.032)
-    assert model.stale(1, 2) and model.stale(1, 0) and not model.stale(1, 4)
-    assert choose_k(sure(0.9), model, 1, 4) == 1
-    for k in (1, 2, 3):
-        model.observe(1, k, 0.031)
-    assert choose_k(sure(0.9), model, 1, 4) == 0
+    model, window = costs(rounds(0.030, 0.030, 0.0005)), SETTLE_ROUNDS + MEASURE_ROUNDS
+    seconds = {0: 0.030, 1: 0.031, 2: 0.031, 3: 0.031, 4: 0.032}
+    chosen = drive(model, sure(0.9), seconds, REFRESH_ROUNDS + DECIDE_ROUNDS + 4 * window, max_k=4)
+    refreshed = chosen.index(1)  # k = 4 ran alone until the others went stale
+    assert set(chosen[:refreshed]) == {4} and refreshed >= REFRESH_ROUNDS
+    assert chosen[refreshed:refreshed + 4 * window] == [k for k in (1, 2, 3, 0) for _ in range(window)]
+    assert not any(model.stale(1, k) for k in EXPLORE)
 
 
 def test_round_times_are_moving_averages():
