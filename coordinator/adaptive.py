@@ -23,22 +23,28 @@ property of the batch, so the batch chooses.
 A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again by goodput.
 Round times not yet measured are explored first (EXPLORE: short and long proposals and k = 0),
 and each is measured again once it has gone unseen for REFRESH_ROUNDS rounds per sequence, so
-that a cost taken under other traffic does not stick. After a switch, the first SETTLE_ROUNDS
-rounds per sequence of the new choice still share steps with rounds of the last one and are not
-measured; an exploring choice is held until MEASURE_ROUNDS more have been. Other k are read off
+that a cost taken under other traffic does not stick. After a switch, rounds of the last choice
+are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK of them): a round that started
+before they can all have ended (SETTLE_MARGIN times the longest of them) shares steps with them
+and is not measured. An exploring choice is held until MEASURE_ROUNDS rounds per sequence have
+been. Other k are read off
 a line through the bucket's measured k >= 1 points. Exploration changes speed only, never the
 output.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
 EXPLORE = (1, 2, 3, 4, 0)  # draft lengths measured first in every bucket (capped at max_k)
 REFRESH_ROUNDS = 256    # rounds per sequence in a bucket after which an unchosen k is measured again
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
-SETTLE_ROUNDS = 3       # rounds per sequence of a new choice not measured: they share steps with the last one
+SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
 MEASURE_ROUNDS = 4      # rounds per sequence an exploring choice is measured before it is compared
 AUTONOMOUS_CHUNK = 8    # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
 
@@ -57,8 +63,17 @@ class RoundTimes:
     seen_at: dict[int, int] = field(default_factory=dict)    # k -> `rounds` when last measured
     rounds: int = 0                                          # rounds observed, any k
     choice: int | None = None                                # the k every request here runs
-    choice_rounds: int = 0                                   # rounds of `choice` observed since it was chosen
+    choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
     hold: int = 0                                            # ... before the bucket chooses again
+    settled_at: float = 0.0                                  # rounds started before this share steps with the last choice's
+
+    def switch(self, k: int, hold: int, now: float, shared: bool) -> None:
+        """Every request here runs `k` from now, for `hold` measured rounds. `shared`: several
+        sequences share the steps, so rounds of the last choice are still in flight."""
+        if shared and self.choice is not None and k != self.choice:
+            last = self.seconds.get(self.choice, max(self.seconds.values(), default=0.0))
+            self.settled_at = now + SETTLE_MARGIN * last * (AUTONOMOUS_CHUNK if self.choice == 0 else 1)
+        self.choice, self.hold, self.choice_rounds = k, hold, 0
 
     def line(self, k: int) -> float | None:
         """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points."""
@@ -85,17 +100,18 @@ class CostModel:
     def times(self, sequences: int) -> RoundTimes:
         return self.buckets.setdefault(batch_bucket(sequences), RoundTimes())
 
-    def observe(self, sequences: int, k: int, seconds: float) -> None:
-        """A round of `k` draft tokens took `seconds`, verdict to verdict. Measured only when it ran
-        the bucket's choice and the switch to it has settled (before any choice: always)."""
+    def observe(self, sequences: int, k: int, seconds: float, now: float | None = None) -> None:
+        """A round of `k` draft tokens took `seconds`, verdict to verdict, ending `now`
+        (time.perf_counter()). Measured only when it ran the bucket's choice and started after the
+        switch to it settled (before any choice: always)."""
         times = self.times(sequences)
         times.rounds += 1
         if times.choice is not None:
             if (k == 0) != (times.choice == 0) or k > times.choice:
                 return  # another choice's round (a shorter proposal counts: confidence or max_tokens cut it)
-            times.choice_rounds += 1
-            if times.choice_rounds <= SETTLE_ROUNDS * batch_bucket(sequences):
+            if (time.perf_counter() if now is None else now) - seconds < times.settled_at:
                 return
+            times.choice_rounds += 1
         old = times.seconds.get(k)
         times.seconds[k] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
         times.seen_at[k] = times.rounds
@@ -152,17 +168,22 @@ def expected_tokens(estimate: AcceptanceEstimate, k: int) -> float:
     return total
 
 
-def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int) -> int:
+def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int,
+             now: float | None = None) -> int:
     """The k of this batch bucket: its current choice while held, else a stale EXPLORE length,
     else the argmax over k in [0, max_k] of E(k) / T(k)."""
     times, bucket = costs.times(sequences), batch_bucket(sequences)
     if times.choice is None or times.choice_rounds >= times.hold:
         exploring = next((k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE) if costs.stale(sequences, k)), None)
+        now = time.perf_counter() if now is None else now
         if exploring is not None:
-            times.choice, times.hold = exploring, (SETTLE_ROUNDS + MEASURE_ROUNDS) * bucket
+            times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1)
         else:
-            times.choice, times.hold = fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket
-        times.choice_rounds = 0
+            times.switch(fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket, now, bucket > 1)
+        log.info("k chosen", extra={
+            "bucket": bucket, "k": times.choice, "exploring": exploring is not None,
+            "round_ms": {k: round(1000 * t, 2) for k, t in sorted(times.seconds.items())},
+            "acceptance": [round(estimate.rate(p), 3) for p in range(max_k)]})
     return min(times.choice, max_k)
 
 

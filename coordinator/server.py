@@ -11,7 +11,7 @@ from typing import Any, Callable
 from coordinator.adaptive import AUTO_K
 from coordinator.admission import Admission
 from coordinator.generation import Backend, Timeouts
-from coordinator.metrics import CoordinatorMetrics
+from coordinator.metrics import AutoKCollector, CoordinatorMetrics
 from coordinator.pool import WorkerPool
 from coordinator.request import Limits
 from coordinator.servicer import CoordinatorServicer
@@ -140,6 +140,7 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         overlap=config.overlap,
         overlap_width=config.overlap_width,
     )
+    metrics.registry.register(AutoKCollector(backend.costs))
     limits = Limits(
         max_model_len=target_info.max_model_len,
         vocab_size=target_info.vocab_size,

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.adaptive import (
-    DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_ROUNDS, SETTLE_ROUNDS, AcceptanceEstimate, CostModel,
+    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_ROUNDS, SETTLE_MARGIN, AcceptanceEstimate, CostModel,
     batch_bucket, choose_k, expected_tokens,
 )
 
@@ -23,12 +23,14 @@ def rounds(target_alone: float, base: float, per_token: float) -> dict[int, floa
 
 def drive(model: CostModel, estimate: AcceptanceEstimate, seconds: dict[int, float], rounds: int,
           sequences: int = 1, max_k: int = 8) -> list[int]:
-    """`rounds` rounds, each of the k chosen for it, taking `seconds[k]` (k beyond the dict: its last)."""
-    chosen = []
+    """`rounds` rounds one after another, each of the k chosen for it, taking `seconds[k]` (k beyond
+    the dict: its last) on a clock of their own."""
+    chosen, clock = [], 1000.0
     for _ in range(rounds):
-        k = choose_k(estimate, model, sequences, max_k)
+        k = choose_k(estimate, model, sequences, max_k, now=clock)
         chosen.append(k)
-        model.observe(sequences, k, seconds.get(k, seconds[max(seconds)]))
+        clock += seconds.get(k, seconds[max(seconds)])
+        model.observe(sequences, k, seconds.get(k, seconds[max(seconds)]), now=clock)
     return chosen
 
 
@@ -75,7 +77,7 @@ def test_unmeasured_lengths_are_read_off_the_line_through_measured_ones():
 
 
 def test_exploration_measures_each_listed_length_before_choosing():
-    model, window = CostModel(), SETTLE_ROUNDS + MEASURE_ROUNDS
+    model, window = CostModel(), MEASURE_ROUNDS
     chosen = drive(model, sure(0.9), {k: 0.030 + 0.001 * k for k in range(9)}, len(EXPLORE) * window)
     assert chosen == [k for k in EXPLORE for _ in range(window)]
     assert set(model.buckets[1].seconds) == set(EXPLORE)
@@ -85,31 +87,34 @@ def test_exploration_measures_each_listed_length_before_choosing():
 
 def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
     """Four requests in bucket 4 ask in turn: all get the bucket's choice. A round of another k
-    (one that started before the switch) is not measured, nor are the first rounds of the choice,
-    which still share steps with the last one."""
+    is not measured, nor one that started while the last choice's rounds could still be in flight
+    (an autonomous chunk's, for k = 0)."""
     model = CostModel()
-    k = choose_k(sure(0.9), model, 4, 4)
-    assert [choose_k(sure(0.9), model, 3, 4) for _ in range(3)] == [k] * 3
-    model.observe(4, 0, 0.500)  # a target-only round from before the switch
-    for _ in range(SETTLE_ROUNDS * 4):
-        model.observe(4, k, 0.500)  # shares steps with the last choice's rounds
-    assert model.buckets[4].seconds == {}
-    model.observe(4, k, 0.040)
-    assert model.buckets[4].seconds == {k: 0.040}
-    assert choose_k(sure(0.9), model, 4, 4) == k  # held until measured for MEASURE_ROUNDS per sequence
+    model.observe(4, 0, 0.010, now=1.0)  # before any choice: measured
+    model.times(4).switch(0, 1, now=1.0, shared=True)  # the bucket runs k = 0 for one round
+    model.observe(4, 0, 0.010, now=1.5)
+    k = choose_k(sure(0.9), model, 4, 4, now=2.0)  # then explores
+    assert k == 1 and [choose_k(sure(0.9), model, 3, 4, now=2.0) for _ in range(3)] == [k] * 3
+    settled = 2.0 + SETTLE_MARGIN * 0.010 * AUTONOMOUS_CHUNK
+    model.observe(4, 0, 0.010, now=2.1)  # a target-only round of the chunk still running
+    model.observe(4, k, 0.040, now=settled + 0.039)  # started before the chunks could all have ended
+    assert set(model.buckets[4].seconds) == {0}
+    model.observe(4, k, 0.040, now=settled + 0.041)
+    assert model.buckets[4].seconds[k] == 0.040
+    assert choose_k(sure(0.9), model, 4, 4, now=3.0) == k  # held until measured for MEASURE_ROUNDS per sequence
 
 
 def test_the_choice_is_made_again_by_goodput():
     """Measured, k = 4 is fastest; then acceptance drops and, at the next decision, k = 0 wins."""
     model = CostModel()
     seconds = rounds(0.030, 0.030, 0.001)
-    drive(model, sure(0.9), seconds, len(EXPLORE) * (SETTLE_ROUNDS + MEASURE_ROUNDS))
+    drive(model, sure(0.9), seconds, len(EXPLORE) * MEASURE_ROUNDS)
     assert drive(model, sure(0.9), seconds, DECIDE_ROUNDS, max_k=4) == [4] * DECIDE_ROUNDS
     assert drive(model, sure(0.01), seconds, 1, max_k=4) == [0]
 
 
 def test_a_length_unseen_for_long_is_measured_again():
-    model, window = costs(rounds(0.030, 0.030, 0.0005)), SETTLE_ROUNDS + MEASURE_ROUNDS
+    model, window = costs(rounds(0.030, 0.030, 0.0005)), MEASURE_ROUNDS
     seconds = {0: 0.030, 1: 0.031, 2: 0.031, 3: 0.031, 4: 0.032}
     chosen = drive(model, sure(0.9), seconds, REFRESH_ROUNDS + DECIDE_ROUNDS + 4 * window, max_k=4)
     refreshed = chosen.index(1)  # k = 4 ran alone until the others went stale
