@@ -22,8 +22,9 @@ property of the batch, so the batch chooses.
 
 A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again by goodput.
 Round times not yet measured are explored first (EXPLORE: short and long proposals and k = 0),
-and each is measured again once it has gone unseen for REFRESH_ROUNDS rounds per sequence, so
-that a cost taken under other traffic does not stick. After a switch, rounds of the last choice
+and each is measured again once it has gone unmeasured for REFRESH_SECONDS, so that a cost taken
+under other traffic does not stick (exploring every length takes a second or two: about 3% of
+the time, at a cost of a fraction of that). After a switch, rounds of the last choice
 are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK of them): a round that started
 before they can all have ended (SETTLE_MARGIN times the longest of them) shares steps with them
 and is not measured. An exploring choice is held until MEASURE_ROUNDS rounds per sequence have
@@ -41,11 +42,11 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
-EXPLORE = (1, 2, 3, 4, 0)  # draft lengths measured first in every bucket (capped at max_k)
-REFRESH_ROUNDS = 256    # rounds per sequence in a bucket after which an unchosen k is measured again
+EXPLORE = (2, 4, 0)  # draft lengths measured first in every bucket (capped at max_k); others off the line
+REFRESH_SECONDS = 60.0  # after this long unmeasured in a bucket, a k is measured again
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
 SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
-MEASURE_ROUNDS = 4      # rounds per sequence an exploring choice is measured before it is compared
+MEASURE_ROUNDS = 3      # rounds per sequence an exploring choice is measured before it is compared
 AUTONOMOUS_CHUNK = 8    # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
 
 
@@ -60,8 +61,7 @@ class RoundTimes:
     draft length its requests run now."""
 
     seconds: dict[int, float] = field(default_factory=dict)  # k -> mean round seconds
-    seen_at: dict[int, int] = field(default_factory=dict)    # k -> `rounds` when last measured
-    rounds: int = 0                                          # rounds observed, any k
+    seen_at: dict[int, float] = field(default_factory=dict)  # k -> time.perf_counter() when last measured
     choice: int | None = None                                # the k every request here runs
     choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
     hold: int = 0                                            # ... before the bucket chooses again
@@ -104,17 +104,16 @@ class CostModel:
         """A round of `k` draft tokens took `seconds`, verdict to verdict, ending `now`
         (time.perf_counter()). Measured only when it ran the bucket's choice and started after the
         switch to it settled (before any choice: always)."""
-        times = self.times(sequences)
-        times.rounds += 1
+        times, now = self.times(sequences), time.perf_counter() if now is None else now
         if times.choice is not None:
             if (k == 0) != (times.choice == 0) or k > times.choice:
                 return  # another choice's round (a shorter proposal counts: confidence or max_tokens cut it)
-            if (time.perf_counter() if now is None else now) - seconds < times.settled_at:
+            if now - seconds < times.settled_at:
                 return
             times.choice_rounds += 1
         old = times.seconds.get(k)
         times.seconds[k] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
-        times.seen_at[k] = times.rounds
+        times.seen_at[k] = now
 
     def round_seconds(self, sequences: int, k: int) -> float | None:
         """T(k) at this batch: measured, else (k >= 1) off the line; None when nothing says."""
@@ -123,12 +122,12 @@ class CostModel:
             return times.seconds[k]
         return times.line(k) if k >= 1 else None
 
-    def stale(self, sequences: int, k: int) -> bool:
-        """Never measured at this batch, or not for REFRESH_ROUNDS rounds per sequence."""
+    def stale(self, sequences: int, k: int, now: float) -> bool:
+        """Never measured at this batch, or not for REFRESH_SECONDS."""
         times = self.times(sequences)
         if k not in times.seconds:
             return True
-        return times.rounds - times.seen_at[k] > REFRESH_ROUNDS * batch_bucket(sequences)
+        return now - times.seen_at[k] > REFRESH_SECONDS
 
 
 @dataclass(slots=True)
@@ -174,8 +173,9 @@ def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max
     else the argmax over k in [0, max_k] of E(k) / T(k)."""
     times, bucket = costs.times(sequences), batch_bucket(sequences)
     if times.choice is None or times.choice_rounds >= times.hold:
-        exploring = next((k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE) if costs.stale(sequences, k)), None)
         now = time.perf_counter() if now is None else now
+        exploring = next((k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE)
+                          if costs.stale(sequences, k, now)), None)
         if exploring is not None:
             times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1)
         else:

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from coordinator.adaptive import (
-    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_ROUNDS, SETTLE_MARGIN, AcceptanceEstimate, CostModel,
+    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_SECONDS, SETTLE_MARGIN, AcceptanceEstimate, CostModel,
     batch_bucket, choose_k, expected_tokens,
 )
 
@@ -22,10 +24,10 @@ def rounds(target_alone: float, base: float, per_token: float) -> dict[int, floa
 
 
 def drive(model: CostModel, estimate: AcceptanceEstimate, seconds: dict[int, float], rounds: int,
-          sequences: int = 1, max_k: int = 8) -> list[int]:
+          sequences: int = 1, max_k: int = 8, clock: float | None = None) -> list[int]:
     """`rounds` rounds one after another, each of the k chosen for it, taking `seconds[k]` (k beyond
-    the dict: its last) on a clock of their own."""
-    chosen, clock = [], 1000.0
+    the dict: its last), on a clock of their own from `clock` (default: now)."""
+    chosen, clock = [], time.perf_counter() if clock is None else clock
     for _ in range(rounds):
         k = choose_k(estimate, model, sequences, max_k, now=clock)
         chosen.append(k)
@@ -94,7 +96,7 @@ def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
     model.times(4).switch(0, 1, now=1.0, shared=True)  # the bucket runs k = 0 for one round
     model.observe(4, 0, 0.010, now=1.5)
     k = choose_k(sure(0.9), model, 4, 4, now=2.0)  # then explores
-    assert k == 1 and [choose_k(sure(0.9), model, 3, 4, now=2.0) for _ in range(3)] == [k] * 3
+    assert k == EXPLORE[0] and [choose_k(sure(0.9), model, 3, 4, now=2.0) for _ in range(3)] == [k] * 3
     settled = 2.0 + SETTLE_MARGIN * 0.010 * AUTONOMOUS_CHUNK
     model.observe(4, 0, 0.010, now=2.1)  # a target-only round of the chunk still running
     model.observe(4, k, 0.040, now=settled + 0.039)  # started before the chunks could all have ended
@@ -114,13 +116,16 @@ def test_the_choice_is_made_again_by_goodput():
 
 
 def test_a_length_unseen_for_long_is_measured_again():
-    model, window = costs(rounds(0.030, 0.030, 0.0005)), MEASURE_ROUNDS
-    seconds = {0: 0.030, 1: 0.031, 2: 0.031, 3: 0.031, 4: 0.032}
-    chosen = drive(model, sure(0.9), seconds, REFRESH_ROUNDS + DECIDE_ROUNDS + 4 * window, max_k=4)
-    refreshed = chosen.index(1)  # k = 4 ran alone until the others went stale
-    assert set(chosen[:refreshed]) == {4} and refreshed >= REFRESH_ROUNDS
-    assert chosen[refreshed:refreshed + 4 * window] == [k for k in (1, 2, 3, 0) for _ in range(window)]
-    assert not any(model.stale(1, k) for k in EXPLORE)
+    model, window = CostModel(), MEASURE_ROUNDS
+    for k, seconds in rounds(0.030, 0.030, 0.0005).items():
+        model.observe(1, k, seconds, now=0.0)
+    seconds = {0: 0.030, 2: 0.031, 4: 0.032}
+    chosen = drive(model, sure(0.9), seconds, int(REFRESH_SECONDS / 0.032) + DECIDE_ROUNDS + 2 * window,
+                   max_k=4, clock=0.0)
+    refreshed = chosen.index(2)  # k = 4 ran alone until the others went stale
+    assert set(chosen[:refreshed]) == {4} and refreshed * 0.032 >= REFRESH_SECONDS
+    assert chosen[refreshed:refreshed + 2 * window] == [k for k in (2, 0) for _ in range(window)]
+    assert not any(model.stale(1, k, refreshed * 0.032 + 2 * window * 0.031) for k in EXPLORE)
 
 
 def test_round_times_are_moving_averages():
