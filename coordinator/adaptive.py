@@ -47,6 +47,7 @@ REFRESH_SECONDS = 60.0  # after this long unmeasured in a bucket, a k is measure
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
 SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
 MEASURE_ROUNDS = 3      # rounds per sequence an exploring choice is measured before it is compared
+SPECULATION_MARGIN = 0.05  # the goodput a proposal must gain over the target alone: less is within noise
 AUTONOMOUS_CHUNK = 8    # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
 
 
@@ -76,7 +77,7 @@ class RoundTimes:
         self.choice, self.hold, self.choice_rounds = k, hold, 0
 
     def line(self, k: int) -> float | None:
-        """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points."""
+        """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points (slope >= 0)."""
         points = [(p, t) for p, t in self.seconds.items() if p >= 1]
         if not points:
             return None
@@ -87,7 +88,7 @@ class RoundTimes:
         mean_t = sum(t for _, t in points) / n
         spread = sum((p - mean_k) ** 2 for p, _ in points)
         slope = sum((p - mean_k) * (t - mean_t) for p, t in points) / spread if spread else 0.0
-        return max(mean_t + slope * (k - mean_k), 1e-6)
+        return max(mean_t + max(slope, 0.0) * (k - mean_k), 1e-6)  # a longer proposal never costs less
 
 
 @dataclass(slots=True)
@@ -188,13 +189,17 @@ def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max
 
 
 def fastest_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int) -> int:
-    """argmax over k in [0, max_k] of E(k) / T(k) at a batch of `sequences`."""
+    """argmax of E(k) / T(k) at a batch of `sequences`, over k = 0 and the k >= 1 up to one past
+    the longest measured (a line read far past its points is a guess: T(2) = T(4) within noise
+    once chose k = 10); a proposal wins only by more than SPECULATION_MARGIN over k = 0."""
+    times = costs.times(sequences)
+    longest = max((k for k in times.seconds if k >= 1), default=0)
     best_k, best_rate = 0, 0.0
-    for k in range(max_k + 1):
+    for k in range(min(max_k, longest + 1) + 1):
         seconds = costs.round_seconds(sequences, k)
         if seconds is None:
             continue
-        rate = expected_tokens(estimate, k) / seconds
+        rate = expected_tokens(estimate, k) / seconds * (1.0 if k == 0 else 1.0 / (1.0 + SPECULATION_MARGIN))
         if rate > best_rate:
             best_k, best_rate = k, rate
     return best_k

@@ -5,7 +5,8 @@ import time
 import pytest
 
 from coordinator.adaptive import (
-    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_SECONDS, SETTLE_MARGIN, AcceptanceEstimate, CostModel,
+    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_SECONDS, SETTLE_MARGIN, SPECULATION_MARGIN,
+    AcceptanceEstimate, CostModel,
     batch_bucket, choose_k, expected_tokens,
 )
 
@@ -48,9 +49,29 @@ def test_batch_buckets_are_powers_of_two():
     assert [batch_bucket(n) for n in (0, 1, 2, 3, 4, 5, 8, 9, 32)] == [1, 1, 2, 4, 4, 8, 8, 16, 32]
 
 
-def test_cheap_rounds_and_high_acceptance_choose_a_long_proposal():
-    flat = rounds(0.030, 0.032, 0.001)  # verifying k + 1 tokens costs little more than one
-    assert choose_k(sure(0.9), costs(flat), 1, 8) >= 6
+def test_cheap_rounds_and_high_acceptance_climb_to_a_long_proposal():
+    """Verifying k + 1 tokens costs little more than one: each decision may go one past the
+    longest length measured, so k climbs to max_k as each new length proves itself."""
+    flat = {k: 0.030 if k == 0 else 0.032 + 0.001 * k for k in range(9)}
+    model = costs(rounds(0.030, 0.032, 0.001))
+    assert choose_k(sure(0.9), model, 1, 8) == 5  # one past the longest measured (4)
+    chosen = drive(model, sure(0.9), flat, 5 * DECIDE_ROUNDS)
+    assert chosen[-DECIDE_ROUNDS:] == [8] * DECIDE_ROUNDS
+
+
+def test_a_line_read_past_its_points_is_not_trusted():
+    """T(2) = T(4) within noise: the line is flat, but k = 10 is not chosen off it."""
+    model = costs({0: 0.030, 2: 0.069, 4: 0.069})
+    assert choose_k(sure(0.7), model, 1, 16) == 5
+    assert model.round_seconds(1, 3) == pytest.approx(0.069)
+
+
+def test_a_proposal_must_beat_the_target_alone_by_the_margin():
+    """E(1) = 2 tokens a round: a round of k = 1 wins only if it costs under 2 / (1 + margin)
+    target-only rounds."""
+    close = 2 * 0.030 / (1 + SPECULATION_MARGIN)
+    assert choose_k(sure(1.0 - 1e-9), costs({0: 0.030, 1: close * 1.01}), 1, 1) == 0
+    assert choose_k(sure(1.0 - 1e-9), costs({0: 0.030, 1: close * 0.99}), 1, 1) == 1
 
 
 def test_poor_acceptance_or_dear_rounds_choose_the_target_alone():
@@ -83,7 +104,7 @@ def test_exploration_measures_each_listed_length_before_choosing():
     chosen = drive(model, sure(0.9), {k: 0.030 + 0.001 * k for k in range(9)}, len(EXPLORE) * window)
     assert chosen == [k for k in EXPLORE for _ in range(window)]
     assert set(model.buckets[1].seconds) == set(EXPLORE)
-    assert choose_k(sure(0.9), model, 1, 8) == 8  # then goodput decides
+    assert choose_k(sure(0.9), model, 1, 8) == 5  # then goodput decides, one past the longest measured
     assert choose_k(sure(0.9), model, 1, 3) == 3  # capped at max_k
 
 
