@@ -36,7 +36,9 @@ output.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ REFRESH_SECONDS = 60.0  # after this long unmeasured in a bucket, a k is measure
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
 SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
 MEASURE_ROUNDS = 3      # rounds per sequence an exploring choice is measured before it is compared
+SAMPLES = 32            # rounds a median round time is taken over: a step that also ran a prefill is an outlier
 SPECULATION_MARGIN = 0.05  # the goodput a proposal must gain over the target alone: less is within noise
 AUTONOMOUS_CHUNK = 8    # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
 
@@ -58,10 +61,11 @@ def batch_bucket(sequences: int) -> int:
 
 @dataclass(slots=True)
 class RoundTimes:
-    """One batch bucket's round seconds by draft length, as exponential moving averages, and the
-    draft length its requests run now."""
+    """One batch bucket's round seconds by draft length, as medians of the last rounds measured,
+    and the draft length its requests run now."""
 
-    seconds: dict[int, float] = field(default_factory=dict)  # k -> mean round seconds
+    seconds: dict[int, float] = field(default_factory=dict)  # k -> median round seconds
+    samples: dict[int, deque] = field(default_factory=dict)  # k -> the last SAMPLES round seconds
     seen_at: dict[int, float] = field(default_factory=dict)  # k -> time.perf_counter() when last measured
     choice: int | None = None                                # the k every request here runs
     choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
@@ -95,7 +99,6 @@ class RoundTimes:
 class CostModel:
     """Coordinator-wide round times, per batch bucket and draft length."""
 
-    smoothing: float = 0.1
     buckets: dict[int, RoundTimes] = field(default_factory=dict)
 
     def times(self, sequences: int) -> RoundTimes:
@@ -112,8 +115,9 @@ class CostModel:
             if now - seconds < times.settled_at:
                 return
             times.choice_rounds += 1
-        old = times.seconds.get(k)
-        times.seconds[k] = seconds if old is None else (1 - self.smoothing) * old + self.smoothing * seconds
+        samples = times.samples.setdefault(k, deque(maxlen=SAMPLES))
+        samples.append(seconds)
+        times.seconds[k] = statistics.median(samples)
         times.seen_at[k] = now
 
     def round_seconds(self, sequences: int, k: int) -> float | None:
@@ -178,6 +182,7 @@ def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max
         exploring = next((k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE)
                           if costs.stale(sequences, k, now)), None)
         if exploring is not None:
+            times.samples.pop(exploring, None)  # measured afresh: the old rounds ran under other traffic
             times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1)
         else:
             times.switch(fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket, now, bucket > 1)

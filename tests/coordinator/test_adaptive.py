@@ -5,7 +5,7 @@ import time
 import pytest
 
 from coordinator.adaptive import (
-    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_SECONDS, SETTLE_MARGIN, SPECULATION_MARGIN,
+    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_SECONDS, SAMPLES, SETTLE_MARGIN, SPECULATION_MARGIN,
     AcceptanceEstimate, CostModel,
     batch_bucket, choose_k, expected_tokens,
 )
@@ -149,11 +149,15 @@ def test_a_length_unseen_for_long_is_measured_again():
     assert not any(model.stale(1, k, refreshed * 0.032 + 2 * window * 0.031) for k in EXPLORE)
 
 
-def test_round_times_are_moving_averages():
-    model = CostModel(smoothing=0.5)
-    model.observe(1, 2, 0.040)
-    model.observe(1, 2, 0.020)
-    assert model.round_seconds(1, 2) == pytest.approx(0.030)
+def test_round_times_are_medians_of_the_last_rounds():
+    """A round whose step also ran a long prefill does not move the estimate; a lasting change does."""
+    model = CostModel()
+    for seconds in (0.020, 0.021, 0.019, 0.200, 0.020):
+        model.observe(1, 0, seconds)
+    assert model.round_seconds(1, 0) == pytest.approx(0.020)
+    for _ in range(SAMPLES):
+        model.observe(1, 0, 0.030)
+    assert model.round_seconds(1, 0) == pytest.approx(0.030)
 
 
 def test_pooled_acceptance_follows_the_traffic():
