@@ -3,34 +3,29 @@
 For draft length k with per-position conditional acceptance a_1..a_k, a round yields
 E(k) = 1 + a_1 + a_1 a_2 + ... + a_1...a_k tokens and takes T(k) seconds, verdict to verdict:
 drafting, the network, queueing and the verify step, with overlap and chained rounds as they
-happened. k = 0 is the target alone, decoding by itself (autonomous rounds, no round trip per
+happened. k = 0 is the target alone, decoding by itself (autonomous chunks, no round trip per
 token): E(0) = 1. T depends on how many sequences share the target's steps, so it is measured
 per batch bucket (the requests pinned to the target, rounded up to a power of two): at
 concurrency 1 a verify of k + 1 tokens costs little more than one token and speculation pays;
-at concurrency 32 the step is compute-bound and k = 0 wins. Acceptance is pooled over all
-requests, with old rounds decaying, and smoothed towards a prior: so every request at a batch
-size makes the same choice, and a round time is measured on a batch that runs that choice, not
-priced by other requests' steps (one request decoding alone while three speculate sees their
-verifies in its own step). This follows SmartSpec (arXiv 2406.14066): choose by goodput, not by
-acceptance, and let k = 0 win when it is fastest.
+at concurrency 32 the step is compute-bound and k = 0 wins. This follows SmartSpec (arXiv
+2406.14066): choose by goodput, not by acceptance, and let k = 0 win when it is fastest.
 
-The choice is one per batch bucket, shared by every request in it: a round is measured only on
-a batch whose requests all run the same k. Measured one request at a time, speculation always
-looks worth it: a request's three extra tokens cost little inside a step of target-only
-sequences, and a target-only request's step is priced by its neighbours' verifies. Goodput is a
-property of the batch, so the batch chooses.
+Goodput is a property of the batch, so the batch chooses: one k per bucket, shared by every
+request in it, and a round is measured only on a batch that runs that k. Measured one request at
+a time, speculation always looks worth it: a request's extra tokens cost little inside a step of
+target-only sequences, and a target-only request's step is priced by its neighbours' verifies.
+Acceptance is pooled over all requests, old rounds decaying, smoothed towards a prior. T(k) is
+the median of the last SAMPLES rounds measured: a step that also ran a prefill is an outlier.
 
-A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again by goodput.
-Round times not yet measured are explored first (EXPLORE: short and long proposals and k = 0),
-and each is measured again once it has gone unmeasured for REFRESH_SECONDS, so that a cost taken
-under other traffic does not stick (exploring every length takes a second or two: about 3% of
-the time, at a cost of a fraction of that). After a switch, rounds of the last choice
-are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK of them): a round that started
-before they can all have ended (SETTLE_MARGIN times the longest of them) shares steps with them
-and is not measured. An exploring choice is held until MEASURE_ROUNDS rounds per sequence have
-been. Other k are read off
-a line through the bucket's measured k >= 1 points. Exploration changes speed only, never the
-output.
+A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again. Lengths not
+yet measured are explored first (EXPLORE: a short and a long proposal and k = 0), and each again
+once unmeasured for REFRESH_SECONDS, so that a cost taken under other traffic does not stick; an
+exploring choice is held until MEASURE_ROUNDS rounds per sequence have been measured. After a
+switch, rounds of the last choice are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK
+of them): a round that started before they can all have ended (SETTLE_MARGIN times the longest
+of them) shares steps with them and is not measured. Other k >= 1 are read off a line through the
+bucket's measured points, up to one past the longest measured; a proposal must beat k = 0 by
+SPECULATION_MARGIN. Exploration changes speed only, never the output.
 """
 
 from __future__ import annotations

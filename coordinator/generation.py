@@ -416,8 +416,8 @@ class Generation:
         it after that verdict."""
         proposal, spec = current.proposal, self.spec
         if self.request.k == AUTO_K and (proposal is None or proposal.token_ids):  # --k auto's round times
-            self.backend.costs.observe(self._sequences(), len(proposal.token_ids) if proposal else 0, end - start,
-                                     end)
+            k = len(proposal.token_ids) if proposal is not None else 0
+            self.backend.costs.observe(self._sequences(), k, end - start, end)
         if proposal is None or not proposal.token_ids:
             spec.target_rounds += 1
             spec.target_round_seconds += end - start

@@ -11,7 +11,6 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from coordinator.adaptive import CostModel
-
 from splitspec.metrics import ServingMetrics
 
 

@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--health-interval", type=float, default=1.0,
                        help="seconds between health checks / DNS re-resolution of the worker pools")
     coord.add_argument("--k", type=_k_value, default="auto",
-                       help="default draft tokens per round, or 'auto' (the default: chosen per request and "
-                            "round by measured tokens/s at the current batch, k = 0 included)")
+                       help="default draft tokens per round, or 'auto' (the default: one k per batch size, "
+                            "chosen by measured tokens/s, k = 0 included)")
     coord.add_argument("--max-k", type=int, default=16)
     coord.add_argument("--tokenizer", default=None, help="default: the target's model path/id")
     coord.add_argument("--connect-timeout", type=float, default=120.0)
