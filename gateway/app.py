@@ -62,6 +62,13 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         metrics.http_errors.labels(str(exc.status)).inc()
         return exc.response()
 
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)  # a bug: the fuzz suites look for these
+        metrics.http_errors.labels("500").inc()
+        return OpenAIError(500, f"internal error: {type(exc).__name__}", "internal_error", None,
+                           "internal_error").response()
+
     def authorize(request: Request) -> None:
         if config.api_key is None:
             return

@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-NonNegative = Annotated[int, Field(ge=0)]
+INT32_MAX = 2**31 - 1  # the coordinator's int32 fields (max_tokens, top_k, k, token ids)
+NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # checked against the vocabulary by the coordinator
 
 
 class Speculative(BaseModel):
@@ -31,11 +33,11 @@ class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, logit_bias=null, ...) are accepted
 
     model: str
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: off (vLLM and HF spellings)
+    top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None  # -1 or 0: off (vLLM and HF spellings)
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
     stop: str | list[str] | None = None
@@ -62,7 +64,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int]
+    prompt: str | list[str] | list[TokenId]
     echo: bool = False
 
     @field_validator("prompt")

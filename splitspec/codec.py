@@ -88,3 +88,27 @@ def decode_sparse(message: common_pb2.SparseProbs, field: str, shape: tuple[int,
         row_ids = torch.repeat_interleave(torch.arange(rows), offsets[1:] - offsets[:-1])
         dense[row_ids, indices] = values
     return dense
+
+
+ROW_SUM_TOLERANCE = 1e-2  # a float16 / bfloat16 row of a real distribution sums to 1 within this
+
+
+def check_proposal_probs(probs: torch.Tensor, token_ids: list[int], field: str) -> torch.Tensor:
+    """`probs` [k, vocab] must be the distributions the proposal was sampled from: finite, >= 0,
+    rows summing to 1, and each proposed token possible under its row. Anything else would make
+    rejection sampling lossy (or NaN), so it is refused naming `field`. Returns `probs`."""
+    if not bool(torch.isfinite(probs).all()):
+        raise InvalidArgument(field, "holds NaN or infinite values")
+    if bool((probs < 0).any()):
+        raise InvalidArgument(field, "holds negative probabilities")
+    sums = probs.sum(dim=-1)
+    off = (sums - 1).abs() > ROW_SUM_TOLERANCE
+    if bool(off.any()):
+        row = int(off.nonzero()[0])
+        raise InvalidArgument(field, f"row {row} sums to {float(sums[row]):.6g}, not 1")
+    chosen = probs.gather(-1, torch.as_tensor(token_ids, dtype=torch.long).unsqueeze(-1)).squeeze(-1)
+    if bool((chosen <= 0).any()):
+        row = int((chosen <= 0).nonzero()[0])
+        raise InvalidArgument(field, f"row {row} gives its proposed token {token_ids[row]} probability 0")
+    return probs
+

@@ -15,6 +15,8 @@ import torch
 
 from splitspec.errors import InvalidArgument
 
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(slots=True, frozen=True)
 class SamplingParams:
@@ -84,11 +86,16 @@ def process_logits(
     if params.repetition_penalty != 1.0 and seen is not None:
         penalized = torch.where(
             logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
-        )
+        ).clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an extreme penalty moves a logit as far as it goes, never to inf
         logits = torch.where(seen, penalized, logits)
+    peak = logits.amax(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(peak).all()):
+        raise InvalidArgument("logits", "a row has no finite logit: every token is masked (or the model gave NaN)")
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    # Shifted so the top logit is 0 before the division: the same softmax, and at a temperature
+    # near 0 (even subnormal) the limit, one-hot at the argmax, instead of inf - inf = NaN.
+    logits = (logits - peak) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth_largest = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth_largest, -math.inf)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from splitspec.codec import decode_sparse, decode_tensor
+from splitspec.codec import check_proposal_probs, decode_sparse, decode_tensor
 from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from splitspec.models import LoadedModel
 from splitspec.paged.block_manager import BlockManager
@@ -224,8 +224,10 @@ class TargetEngine:
         if item.draft_probs is None:
             raise InvalidArgument("draft_probs", "required for sampled (temperature > 0) requests")
         if isinstance(item.draft_probs, common_pb2.SparseProbs):
-            return decode_sparse(item.draft_probs, "draft_sparse_probs", (k, self.vocab_size))
-        return decode_tensor(item.draft_probs, "draft_probs", (k, self.vocab_size))
+            probs, field = decode_sparse(item.draft_probs, "draft_sparse_probs", (k, self.vocab_size)), "draft_sparse_probs"
+        else:
+            probs, field = decode_tensor(item.draft_probs, "draft_probs", (k, self.vocab_size)), "draft_probs"
+        return check_proposal_probs(probs, item.draft_token_ids, field)
 
     def _plan_prefill(self, index: int, item: PrefillItem, planned: list[_Planned], outcomes: dict[int, Any],
                       waiting: list[Any], budget: int) -> tuple[int, bool]:

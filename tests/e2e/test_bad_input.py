@@ -59,3 +59,24 @@ async def test_server_still_serves_after_bad_requests(stack):
 async def test_limits_at_the_edge_are_accepted(stack):
     result = await collect(stack.stub, R(prompt="hi", max_tokens=157, k=8, temperature=0.0, ignore_eos=True))
     assert len(result["token_ids"]) == 157
+
+
+@pytest.mark.real_models
+@pytest.mark.parametrize("temperature", [1e30, 1e-45])
+async def test_extreme_temperatures_on_the_real_pair_finish_cleanly(real, temperature):
+    """At temperature 1e30 the real target samples almost uniformly over its 512 tokens and emits
+    byte tokens that are no valid UTF-8 (once an INTERNAL from the detokenizer); near 0 it is the
+    greedy limit. Both finish with the text tokenizer.decode gives."""
+    target = real["target"]
+    stack = await start_stack(target, real["draft"], k=4, max_k=8)
+    try:
+        for seed in range(4):
+            result = await collect(stack.stub, R(prompt="Once upon a time", max_tokens=64, temperature=temperature,
+                                                 seed=seed, ignore_eos=True))
+            assert result["last"].finish_reason == "length" and len(result["token_ids"]) == 64
+            assert result["text"] == target.tokenizer.decode(result["token_ids"], skip_special_tokens=True)
+        greedy = await collect(stack.stub, R(prompt="Once upon a time", max_tokens=64, temperature=0.0, ignore_eos=True))
+        if temperature < 1:
+            assert result["token_ids"] == greedy["token_ids"]
+    finally:
+        await stack.stop()

@@ -156,6 +156,13 @@ BAD = [
     ({"model": MODEL, "prompt": "a", "speculative": {"draft_confidence": 1.5}}, None, 400,
      "speculative.draft_confidence"),
     ({"model": MODEL, "prompt": ""}, None, 400, "prompt"),
+    # past int32 (the coordinator's field width): a 500 before the fuzz suite found them
+    ({"model": MODEL, "prompt": "a", "max_tokens": 2**63}, None, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "a", "max_completion_tokens": 2**31}, None, 400, "max_completion_tokens"),
+    ({"model": MODEL, "prompt": "a", "top_k": 9223372036854775808}, None, 400, "top_k"),
+    ({"model": MODEL, "prompt": "a", "speculative": {"k": 2**40}}, None, 400, "speculative.k"),
+    ({"model": MODEL, "prompt": [1, 2**31]}, None, 400, "prompt"),
+    ({"model": MODEL, "prompt": [1, 5000]}, None, 400, "prompt"),  # in int32, out of the vocabulary
     ({"model": "gpt-4", "prompt": "a"}, None, 404, "model"),
     ({"model": MODEL, "prompt": "a"}, {}, 401, None),
     ({"model": MODEL, "prompt": "a"}, {"Authorization": "Bearer wrong"}, 401, None),

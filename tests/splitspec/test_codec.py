@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitspec.codec import decode_tensor, encode_tensor
+from splitspec.codec import check_proposal_probs, decode_tensor, encode_tensor
 from splitspec.errors import InvalidArgument
 from splitspec.v1 import common_pb2
 
@@ -62,3 +62,23 @@ def test_malformed_sparse_rows_name_the_field():
     message.indices = (7).to_bytes(4, "little") * 2
     with pytest.raises(InvalidArgument, match="^draft_sparse_probs: indices outside"):
         decode_sparse(message, "draft_sparse_probs", (1, 3))
+
+
+def _proposal_q() -> torch.Tensor:
+    return torch.softmax(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+
+@pytest.mark.parametrize("break_it,problem", [
+    (lambda q: q.index_put_((torch.tensor(0), torch.tensor(3)), torch.tensor(float("nan"))), "NaN"),
+    (lambda q: q.index_put_((torch.tensor(1), torch.tensor(0)), torch.tensor(float("inf"))), "NaN or infinite"),
+    (lambda q: q.sub_(0.2), "negative"),
+    (lambda q: q.mul_(1.5), "sums to"),
+    (lambda q: q.zero_(), "sums to"),
+    (lambda q: q.copy_(torch.eye(8)[[5, 5]]), "probability 0"),  # the proposed tokens are 1 and 2
+])
+def test_proposal_probs_that_are_no_distribution_are_refused(break_it, problem):
+    q = _proposal_q()
+    assert check_proposal_probs(q, [1, 2], "draft_probs") is q
+    with pytest.raises(InvalidArgument) as info:
+        check_proposal_probs(break_it(q.clone()), [1, 2], "draft_probs")
+    assert info.value.field == "draft_probs" and problem in str(info.value)

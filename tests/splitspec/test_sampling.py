@@ -105,3 +105,65 @@ def test_generators_are_reproducible_and_streams_differ():
     b = torch.rand(5, generator=make_generator(3, 1))
     c = torch.rand(5, generator=make_generator(3, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# --- the numeric edge: extreme settings give a distribution, and a token from it -------------
+EXTREME_TEMPERATURES = [1e-45, 1e-30, 1e-6, 0.5, 1.0, 1e6, 1e30, 3.4e38]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4, 1e30]),
+    temperature=st.sampled_from(EXTREME_TEMPERATURES),
+    top_k=st.sampled_from([0, 1, VOCAB - 1, VOCAB, VOCAB + 1, 2**31 - 1]),
+    top_p=st.sampled_from([1e-7, 1e-3, 0.5, math.nextafter(1.0, 0.0), 1.0]),
+    min_p=st.sampled_from([0.0, 1e-7, 0.5, 1.0]),
+    repetition_penalty=st.sampled_from([1e-30, 1e-6, 1.0, 2.0, 1e6, 3.4e38]),
+)
+def test_extreme_settings_give_a_distribution_and_a_valid_token(seed, scale, temperature, top_k, top_p, min_p,
+                                                                 repetition_penalty):
+    """Temperatures from subnormal to float32's max, top-p and min-p at their bounds, penalties at
+    their limits (every token seen): p is finite, sums to 1, and the draw is a token p allows; the
+    rejection sampler, given that p and a valid q, returns no NaN."""
+    from splitspec.rejection import rejection_sample
+
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, VOCAB, generator=generator) * scale
+    params = SamplingParams(temperature, top_k, top_p, min_p, repetition_penalty).validate()
+    probs = process_logits(logits, params, torch.ones(3, VOCAB, dtype=torch.bool))
+    assert bool(torch.isfinite(probs).all()) and bool((probs >= 0).all())
+    torch.testing.assert_close(probs.sum(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
+    tokens = sample(probs, torch.stack([draw_exponentials(VOCAB, False, generator) for _ in range(3)]))
+    assert bool((probs.gather(-1, tokens.unsqueeze(-1)) > 0).all())
+
+    q = torch.softmax(torch.randn(1, 2, VOCAB, generator=generator), dim=-1)
+    proposal = torch.multinomial(q[0], 1, generator=generator).T
+    result = rejection_sample(probs.unsqueeze(0), q, proposal, torch.rand(1, 2, generator=generator),
+                              draw_exponentials(VOCAB, False, generator).unsqueeze(0))
+    assert not bool(torch.isnan(result.acceptance_probs).any())
+    assert 0 <= int(result.token_ids[0]) < VOCAB and int(result.num_accepted[0]) <= 2
+    final = probs[int(result.num_accepted[0])]
+    if bool(result.is_bonus[0]):
+        assert float(final[result.token_ids[0]]) > 0
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38])
+def test_a_temperature_near_zero_is_the_greedy_limit(temperature):
+    logits = torch.tensor([[1.0, 3.0, 2.9, -1.0]])
+    assert process_logits(logits, SamplingParams(temperature=temperature)).tolist() == [[0.0, 1.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_an_all_masked_row_is_a_clear_error_not_nan(temperature):
+    logits = torch.tensor([[0.5, 1.0], [-math.inf, -math.inf]])
+    with pytest.raises(InvalidArgument) as info:
+        process_logits(logits, SamplingParams(temperature=temperature))
+    assert info.value.field == "logits"
+
+
+def test_a_huge_penalty_on_every_token_keeps_a_distribution():
+    logits = torch.tensor([[-2.0, -1.0, -3.0]])
+    probs = process_logits(logits, SamplingParams(temperature=1.0, repetition_penalty=3.4e38),
+                           torch.ones(1, 3, dtype=torch.bool))
+    assert bool(torch.isfinite(probs).all()) and abs(float(probs.sum()) - 1) < 1e-6
