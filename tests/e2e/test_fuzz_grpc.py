@@ -61,26 +61,33 @@ def spawn_coordinator(target: str, draft: str) -> tuple[subprocess.Popen, str]:
 
 
 class Services:
-    """The three processes and a stub for each."""
+    """The processes and a stub for each: target, draft and coordinator; or (`tensor_parallel`)
+    a tensor-parallel target alone."""
 
-    def __init__(self, tiny_dirs: dict) -> None:
-        self.target_process, target = spawn_worker("target", tiny_dirs["target"], None, "--num-blocks", "64")
-        self.draft_process, draft = spawn_worker("draft", tiny_dirs["draft_noisy"], None, "--num-blocks", "64",
-                                                 "--max-k", "8")
-        self.coordinator_process, coordinator = spawn_coordinator(target, draft)
-        self.channels = [grpc.insecure_channel(address) for address in (target, draft, coordinator)]
+    def __init__(self, tiny_dirs: dict, tensor_parallel: int = 1) -> None:
+        self.processes: dict[str, subprocess.Popen] = {}
+        self.processes["target"], target = spawn_worker(
+            "target", tiny_dirs["target"], None, "--num-blocks", "64", "--tensor-parallel-size", str(tensor_parallel),
+            timeout=180)
+        self.channels = [grpc.insecure_channel(target)]
         self.target = target_pb2_grpc.TargetWorkerStub(self.channels[0])
-        self.draft = draft_pb2_grpc.DraftWorkerStub(self.channels[1])
-        self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channels[2])
-        self.baseline = {"target": self.stats("target").blocks_free, "draft": self.stats("draft").blocks_free}
+        self.pools = {"target": self.target}  # workers whose KV blocks must all come back
+        if tensor_parallel == 1:
+            self.processes["draft"], draft = spawn_worker("draft", tiny_dirs["draft_noisy"], None, "--num-blocks", "64",
+                                                          "--max-k", "8")
+            self.processes["coordinator"], coordinator = spawn_coordinator(target, draft)
+            self.channels += [grpc.insecure_channel(draft), grpc.insecure_channel(coordinator)]
+            self.draft = draft_pb2_grpc.DraftWorkerStub(self.channels[1])
+            self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channels[2])
+            self.pools["draft"] = self.draft
+        self.baseline = {name: self.stats(name).blocks_free for name in self.pools}
 
     def stats(self, worker: str) -> common_pb2.WorkerStats:
-        stub = self.target if worker == "target" else self.draft
-        return stub.GetStats(common_pb2.StatsRequest(), timeout=TIMEOUT)
+        return self.pools[worker].GetStats(common_pb2.StatsRequest(), timeout=TIMEOUT)
 
     def alive(self) -> None:
-        for name in ("target_process", "draft_process", "coordinator_process"):
-            assert getattr(self, name).poll() is None, f"{name} exited"
+        for name, process in self.processes.items():
+            assert process.poll() is None, f"the {name} exited"
 
     def release_all(self, *sent: str) -> None:
         """Release the pool's ids and any other the example sent: what is left after that leaked."""
@@ -88,24 +95,23 @@ class Services:
             self.target.Release(target_pb2.ReleaseRequest(seq_id=seq_id), timeout=TIMEOUT)
 
     def back_to_baseline(self) -> None:
-        """Every worker alive, and (within a few seconds: releases run at the next step) every
+        """Every process alive, and (within a few seconds: releases run at the next step) every
         block free and no sequence held."""
         self.alive()
         deadline = time.monotonic() + 10
         while True:
-            target, draft = self.stats("target"), self.stats("draft")
-            if (target.blocks_free == self.baseline["target"] and target.running_sequences == 0
-                    and draft.blocks_free == self.baseline["draft"] and draft.running_sequences == 0):
+            stats = {name: self.stats(name) for name in self.pools}
+            if all(s.blocks_free == self.baseline[name] and s.running_sequences == 0 for name, s in stats.items()):
                 return
-            assert time.monotonic() < deadline, (f"leak: target {target.blocks_free}/{self.baseline['target']} free, "
-                                                 f"{target.running_sequences} held; draft {draft.blocks_free}/"
-                                                 f"{self.baseline['draft']} free, {draft.running_sequences} held")
+            assert time.monotonic() < deadline, "leak: " + "; ".join(
+                f"{name} {s.blocks_free}/{self.baseline[name]} free, {s.running_sequences} held"
+                for name, s in stats.items())
             time.sleep(0.05)
 
     def stop(self) -> None:
         for channel in self.channels:
             channel.close()
-        for process in (self.coordinator_process, self.draft_process, self.target_process):
+        for process in reversed(self.processes.values()):
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=60)
 
@@ -113,6 +119,13 @@ class Services:
 @pytest.fixture(scope="module")
 def services(tiny_dirs):
     services = Services(tiny_dirs)
+    yield services
+    services.stop()
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel(tiny_dirs):
+    services = Services(tiny_dirs, tensor_parallel=2)
     yield services
     services.stop()
 
@@ -283,6 +296,22 @@ def test_target_verify_stream(services, temperature, rounds, release_in_flight):
         released.result()
     services.release_all(*(request.seq_id for request in rounds))
     services.back_to_baseline()
+
+
+@fuzz(30)
+@given(temperature=st.sampled_from([0.0, 1.0]), rounds=st.lists(verify_requests(True), min_size=1, max_size=3),
+       streamed=st.booleans())
+def test_tensor_parallel_target_verify(tensor_parallel, temperature, rounds, streamed):
+    """The same rounds against a target split over two ranks: a bad round must not desynchronise
+    the ranks (a rank that raised while the other ran the step would hang the group)."""
+    prefill_live(tensor_parallel, temperature)
+    if streamed:
+        drain(tensor_parallel.target.VerifyStream(iter(rounds), timeout=TIMEOUT))
+    else:
+        for request in rounds:
+            expect_documented(lambda: tensor_parallel.target.Verify(request, timeout=TIMEOUT))
+    tensor_parallel.release_all(*(request.seq_id for request in rounds))
+    tensor_parallel.back_to_baseline()
 
 
 @fuzz(40)

@@ -12,7 +12,7 @@ import signal
 
 import httpx
 import pytest
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from gateway.protocol import ChatCompletionRequest, CompletionRequest
@@ -36,7 +36,8 @@ def gateway(tiny_dirs):
 
 def bodies(model: type, served: str) -> st.SearchStrategy[dict]:
     schema = model.model_json_schema()
-    valid = from_json_schema(schema).map(lambda body: {**body, "model": served})
+    valid = st.tuples(from_json_schema(schema), st.booleans()).map(  # half of them streamed
+        lambda drawn: {**drawn[0], "model": served, "stream": drawn[1]})
     return mutated(valid, sorted(schema["properties"]))
 
 
@@ -45,6 +46,7 @@ def check(response: httpx.Response, body: object, fields: set[str]) -> None:
     assert response.status_code < 500, (response.status_code, response.text[:500], body)
     if response.status_code >= 400:
         error = response.json()["error"]
+        event(f"{response.status_code} {error['code']} {error['param']}")
         assert isinstance(error["message"], str) and error["message"] and "Traceback" not in error["message"]
         assert isinstance(error["type"], str) and error["type"]
         if response.status_code == 400 and error["code"] not in BODY_LEVEL_CODES:
@@ -54,10 +56,12 @@ def check(response: httpx.Response, body: object, fields: set[str]) -> None:
     if response.headers["content-type"].startswith("text/event-stream"):
         events = [line[6:] for line in response.text.split("\n\n") if line.startswith("data: ")]
         assert events and events[-1] == "[DONE]", response.text[-300:]
-        for event in map(json.loads, events[:-1]):
-            assert "choices" in event or event.get("error", {}).get("type") not in (None, "internal_error"), event
+        event("200 stream")
+        for chunk in map(json.loads, events[:-1]):
+            assert "choices" in chunk or chunk.get("error", {}).get("type") not in (None, "internal_error"), chunk
     else:
         assert isinstance(response.json()["choices"], list) and response.json()["choices"]
+        event("200")
 
 
 def post(client: httpx.Client, route: str, content: bytes, content_type: str = "application/json") -> httpx.Response:
