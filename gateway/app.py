@@ -91,6 +91,8 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise OpenAIError(400, f"malformed JSON body: {exc}", code="invalid_json") from exc
+        except RecursionError as exc:
+            raise OpenAIError(400, "malformed JSON body: nested too deeply", code="invalid_json") from exc
         if not isinstance(data, dict):
             raise OpenAIError(400, "the body must be a JSON object", code="invalid_json")
         try:

@@ -77,12 +77,31 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[dict[str, str]] | None = None  # content parts: text ones only
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts(cls, value: Any) -> Any:
+        """A text model takes text parts only: an image, audio or file part is refused, not dropped."""
+        if not isinstance(value, list):
+            return value
+        for part in value:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+                    and set(part) == {"type", "text"}):
+                raise ValueError('content parts must be {"type": "text", "text": "..."}; '
+                                 f"this model takes text only, got {_describe(part)}")
+        return value
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(part["text"] for part in self.content)
         return self.content or ""
+
+
+def _describe(part: Any) -> str:
+    if isinstance(part, dict):
+        return f"a part of type {str(part.get('type'))[:40]!r} with keys {sorted(map(str, part))[:6]}"
+    return repr(part)[:40]
 
 
 class ChatCompletionRequest(SamplingFields):

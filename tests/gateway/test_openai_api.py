@@ -139,6 +139,7 @@ BAD = [
     # (body or raw bytes, headers override, status, param)
     (b"{not json", None, 400, None),
     (b"[1, 2]", None, 400, None),
+    (b"[" * 20_000, None, 400, None),  # a RecursionError (500) before the long fuzz campaign found it
     ({"model": MODEL}, None, 400, "prompt"),
     ({"model": MODEL, "prompt": "a", "temperature": "hot"}, None, 400, "temperature"),
     ({"model": MODEL, "prompt": "a", "temperature": -1}, None, 400, "temperature"),
@@ -191,6 +192,15 @@ async def test_chat_errors_name_nested_params(web):
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages.0.role"
         reply = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": []})
         assert reply.status_code == 400 and reply.json()["error"]["param"] == "messages"
+        # found by the long fuzz campaign: a non-string text part was a 500, an image part was dropped
+        for part in ({"type": "text", "text": 5}, {"type": "image_url", "image_url": {"url": "x"}}, "hi"):
+            reply = await http.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, part]}]})
+            assert reply.status_code == 400, reply.text
+            assert reply.json()["error"]["param"] == "messages.0.content", reply.text
+        reply = await http.post("/v1/chat/completions", json={
+            "model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]})
+        assert reply.status_code == 200, reply.text
 
 
 async def test_disconnect_frees_the_sequence_within_a_round(web):
