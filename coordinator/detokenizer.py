@@ -25,7 +25,8 @@ _REPLACEMENT = "\ufffd"
 
 
 class TextStream:
-    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, prompt_token_ids: Sequence[int], stop: Sequence[str] = (),
+                 min_tokens: int = 0) -> None:
         self._tokenizer = tokenizer
         self._backend = getattr(tokenizer, "backend_tokenizer", None)  # Rust tokenizer: no Python overhead
         self._ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
@@ -36,6 +37,8 @@ class TextStream:
         self._holdback = max((len(s) for s in self._stop), default=1) - 1
         self.text = ""
         self._emitted = 0
+        self._min_tokens = min_tokens  # stop strings are looked for once this many tokens were added (vLLM's)
+        self._added = 0
         self.stopped = False
 
     def _decode(self, ids: Sequence[int]) -> str:
@@ -71,6 +74,8 @@ class TextStream:
             return self.stopped
         search_from = max(0, len(self.text) - self._holdback)
         self.text += piece
+        if self._added < self._min_tokens:
+            return False
         hits = [i for i in (self.text.find(s, search_from) for s in self._stop) if i >= 0]
         if hits:
             self.text = self.text[: min(hits)]
@@ -82,6 +87,7 @@ class TextStream:
         if self.stopped:
             return True
         self._ids.append(token_id)
+        self._added += 1
         return self._extend(self._take_window(final=False))
 
     def finish(self) -> bool:

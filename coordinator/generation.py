@@ -133,10 +133,12 @@ class Generation:
     tried_drafts: set[str] = field(default_factory=set)
     preemptions: int = 0
     failovers: int = 0
+    cached_prompt_tokens: int = 0  # the first prefill's prefix-cache hit
+    queue_seconds: float = 0.0     # waited for admission
 
     def __post_init__(self) -> None:
         self.history = list(self.request.prompt_token_ids)
-        self.text = TextStream(self.backend.tokenizer, self.history, self.request.stop)
+        self.text = TextStream(self.backend.tokenizer, self.history, self.request.stop, self.request.min_tokens)
 
     async def stream(self) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         request, backend = self.request, self.backend
@@ -218,6 +220,8 @@ class Generation:
         if len(self.generated) > 1:
             metrics.time_per_output_token.observe(elapsed / len(self.generated))
         metrics.requests.labels(self.finish_reason).inc()
+        metrics.prompt_tokens.inc(len(request.prompt_token_ids))
+        metrics.generation_tokens.inc(len(self.generated))
         log.info("request finished", extra={
             "request_id": request.request_id, "finish_reason": self.finish_reason,
             "prompt_tokens": len(request.prompt_token_ids), "completion_tokens": len(self.generated),
@@ -277,6 +281,7 @@ class Generation:
                 reply = await endpoint.client.prefill(
                     self.seq_id, request.prompt_token_ids, request.params, request.max_tokens, request.k + 1,
                     timeout=self._timeout(self.backend.timeouts.target))
+                self.cached_prompt_tokens = reply.num_cached_tokens
                 return reply.token_id
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in WORKER_FAILURES:
@@ -542,5 +547,7 @@ class Generation:
             response.finish_reason = self.finish_reason
             response.usage.prompt_tokens = len(self.request.prompt_token_ids)
             response.usage.completion_tokens = len(self.generated)
+            response.usage.cached_tokens = self.cached_prompt_tokens
+            response.queue_seconds = self.queue_seconds
             response.spec.CopyFrom(self.spec)
         return response

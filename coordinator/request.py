@@ -22,6 +22,7 @@ class Limits:
     default_k: int   # AUTO_K with --k auto
     max_k: int
     default_draft_confidence: float = 0.0  # --draft-confidence
+    eos_token_ids: frozenset[int] = frozenset()  # the target's, masked until min_tokens
 
 
 @dataclass(slots=True)
@@ -35,6 +36,7 @@ class GenerationRequest:
     ignore_eos: bool
     k: int
     draft_confidence: float = 0.0  # proposals stop after a draft token less likely than this
+    min_tokens: int = 0            # output tokens before a stop (token or string) may end the request
 
 
 def _optional(message: Any, name: str, default: Any) -> Any:
@@ -68,6 +70,18 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
             )
     else:
         max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    if any(s == "" for s in message.stop):
+        raise InvalidArgument("stop", "stop strings must not be empty")
+    bad_stop_ids = [t for t in message.stop_token_ids if not 0 <= t < limits.vocab_size]
+    if bad_stop_ids:
+        raise InvalidArgument("stop_token_ids", f"ids {bad_stop_ids[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    bad_bias_ids = [t for t in message.logit_bias if not 0 <= t < limits.vocab_size]
+    if bad_bias_ids:
+        raise InvalidArgument("logit_bias", f"ids {bad_bias_ids[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    min_tokens = _optional(message, "min_tokens", 0)
+    if not 0 <= min_tokens <= max_tokens:
+        raise InvalidArgument("min_tokens", f"must be in [0, max_tokens = {max_tokens}], got {min_tokens}")
+    ending = set(message.stop_token_ids) | (set() if message.ignore_eos else set(limits.eos_token_ids))
     params = SamplingParams(
         temperature=_optional(message, "temperature", 1.0),
         top_k=_optional(message, "top_k", 0),
@@ -75,12 +89,13 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         min_p=_optional(message, "min_p", 0.0),
         repetition_penalty=_optional(message, "repetition_penalty", 1.0),
         seed=_optional(message, "seed", secrets.randbits(63)),
-    ).validate()
-    if any(s == "" for s in message.stop):
-        raise InvalidArgument("stop", "stop strings must not be empty")
-    bad_stop_ids = [t for t in message.stop_token_ids if not 0 <= t < limits.vocab_size]
-    if bad_stop_ids:
-        raise InvalidArgument("stop_token_ids", f"ids {bad_stop_ids[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+        presence_penalty=_optional(message, "presence_penalty", 0.0),
+        frequency_penalty=_optional(message, "frequency_penalty", 0.0),
+        logit_bias=tuple(sorted(message.logit_bias.items())),
+        min_tokens=min_tokens,
+        min_tokens_banned=tuple(sorted(ending)) if min_tokens else (),
+        num_prompt_tokens=len(prompt),
+    ).validate(limits.vocab_size)
     k = _optional(message, "k", limits.default_k)
     if k != AUTO_K or message.HasField("k"):
         _check_k(k, limits)
@@ -96,6 +111,7 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         ignore_eos=message.ignore_eos,
         k=k,
         draft_confidence=draft_confidence,
+        min_tokens=min_tokens,
     )
 
 

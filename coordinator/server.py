@@ -147,6 +147,7 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         default_k=(config.k if config.k == AUTO_K else min(config.k, max_k)) if drafts else 0,
         max_k=max_k if drafts else 0,
         default_draft_confidence=config.draft_confidence,
+        eos_token_ids=frozenset(target_info.eos_token_ids),
     )
     admission = Admission(config.max_running_requests, config.max_queued_requests)
     register = registration(

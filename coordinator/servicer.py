@@ -33,8 +33,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         remaining = context.time_remaining()
         # No client deadline shows as None or as an enormous value (grpc issue #26236): no deadline then.
         deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE else None
+        arrived = time.perf_counter()
         async with self.admission.slot():
-            async for response in Generation(validated, self.backend, deadline).stream():
+            queued = time.perf_counter() - arrived
+            self.backend.metrics.queue_time.observe(queued)
+            async for response in Generation(validated, self.backend, deadline, queue_seconds=queued).stream():
                 yield response
 
     async def GetModelInfo(

@@ -31,11 +31,12 @@ from splitspec.paged.block_manager import BlockManager
 from splitspec.paged.runner import Chunk, PagedRunner
 from splitspec.paged.stats import EngineStats, worker_stats
 from splitspec.sampling import (
+    LogitsContext,
     SamplingParams,
     check_confidence,
     draw_exponentials,
     make_generator,
-    penalty_context,
+    logits_context,
     process_logits,
     sample,
     token_confidence,
@@ -102,11 +103,11 @@ class BranchProposal:
     proposal: Proposal
 
 
-def open_sequence(seq_id: str, params: SamplingParams) -> DraftSequence:
+def open_sequence(seq_id: str, params: SamplingParams, vocab_size: int) -> DraftSequence:
     """The state a proposal stream starts with (every drafting method)."""
     if not seq_id:
         raise InvalidArgument("seq_id", "the first message of a stream must name the sequence")
-    params.validate()
+    params.validate(vocab_size)
     return DraftSequence(seq_id, params, make_generator(params.seed, DRAFT_STREAM))
 
 
@@ -156,7 +157,7 @@ class _Drafting:
     slots: list[int]
     feed: list[int]
     start: int
-    seen: torch.Tensor | None
+    context: LogitsContext | None
     remaining: int                 # forward passes still to run
     rows: list[torch.Tensor] = field(default_factory=list)
     stopped: bool = False          # a token fell below min_confidence: the proposal ends there
@@ -174,7 +175,7 @@ class DraftEngine:
     open_sequences: int = 0
 
     def start(self, seq_id: str, params: SamplingParams) -> DraftSequence:
-        return open_sequence(seq_id, params)
+        return open_sequence(seq_id, params, self.loaded.vocab_size)
 
     def check(self, item: ProposeItem) -> None:
         check_request(item, self.loaded, self.max_k)
@@ -268,8 +269,8 @@ class DraftEngine:
             slots = self.blocks.slots(seq_id, cached, len(tokens)) + slots
         sequence.token_ids, sequence.proposal, sequence.rankings = tokens, [], []
         self.blocks.commit(seq_id, tokens)
-        seen = penalty_context(sequence.params, tokens, [], self.loaded.vocab_size)
-        return [_Drafting(index, item, sequence, slots, tokens[cached:], cached, seen, item.k)]
+        context = logits_context(sequence.params, tokens, [], self.loaded.vocab_size)
+        return [_Drafting(index, item, sequence, slots, tokens[cached:], cached, context, item.k)]
 
     def _branch(self, index: int, item: ProposeItem) -> list[_Drafting]:
         """Speculate on the verdict of the current proposal d_1..d_n. Each branch is a fork of the
@@ -315,8 +316,8 @@ class DraftEngine:
             return None
         slots, copies = self.blocks.append_slots(branch.seq_id, item.k)
         self.runner.copy_blocks(copies)
-        seen = penalty_context(parent.params, history, [], self.loaded.vocab_size)
-        return _Drafting(index, item, branch, slots, [token], len(history) - 1, seen, item.k,
+        context = logits_context(parent.params, history, [], self.loaded.vocab_size)
+        return _Drafting(index, item, branch, slots, [token], len(history) - 1, context, item.k,
                          verdict=(num_accepted, token))
 
     @staticmethod
@@ -326,13 +327,13 @@ class DraftEngine:
     def _sample(self, drafting: _Drafting, logits: torch.Tensor) -> int:
         sequence = drafting.sequence
         params, vocab = sequence.params, self.loaded.vocab_size
-        q = process_logits(logits, params, drafting.seen)
+        q = process_logits(logits, params, drafting.context)
         token = int(sample(q[0], draw_exponentials(vocab, params.greedy, sequence.generator)))
         sequence.proposal.append(token)
         sequence.rankings.append(logits[0].clone() if params.greedy else q[0])
         drafting.rows.append(q[0])
         threshold = drafting.item.min_confidence
         drafting.stopped = bool(threshold) and token_confidence(logits[0], q[0], token, params) < threshold
-        if drafting.seen is not None:
-            drafting.seen[:, token] = True
+        if drafting.context is not None:
+            drafting.context.append(token)
         return token

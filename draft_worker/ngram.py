@@ -60,7 +60,7 @@ class NgramEngine:
             raise InvalidArgument("--ngram-min", f"must be in [1, --ngram-max {self.max_n}], got {self.min_n}")
 
     def start(self, seq_id: str, params: SamplingParams) -> DraftSequence:
-        return open_sequence(seq_id, params)
+        return open_sequence(seq_id, params, self.vocabulary.vocab_size)
 
     def check(self, item: ProposeItem) -> None:
         check_request(item, self.vocabulary, self.max_k)

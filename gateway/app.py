@@ -15,10 +15,12 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from gateway.completions import ChoiceDelta, merged, open_choices
+import splitspec
+from gateway.completions import ChoiceDelta, merged, open_choices, render_chat
 from gateway.errors import OpenAIError, from_grpc
 from gateway.metrics import GatewayMetrics
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, new_id, now, spec_stats
+from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
+                              StreamOptions, TokenizeRequest, new_id, now, spec_stats)
 from splitspec.service import make_channel
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
@@ -35,6 +37,8 @@ class GatewayConfig:
     max_body_bytes: int = 1 << 20
     coordinator_token: str | None = None  # the coordinator's --auth-token
     tls: Any = None                       # TLSConfig towards the coordinator
+    max_model_len: int = 0                # the target's context (/v1/models, /tokenize)
+    root: str = ""                        # the model the target loaded (/v1/models)
 
 
 def _param(error: dict) -> str | None:
@@ -101,7 +105,10 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
             first = exc.errors()[0]
             param = _param(first)
             raise OpenAIError(400, f"{param or 'body'}: {first['msg']}", param=param, code="invalid_value") from exc
-        if parsed.model != config.model_name:
+        refused = parsed.unsupported() if isinstance(parsed, SamplingFields) else None
+        if refused is not None:
+            raise OpenAIError(400, refused[1], param=refused[0], code="unsupported_parameter")
+        if parsed.model is not None and parsed.model != config.model_name:
             raise OpenAIError(404, f"model {parsed.model!r} does not exist; this server serves {config.model_name!r}",
                               "not_found_error", "model", "model_not_found")
         return parsed
@@ -117,6 +124,8 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         metrics.running.inc(len(streams))
         kind = ("chatcmpl", "chat.completion") if chat else ("cmpl", "text_completion")
         request_id, created = new_id(kind[0]), now()
+        if body.user or body.safety_identifier:
+            log.info("request", extra={"request_id": request_id, "user": body.user or body.safety_identifier})
         if body.stream:
             return StreamingResponse(stream_events(body, chat, streams, firsts, request_id, created, kind[1]),
                                      media_type="text/event-stream",
@@ -128,7 +137,8 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
                 choice["text"] += delta.text
                 if delta.finish_reason:
                     choice.update(finish_reason=delta.finish_reason, tokens=delta.completion_tokens,
-                                  prompt_tokens=delta.prompt_tokens, spec=delta.spec)
+                                  prompt_tokens=delta.prompt_tokens, cached_tokens=delta.cached_tokens,
+                                  spec=delta.spec)
         except grpc.aio.AioRpcError as exc:
             raise from_grpc(exc) from exc
         finally:
@@ -149,10 +159,12 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
             "splitspec": combined_spec(ordered),
         })
 
-    def usage(choices: list[dict[str, Any]], n: int) -> dict[str, int]:
+    def usage(choices: list[dict[str, Any]], n: int) -> dict[str, Any]:
         prompt = sum(c.get("prompt_tokens", 0) for c in choices[::n])  # each prompt counted once
+        cached = sum(c.get("cached_tokens", 0) for c in choices[::n])
         completion = sum(c["tokens"] for c in choices)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def combined_spec(choices: list[dict[str, Any]]) -> dict[str, Any]:
         specs = [c.get("spec") or {} for c in choices]
@@ -162,6 +174,7 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
     async def stream_events(body: SamplingFields, chat: bool, streams: list, firsts: list[ChoiceDelta],
                             request_id: str, created: int, object_name: str) -> AsyncIterator[str]:
         chunk_object = "chat.completion.chunk" if chat else object_name
+        options = body.stream_options or StreamOptions()
         finished: list[dict[str, Any]] = []
         started_roles: set[int] = set()
         try:
@@ -178,10 +191,14 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
                 if delta.finish_reason:
                     choice["splitspec"]["stats"] = delta.spec
                     finished.append({"tokens": delta.completion_tokens, "prompt_tokens": delta.prompt_tokens,
-                                     "spec": delta.spec, "index": delta.index})
-                yield _sse({"id": request_id, "object": chunk_object, "created": created, "model": config.model_name,
-                            "choices": [choice]})
-            if body.stream_options is not None and body.stream_options.include_usage:
+                                     "cached_tokens": delta.cached_tokens, "spec": delta.spec, "index": delta.index})
+                chunk = {"id": request_id, "object": chunk_object, "created": created, "model": config.model_name,
+                         "choices": [choice]}
+                if options.continuous_usage_stats:  # this chunk's choice so far
+                    chunk["usage"] = usage([{"tokens": delta.completion_tokens, "prompt_tokens": delta.prompt_tokens,
+                                             "cached_tokens": delta.cached_tokens}], 1)
+                yield _sse(chunk)
+            if options.include_usage:
                 finished.sort(key=lambda c: c["index"])
                 yield _sse({"id": request_id, "object": chunk_object, "created": created, "model": config.model_name,
                             "choices": [], "usage": usage(finished, body.n), "splitspec": combined_spec(finished)})
@@ -205,7 +222,32 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
     async def models(request: Request) -> JSONResponse:
         authorize(request)
         return JSONResponse({"object": "list", "data": [
-            {"id": config.model_name, "object": "model", "created": now(), "owned_by": "splitspec"}]})
+            {"id": config.model_name, "object": "model", "created": now(), "owned_by": "splitspec",
+             "root": config.root or config.model_name, "parent": None, "max_model_len": config.max_model_len}]})
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        body = await parse(request, TokenizeRequest)
+        if body.messages is not None:
+            ids = render_chat(tokenizer, ChatCompletionRequest(model="", messages=body.messages))
+        else:
+            ids = list(tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids)
+        return JSONResponse({"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids,
+                             "token_strs": None})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        body = await parse(request, DetokenizeRequest)
+        vocab = len(tokenizer)
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise OpenAIError(400, f"tokens: ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="tokens",
+                              code="invalid_value")
+        return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
+
+    @app.get("/version")
+    async def version() -> JSONResponse:
+        return JSONResponse({"version": splitspec.__version__})
 
     @app.get("/health")
     async def health() -> JSONResponse:

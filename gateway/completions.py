@@ -50,7 +50,7 @@ def prompts_of(tokenizer: Any, request: SamplingFields) -> list[str | list[int]]
         return [prompt]
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
-    return list(prompt)
+    return [p if isinstance(p, str) else list(p) for p in prompt]  # strings, or token-id lists
 
 
 def generate_request(request: SamplingFields, prompt: str | list[int], choice: int) -> coordinator_pb2.GenerateRequest:
@@ -61,7 +61,8 @@ def generate_request(request: SamplingFields, prompt: str | list[int], choice: i
         message.prompt_token_ids.extend(prompt)
     if request.token_limit is not None:
         message.max_tokens = request.token_limit
-    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                 "min_tokens"):
         value = getattr(request, name)
         if value is not None:
             setattr(message, name, value)
@@ -71,6 +72,10 @@ def generate_request(request: SamplingFields, prompt: str | list[int], choice: i
     message.seed = request.seed + choice if request.seed is not None else secrets.randbits(63)
     if request.stop:
         message.stop.extend(request.stop)
+    if request.stop_token_ids:
+        message.stop_token_ids.extend(request.stop_token_ids)
+    for token, bias in (request.logit_bias or {}).items():
+        message.logit_bias[int(token)] = bias
     if request.speculative is not None:
         if request.speculative.k is not None:
             message.k = request.speculative.k
@@ -87,8 +92,9 @@ class ChoiceDelta:
     origins: list[str]
     pieces: list[str]
     finish_reason: str | None = None
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # so far, this delta's included
     prompt_tokens: int = 0
+    cached_tokens: int = 0      # set on the last delta
     spec: dict[str, Any] | None = None
 
 
@@ -102,7 +108,11 @@ class ChoiceStream:
     metrics: GatewayMetrics
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    last_output_at: float = 0.0
     accepted_run: int = 0  # accepted tokens of the round in progress (per-position metrics)
+    echo: str = ""         # the prompt text, prepended to the first delta (echo: true)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
 
     async def next(self) -> ChoiceDelta | None:
         response = await self.call.read()
@@ -114,18 +124,27 @@ class ChoiceStream:
             pieces.append(self.pieces.delta(final=False))
         if response.finish_reason and pieces:
             pieces[-1] += self.pieces.delta(final=True)  # text held back for the last tokens
-        if response.token_ids and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-            self.metrics.ttft.observe(self.first_token_at - self.started)
+        if response.token_ids:
+            arrived = time.perf_counter()
+            if self.first_token_at is None:
+                self.first_token_at = arrived
+                self.metrics.ttft.observe(arrived - self.started)
+            else:
+                self.metrics.inter_token_latency.observe(arrived - self.last_output_at)
+            self.last_output_at = arrived
+            self.metrics.generation_tokens.inc(len(response.token_ids))
         origins = [ORIGIN_NAMES.get(o, "target") for o in response.origins]
         self.accepted_run = self.metrics.record_origins(origins, self.accepted_run)
-        delta = ChoiceDelta(self.index, response.text, list(response.token_ids), origins, pieces)
+        self.completion_tokens += len(response.token_ids)
+        delta = ChoiceDelta(self.index, self.echo + response.text, list(response.token_ids), origins, pieces,
+                            completion_tokens=self.completion_tokens, prompt_tokens=self.prompt_tokens)
+        self.echo = ""
         if response.finish_reason:
-            spec = response.spec
             delta.finish_reason = response.finish_reason
             delta.completion_tokens = response.usage.completion_tokens
             delta.prompt_tokens = response.usage.prompt_tokens
-            delta.spec = spec_report(spec)
+            delta.cached_tokens = response.usage.cached_tokens
+            delta.spec = spec_report(response.spec)
             self.metrics.record_finished(self, response)
         return delta
 
@@ -140,10 +159,14 @@ async def open_choices(stub: coordinator_pb2_grpc.CoordinatorStub, tokenizer: An
     streams: list[ChoiceStream] = []
     for prompt_index, prompt in enumerate(prompts_of(tokenizer, request)):
         prompt_ids = prompt if isinstance(prompt, list) else list(tokenizer(prompt).input_ids)
+        echo = ""
+        if isinstance(request, CompletionRequest) and request.echo:
+            echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)
         for n in range(request.n):
             index = prompt_index * request.n + n
             call = stub.Generate(generate_request(request, prompt, n))
-            streams.append(ChoiceStream(index, call, TextStream(tokenizer, prompt_ids), metrics))
+            streams.append(ChoiceStream(index, call, TextStream(tokenizer, prompt_ids), metrics, echo=echo,
+                                        prompt_tokens=len(prompt_ids)))
     try:
         firsts = await asyncio.gather(*(s.next() for s in streams))
     except BaseException:

@@ -42,6 +42,8 @@ class GatewayMetrics(ServingMetrics):
         self.e2e_latency.observe(elapsed)
         if tokens > 1 and stream.first_token_at is not None:
             self.time_per_output_token.observe((time.perf_counter() - stream.first_token_at) / (tokens - 1))
+        self.queue_time.observe(response.queue_seconds)
+        self.prompt_tokens.inc(response.usage.prompt_tokens)
         self.num_drafts.inc(response.spec.rounds)
         self.num_draft_tokens.inc(response.spec.draft_tokens)
         self.num_accepted_tokens.inc(response.spec.accepted_tokens)

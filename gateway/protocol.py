@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 INT32_MAX = 2**31 - 1  # the coordinator's int32 fields (max_tokens, top_k, k, token ids)
 NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -24,29 +24,104 @@ class Speculative(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False            # one usage-only chunk (choices: []) before [DONE]
+    continuous_usage_stats: bool = False   # usage on every chunk (vLLM's)
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+MAX_N = 128
 
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, logit_bias=null, ...) are accepted
+# OpenAI (and common vLLM) fields splitspec does not implement, with the values that ask for
+# nothing: any other value is a 400 naming the field, never silently ignored.
+UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
+    "response_format": (None, {"type": "text"}),  # structured outputs (#20)
+    "use_beam_search": (None, False),
+    "length_penalty": (None, 1.0),
+    "prompt_logprobs": (None,),
+    "allowed_token_ids": (None,),
+    "bad_words": (None, []),
+    "include_stop_str_in_output": (None, False),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "truncate_prompt_tokens": (None,),
+    "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "guided_decoding_backend": (None,), "structured_outputs": (None,),
+    "logits_processors": (None,),
+    "return_tokens_as_token_ids": (None, False),
+    "priority": (None, 0),
+}
+UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
+    "suffix": (None, ""),
+    "logprobs": (None,),  # not yet: logprobs from the target's distribution
+}
+UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False),  # not yet: logprobs from the target's distribution
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+    "metadata": (None, {}),
+    "store": (None, False),
+    "service_tier": (None, "auto", "default"),
+    "echo": (None, False),
+    "continue_final_message": (None, False),
+    "add_generation_prompt": (None, True),
+    "chat_template": (None,),
+    "chat_template_kwargs": (None, {}),
+    "documents": (None,),
+}
+
+
+def _neutral(value: Any, allowed: tuple[Any, ...]) -> bool:
+    return any(value == a and type(value) is type(a) for a in allowed)
+
+
+def _with_refused(base: type[BaseModel], name: str, fields: dict[str, tuple[Any, ...]]) -> type[BaseModel]:
+    """`base` with each refused field declared (any value, default None), so `unsupported` sees it."""
+    return create_model(name, __base__=base, **{field: (Any, None) for field in fields})
+
+
+class SamplingFields(_with_refused(BaseModel, "_RefusedCommon", UNSUPPORTED_COMMON)):
+    """Fields shared by /v1/completions and /v1/chat/completions. Every OpenAI field is declared:
+    implemented, or listed in UNSUPPORTED_* and refused unless it asks for nothing. A field outside
+    the OpenAI schema (an evaluation harness's extra generation kwargs) is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
 
     model: str
     max_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1, le=INT32_MAX)] | None = None
+    min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None
     temperature: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)] | None = None
     top_k: Annotated[int, Field(ge=-1, le=INT32_MAX)] | None = None  # -1 or 0: off (vLLM and HF spellings)
     min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Bias] | None = None  # token id (as a string) -> bias
     stop: str | list[str] | None = None
+    stop_token_ids: list[TokenId] | None = None
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
-    n: Annotated[int, Field(ge=1, le=16)] = 1
+    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    best_of: Annotated[int, Field(ge=1, le=MAX_N)] | None = None  # only = n (every sequence is returned)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     speculative: Speculative | None = None
+    user: Annotated[str, Field(max_length=256)] | None = None  # an end-user id: logged with the request
+    safety_identifier: Annotated[str, Field(max_length=256)] | None = None  # the same, OpenAI's newer name
+    prompt_cache_key: Annotated[str, Field(max_length=1024)] | None = None  # a hint: prefix caching is automatic
 
     @field_validator("stop")
     @classmethod
@@ -58,14 +133,38 @@ class SamplingFields(BaseModel):
             raise ValueError("stop strings must not be empty")
         return stops
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit() and int(key) <= INT32_MAX):
+                raise ValueError(f"keys must be token ids (decimal strings), got {key[:40]!r}")
+        return value
+
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """The first field asking for something not implemented: (param, message), or None."""
+        for name, allowed in self.unsupported_fields().items():
+            value = getattr(self, name, None)
+            if not _neutral(value, allowed):
+                return name, f"{name} is not supported by this server (accepted values: {list(allowed)})"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", f"best_of must equal n ({self.n}): every generated sequence is returned"
+        if self.stream_options is not None and not self.stream:
+            return "stream_options", "stream_options is only allowed with stream: true"
+        return None
 
-class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[TokenId]
-    echo: bool = False
+    @classmethod
+    def unsupported_fields(cls) -> dict[str, tuple[Any, ...]]:
+        return UNSUPPORTED_COMMON
+
+
+class CompletionRequest(_with_refused(SamplingFields, "_RefusedCompletions", UNSUPPORTED_COMPLETIONS)):
+    prompt: str | list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]]
+    echo: bool = False  # prepend the prompt text to each choice
 
     @field_validator("prompt")
     @classmethod
@@ -73,6 +172,10 @@ class CompletionRequest(SamplingFields):
         if isinstance(value, list) and not value:
             raise ValueError("must not be empty")
         return value
+
+    @classmethod
+    def unsupported_fields(cls) -> dict[str, tuple[Any, ...]]:
+        return {**UNSUPPORTED_COMMON, **UNSUPPORTED_COMPLETIONS}
 
 
 class ChatMessage(BaseModel):
@@ -104,8 +207,32 @@ def _describe(part: Any) -> str:
     return repr(part)[:40]
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatCompletionRequest(_with_refused(SamplingFields, "_RefusedChat", UNSUPPORTED_CHAT)):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+
+    @classmethod
+    def unsupported_fields(cls) -> dict[str, tuple[Any, ...]]:
+        return {**UNSUPPORTED_COMMON, **UNSUPPORTED_CHAT}
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 def new_id(prefix: str) -> str:

@@ -42,7 +42,8 @@ async def build_app(settings: GatewaySettings):  # -> FastAPI
         raise IncompatibleModels(f"tokenizer {settings.tokenizer or info.target.model} does not match the target's")
     config = GatewayConfig(coordinator=settings.coordinator, model_name=settings.served_model_name or info.target.model,
                            api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                           coordinator_token=settings.coordinator_token, tls=settings.tls)
+                           coordinator_token=settings.coordinator_token, tls=settings.tls,
+                           max_model_len=info.target.max_model_len, root=info.target.model)
     return create_app(config, tokenizer)
 
 

@@ -14,6 +14,12 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         min_p=message.min_p,
         repetition_penalty=message.repetition_penalty,
         seed=message.seed,
+        presence_penalty=message.presence_penalty,
+        frequency_penalty=message.frequency_penalty,
+        logit_bias=tuple(sorted(message.logit_bias.items())),
+        min_tokens=message.min_tokens,
+        min_tokens_banned=tuple(message.min_tokens_banned),
+        num_prompt_tokens=message.num_prompt_tokens,
     ).validate()
 
 
@@ -25,4 +31,10 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         min_p=params.min_p,
         repetition_penalty=params.repetition_penalty,
         seed=params.seed,
+        presence_penalty=params.presence_penalty,
+        frequency_penalty=params.frequency_penalty,
+        logit_bias=dict(params.logit_bias),
+        min_tokens=params.min_tokens,
+        min_tokens_banned=params.min_tokens_banned,
+        num_prompt_tokens=params.num_prompt_tokens,
     )

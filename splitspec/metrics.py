@@ -22,6 +22,10 @@ class ServingMetrics:
     num_draft_tokens: Counter = field(init=False)
     num_accepted_tokens: Counter = field(init=False)
     num_accepted_tokens_per_pos: Counter = field(init=False)
+    inter_token_latency: Histogram = field(init=False)
+    queue_time: Histogram = field(init=False)
+    prompt_tokens: Counter = field(init=False)
+    generation_tokens: Counter = field(init=False)
 
     def __post_init__(self) -> None:
         r = self.registry
@@ -40,6 +44,16 @@ class ServingMetrics:
                                            registry=r)
         self.num_accepted_tokens_per_pos = Counter("splitspec:spec_decode_num_accepted_tokens_per_pos",
                                                    "Accepted draft tokens by position", ["position"], registry=r)
+
+        self.inter_token_latency = Histogram(
+            "splitspec:inter_token_latency_seconds",
+            "Time between a request's successive outputs (one observation per output, which holds several "
+            "tokens when speculation accepts them)", registry=r, buckets=LATENCY_BUCKETS)
+        self.queue_time = Histogram("splitspec:request_queue_time_seconds",
+                                    "Time a request waited for admission at the coordinator", registry=r,
+                                    buckets=LATENCY_BUCKETS)
+        self.prompt_tokens = Counter("splitspec:prompt_tokens", "Prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter("splitspec:generation_tokens", "Tokens generated", registry=r)
 
     def record_accepted_positions(self, num_accepted: int) -> None:
         for position in range(num_accepted):

@@ -1,8 +1,10 @@
 """Logits processing and token sampling: the one implementation both workers use.
 
-Order matches Hugging Face `generate`: repetition penalty, then temperature, top-k, top-p, min-p.
-The result is the *processed* distribution p (target) or q (draft) that rejection sampling compares.
-Temperature 0 means greedy: the processed distribution is one-hot at the argmax.
+Order (vLLM's): logit bias, then the penalties (repetition over prompt and output, as Hugging
+Face's; presence and frequency over the output, as OpenAI's), the min-tokens mask, then
+temperature, top-k, top-p, min-p. The result is the *processed* distribution p (target) or q
+(draft) that rejection sampling compares. Temperature 0 means greedy: the processed distribution
+is one-hot at the argmax of the biased and penalised logits.
 """
 
 from __future__ import annotations
@@ -26,13 +28,26 @@ class SamplingParams:
     min_p: float = 0.0
     repetition_penalty: float = 1.0
     seed: int = 0
+    presence_penalty: float = 0.0    # [-2, 2]: subtracted once from every token the output holds
+    frequency_penalty: float = 0.0   # [-2, 2]: subtracted once per occurrence in the output
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, [-100, 100]) added to the raw logits
+    min_tokens: int = 0              # output tokens before any of min_tokens_banned may be sampled
+    min_tokens_banned: tuple[int, ...] = ()  # EOS and stop_token_ids, set by the coordinator
+    num_prompt_tokens: int = 0       # where the output starts in a sequence's tokens
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def validate(self) -> "SamplingParams":
-        """Raises InvalidArgument naming the first bad field."""
+    @property
+    def needs_context(self) -> bool:
+        """Whether processing depends on the tokens so far (`logits_context`)."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or (self.min_tokens > 0 and bool(self.min_tokens_banned)))
+
+    def validate(self, vocab_size: int | None = None) -> "SamplingParams":
+        """Raises InvalidArgument naming the first bad field; token ids are checked against
+        `vocab_size` when given."""
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise InvalidArgument("temperature", f"must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -47,47 +62,85 @@ class SamplingParams:
             )
         if not 0 <= self.seed < 2**64:
             raise InvalidArgument("seed", f"must be in [0, 2**64), got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:  # NaN fails too
+                raise InvalidArgument(name, f"must be in [-2, 2], got {value}")
+        for token, bias in self.logit_bias:
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidArgument(f"logit_bias.{token}", f"must be in [-100, 100], got {bias}")
+        if self.min_tokens < 0:
+            raise InvalidArgument("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.num_prompt_tokens < 0:
+            raise InvalidArgument("num_prompt_tokens", f"must be >= 0, got {self.num_prompt_tokens}")
+        if vocab_size is not None:
+            for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
+                              ("min_tokens_banned", self.min_tokens_banned)):
+                bad = [t for t in ids if not 0 <= t < vocab_size]
+                if bad:
+                    raise InvalidArgument(name, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+            if self.min_tokens and len(set(self.min_tokens_banned)) >= vocab_size:
+                raise InvalidArgument("min_tokens_banned", "would mask every token of the vocabulary")
         return self
 
 
-def seen_tokens(history: Sequence[int], proposal: Sequence[int], vocab_size: int) -> torch.Tensor:
-    """Which tokens each scored position has seen, for the repetition penalty.
+@dataclass(slots=True)
+class LogitsContext:
+    """What the context-dependent processors need at each scored row (row i: the tokens so far
+    plus proposal[:i]).
 
-    Returns seen: [len(proposal) + 1, vocab] bool; row i covers history + proposal[:i].
+    seen:          [rows, vocab] bool     tokens in prompt or output (repetition penalty)
+    output_counts: [rows, vocab] float32  occurrences in the output (presence, frequency)
+    num_output:    [rows] long            output tokens (min_tokens)
     """
+
+    seen: torch.Tensor
+    output_counts: torch.Tensor
+    num_output: torch.Tensor
+
+    def append(self, token: int) -> None:
+        """Every row has one more output token (a draft going on to its next position)."""
+        self.seen[:, token] = True
+        self.output_counts[:, token] += 1
+        self.num_output += 1
+
+
+def logits_context(
+    params: SamplingParams, history: Sequence[int], proposal: Sequence[int], vocab_size: int
+) -> LogitsContext | None:
+    """The context of each scored position, or None when `params` needs none (nothing to compute).
+    `history` is the sequence so far, prompt first (its first `params.num_prompt_tokens` tokens)."""
+    if not params.needs_context:
+        return None
     rows = len(proposal) + 1
     seen = torch.zeros(rows, vocab_size, dtype=torch.bool)
     if history:
         seen[:, torch.as_tensor(list(history), dtype=torch.long)] = True
+    output = list(history[params.num_prompt_tokens:])
+    counts = torch.zeros(rows, vocab_size)
+    if output:
+        counts += torch.bincount(torch.as_tensor(output, dtype=torch.long), minlength=vocab_size)[:vocab_size]
     for i, token in enumerate(proposal):
         seen[i + 1 :, token] = True
-    return seen
-
-
-def penalty_context(
-    params: SamplingParams, history: Sequence[int], proposal: Sequence[int], vocab_size: int
-) -> torch.Tensor | None:
-    """`seen_tokens` when the request has a repetition penalty, else None (nothing to compute)."""
-    if params.repetition_penalty == 1.0:
-        return None
-    return seen_tokens(history, proposal, vocab_size)
+        counts[i + 1 :, token] += 1
+    return LogitsContext(seen, counts, len(output) + torch.arange(rows))
 
 
 def process_logits(
-    logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None
+    logits: torch.Tensor, params: SamplingParams, context: LogitsContext | None = None
 ) -> torch.Tensor:
     """Turn raw logits into the processed sampling distribution.
 
-    logits: [n, vocab] (any float dtype; computed in float32)
-    seen:   [n, vocab] bool, tokens already in each row's context (repetition penalty)
+    logits:  [n, vocab] (any float dtype; computed in float32)
+    context: the n rows' `logits_context` (None: the penalties and min_tokens do not apply)
     returns probs: [n, vocab] float32, rows sum to 1 (one-hot rows when greedy)
     """
     logits = logits.float()
-    if params.repetition_penalty != 1.0 and seen is not None:
-        penalized = torch.where(
-            logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty
-        ).clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an extreme penalty moves a logit as far as it goes, never to inf
-        logits = torch.where(seen, penalized, logits)
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
+        logits = logits.index_add(-1, ids, torch.tensor([b for _, b in params.logit_bias]).expand(len(logits), -1))
+    if context is not None:
+        logits = _penalize(logits, params, context)
     peak = logits.amax(dim=-1, keepdim=True)
     if not bool(torch.isfinite(peak).all()):
         raise InvalidArgument("logits", "a row has no finite logit: every token is masked (or the model gave NaN)")
@@ -110,6 +163,23 @@ def process_logits(
         threshold = params.min_p * probs.max(dim=-1, keepdim=True).values
         logits = logits.masked_fill(probs < threshold, -math.inf)
     return logits.softmax(dim=-1)
+
+
+def _penalize(logits: torch.Tensor, params: SamplingParams, context: LogitsContext) -> torch.Tensor:
+    """logits: [n, vocab] float32 -> the same, penalised and min-tokens masked."""
+    if params.repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(context.seen, penalized, logits)
+    if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
+        counts = context.output_counts
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
+    logits = logits.clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an extreme penalty moves a logit as far as it goes, never to inf
+    if params.min_tokens > 0 and params.min_tokens_banned:
+        early = context.num_output < params.min_tokens
+        banned = torch.zeros(logits.shape[-1], dtype=torch.bool)
+        banned[list(params.min_tokens_banned)] = True
+        logits = logits.masked_fill(early.unsqueeze(-1) & banned, -math.inf)
+    return logits
 
 
 def check_confidence(name: str, value: float) -> None:

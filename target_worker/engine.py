@@ -29,7 +29,7 @@ from splitspec.sampling import (
     draw_exponentials,
     draw_uniforms,
     make_generator,
-    penalty_context,
+    logits_context,
     process_logits,
     sample,
 )
@@ -132,7 +132,7 @@ class TargetEngine:
         if len(item.token_ids) >= limit + item.resume:
             raise InvalidArgument("token_ids", f"{len(item.token_ids)} tokens leave no room in the target's {limit}-token context")
         self._check_token_ids("token_ids", item.token_ids)
-        item.params.validate()
+        item.params.validate(self.vocab_size)
         if item.max_new_tokens < 0 or item.num_lookahead_slots < 1:
             raise InvalidArgument("max_new_tokens", "max_new_tokens must be >= 0 and num_lookahead_slots >= 1")
         worst = len(item.token_ids) + item.max_new_tokens + item.num_lookahead_slots
@@ -272,7 +272,7 @@ class TargetEngine:
         sequence, item = plan.sequence, plan.item
         if not item.resume:
             params = sequence.params
-            probs = process_logits(logits, params, penalty_context(params, sequence.token_ids, [], self.vocab_size))
+            probs = process_logits(logits, params, logits_context(params, sequence.token_ids, [], self.vocab_size))
             exponentials = draw_exponentials(self.vocab_size, params.greedy, sequence.generator)
             sequence.token_ids.append(int(sample(probs[0], exponentials)))
         self.blocks.commit(sequence.seq_id, sequence.token_ids[:-1])
@@ -292,8 +292,8 @@ class TargetEngine:
         for row, (plan, logits) in enumerate(verifies):
             sequence, proposal = plan.sequence, plan.item.draft_token_ids
             params, k = sequence.params, len(proposal)
-            seen = penalty_context(params, sequence.token_ids, proposal, vocab)
-            target_probs[row, : k + 1] = process_logits(logits, params, seen)
+            context = logits_context(params, sequence.token_ids, proposal, vocab)
+            target_probs[row, : k + 1] = process_logits(logits, params, context)
             if k:
                 ids = torch.tensor(proposal, dtype=torch.long)
                 draft_ids[row, :k] = ids

@@ -159,6 +159,10 @@ def messages(descriptor: Descriptor, overrides: dict[str, st.SearchStrategy] | N
 
 def field_values(field: FieldDescriptor, depth: int = 0) -> st.SearchStrategy[Any] | None:
     """Values for one protobuf field at its type's edges (None: a message nested too deep)."""
+    if field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry:
+        entry = field.message_type.fields_by_name
+        values = field_values(entry["value"], depth + 1)
+        return None if values is None else st.dictionaries(_scalar(entry["key"]), values, max_size=4)
     if field.type == FieldDescriptor.TYPE_MESSAGE:
         if depth >= 2:
             return None

@@ -24,25 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitspec/v1/common.proto\x12\x0csplitspec.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"S\n\x0bSparseProbs\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x0f\n\x07offsets\x18\x02 \x01(\x0c\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\"|\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\"\x12\n\x10ModelInfoRequest\"\xd5\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05max_k\x18\n \x01(\x05\"\x0e\n\x0cStatsRequest\"\xe6\x02\n\x0bWorkerStats\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x05\x12\x13\n\x0b\x62locks_used\x18\x03 \x01(\x05\x12\x13\n\x0b\x62locks_free\x18\x04 \x01(\x05\x12\x13\n\x0butilization\x18\x05 \x01(\x02\x12\x19\n\x11running_sequences\x18\x06 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x07 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x02\x12\r\n\x05steps\x18\n \x01(\x03\x12\x1c\n\x14mean_batch_sequences\x18\x0b \x01(\x02\x12\x1b\n\x13max_batch_sequences\x18\x0c \x01(\x05\x12\x19\n\x11mean_batch_tokens\x18\r \x01(\x02\x12 \n\x18steps_by_batch_sequences\x18\x0e \x03(\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitspec/v1/common.proto\x12\x0csplitspec.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"S\n\x0bSparseProbs\x12\x12\n\nvocab_size\x18\x01 \x01(\x05\x12\x0f\n\x07offsets\x18\x02 \x01(\x0c\x12\x0f\n\x07indices\x18\x03 \x01(\x0c\x12\x0e\n\x06values\x18\x04 \x01(\x0c\"\xee\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\x05\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05min_p\x18\x04 \x01(\x02\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x02\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12?\n\nlogit_bias\x18\t \x03(\x0b\x32+.splitspec.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\n \x01(\x05\x12\x19\n\x11min_tokens_banned\x18\x0b \x03(\x05\x12\x19\n\x11num_prompt_tokens\x18\x0c \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x12\n\x10ModelInfoRequest\"\xd5\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x15\n\rmax_model_len\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x15\n\reos_token_ids\x18\x06 \x03(\x05\x12\x14\n\x0c\x62os_token_id\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\x12\r\n\x05max_k\x18\n \x01(\x05\"\x0e\n\x0cStatsRequest\"\xe6\x02\n\x0bWorkerStats\x12\x12\n\nblock_size\x18\x01 \x01(\x05\x12\x14\n\x0c\x62locks_total\x18\x02 \x01(\x05\x12\x13\n\x0b\x62locks_used\x18\x03 \x01(\x05\x12\x13\n\x0b\x62locks_free\x18\x04 \x01(\x05\x12\x13\n\x0butilization\x18\x05 \x01(\x02\x12\x19\n\x11running_sequences\x18\x06 \x01(\x05\x12\x18\n\x10waiting_requests\x18\x07 \x01(\x05\x12\x13\n\x0bpreemptions\x18\x08 \x01(\x03\x12\x1d\n\x15prefix_cache_hit_rate\x18\t \x01(\x02\x12\r\n\x05steps\x18\n \x01(\x03\x12\x1c\n\x14mean_batch_sequences\x18\x0b \x01(\x02\x12\x1b\n\x13max_batch_sequences\x18\x0c \x01(\x05\x12\x19\n\x11mean_batch_tokens\x18\r \x01(\x02\x12 \n\x18steps_by_batch_sequences\x18\x0e \x03(\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'splitspec.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=95
   _globals['_SPARSEPROBS']._serialized_start=97
   _globals['_SPARSEPROBS']._serialized_end=180
-  _globals['_SAMPLINGPARAMS']._serialized_start=182
-  _globals['_SAMPLINGPARAMS']._serialized_end=306
-  _globals['_MODELINFOREQUEST']._serialized_start=308
-  _globals['_MODELINFOREQUEST']._serialized_end=326
-  _globals['_MODELINFO']._serialized_start=329
-  _globals['_MODELINFO']._serialized_end=542
-  _globals['_STATSREQUEST']._serialized_start=544
-  _globals['_STATSREQUEST']._serialized_end=558
-  _globals['_WORKERSTATS']._serialized_start=561
-  _globals['_WORKERSTATS']._serialized_end=919
+  _globals['_SAMPLINGPARAMS']._serialized_start=183
+  _globals['_SAMPLINGPARAMS']._serialized_end=549
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=501
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=549
+  _globals['_MODELINFOREQUEST']._serialized_start=551
+  _globals['_MODELINFOREQUEST']._serialized_end=569
+  _globals['_MODELINFO']._serialized_start=572
+  _globals['_MODELINFO']._serialized_end=785
+  _globals['_STATSREQUEST']._serialized_start=787
+  _globals['_STATSREQUEST']._serialized_end=801
+  _globals['_WORKERSTATS']._serialized_start=804
+  _globals['_WORKERSTATS']._serialized_end=1162
 # @@protoc_insertion_point(module_scope)

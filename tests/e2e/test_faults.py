@@ -296,7 +296,12 @@ async def test_soak_2000_requests_with_cancellations_and_a_draft_restart(tiny, t
         assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
         for endpoint in running.state.drafts.endpoints.values():
             for _ in range(100):
-                stats = await endpoint.client.stats()
+                try:
+                    stats = await endpoint.client.stats()
+                except grpc.aio.AioRpcError as exc:  # the restarted draft's channel may still be in reconnect backoff
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc
+                    await asyncio.sleep(0.1)
+                    continue
                 if stats.blocks_used == 0 and stats.running_sequences == 0:
                     break
                 await asyncio.sleep(0.05)

@@ -14,18 +14,23 @@ instead would fail it by a huge margin.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from splitspec.sampling import SamplingParams, process_logits, seen_tokens
+from splitspec.sampling import SamplingParams, logits_context, process_logits
 from splitspec.v1 import coordinator_pb2
 from tests.support import collect, start_stack
 
 N = 1000
 PARAMS = SamplingParams(temperature=0.8, top_k=5, repetition_penalty=1.2)
+# OpenAI's penalties and a logit bias, applied by draft and target alike (the bias favours a token
+# the noisy draft rarely proposes, so acceptance and the residual both matter)
+PENALISED = SamplingParams(temperature=0.9, top_k=6, presence_penalty=1.2, frequency_penalty=0.7,
+                           logit_bias=((5, 2.0), (7, -1.5)))
 PROMPT = "abc"
 
 
@@ -33,13 +38,14 @@ def next_probs(loaded, contexts: list[list[int]], params: SamplingParams = PARAM
     """Processed next-token distributions for each context: [len(contexts), vocab]."""
     with torch.inference_mode():
         logits = loaded.model(torch.tensor(contexts)).logits[:, -1].float()
-    rows = [process_logits(logits[i : i + 1], params, seen_tokens(c, [], loaded.vocab_size)) for i, c in
+    rows = [process_logits(logits[i : i + 1], params, logits_context(params, c, [], loaded.vocab_size)) for i, c in
             enumerate(contexts)]
     return torch.cat(rows).double()
 
 
 def exact_marginals(loaded, prompt: list[int], depth: int, params: SamplingParams = PARAMS) -> list[dict[int, float]]:
     """Exact marginal distribution of generated tokens 1..depth under `params`."""
+    params = dataclasses.replace(params, num_prompt_tokens=len(prompt))  # as the coordinator sets it
     paths: dict[tuple[int, ...], float] = {(): 1.0}
     marginals = []
     for _ in range(depth):
@@ -77,7 +83,9 @@ async def sample_many(target, draft, k: int, max_tokens: int, overlap: bool = Fa
         async def one(seed: int) -> dict:
             return await collect(stack.stub, coordinator_pb2.GenerateRequest(
                 prompt=PROMPT, max_tokens=max_tokens, k=k, seed=seed, ignore_eos=True, temperature=params.temperature,
-                top_k=params.top_k, repetition_penalty=params.repetition_penalty))
+                top_k=params.top_k, repetition_penalty=params.repetition_penalty,
+                presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+                logit_bias=dict(params.logit_bias)))
 
         results = []
         batch = 1 if overlap else 50  # overlap speculates only for a request alone on its draft
@@ -123,6 +131,13 @@ async def test_speculative_tokens_follow_the_target_distribution(tiny, overlap, 
     if overlap:
         assert 0.2 * N < held < 0.9 * N, f"{held} speculative rounds held: the test needs both outcomes"
     check_distribution(tiny, results, positions, check_acceptance=not overlap)
+
+
+async def test_penalised_tokens_follow_the_target_distribution(tiny):
+    """Presence and frequency penalties and a logit bias: draft and target process their logits
+    identically, and the tokens follow the exact marginals of the target under those settings."""
+    results, _ = await sample_many(tiny["target"], tiny["draft_noisy"], 2, 4, params=PENALISED)
+    assert_follows(results, tiny["target"], (1, 2), params=PENALISED)
 
 
 async def test_compiled_tokens_follow_the_target_distribution(tiny, compiled_stack):

@@ -35,7 +35,10 @@ def gateway(tiny_dirs):
 
 
 def bodies(model: type, served: str) -> st.SearchStrategy[dict]:
+    """Valid bodies (a refused field only with a value that asks for nothing), then mutated."""
     schema = model.model_json_schema()
+    for name, neutral in model.unsupported_fields().items():
+        schema["properties"][name] = {"enum": list(neutral)}
     valid = st.tuples(from_json_schema(schema), st.booleans()).map(  # half of them streamed
         lambda drawn: {**drawn[0], "model": served, "stream": drawn[1]})
     return mutated(valid, sorted(schema["properties"]))
