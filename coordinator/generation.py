@@ -40,7 +40,7 @@ from coordinator.request import GenerationRequest
 from coordinator.workers import DraftSession, VerifySession
 from splitspec.branches import matching_branch
 from splitspec.errors import DeadlineExceeded, SplitspecError, Unavailable
-from splitspec.v1 import coordinator_pb2, draft_pb2
+from splitspec.v1 import common_pb2, coordinator_pb2, draft_pb2
 
 log = logging.getLogger(__name__)
 Origin = coordinator_pb2.TokenOrigin
@@ -149,10 +149,10 @@ class Generation:
         backend.metrics.running.inc()
         backend.running += 1
         try:
-            first = await self._prefill()
+            first, first_logprobs = await self._prefill()
             backend.metrics.ttft.observe(time.perf_counter() - start)
             self._append([first])
-            yield self._message([first], [Origin.TOKEN_ORIGIN_TARGET])
+            yield self._message([first], [Origin.TOKEN_ORIGIN_TARGET], first_logprobs)
             if request.k != 0:
                 self._open_draft()
             round_start, settle_wait = time.perf_counter(), 0.0
@@ -190,7 +190,7 @@ class Generation:
                     await asyncio.sleep(0)  # the next round's request goes out before this round's bookkeeping
                 self._record_round(current, verdict, round_start, verdict_at)
                 round_start = verdict_at  # the next round's clock runs from this verdict
-                yield self._message(token_ids[:kept], origins[:kept])
+                yield self._message(token_ids[:kept], origins[:kept], list(verdict.logprobs)[:kept])
             self._record(time.perf_counter() - start)
         finally:
             _drop(pending)
@@ -272,7 +272,7 @@ class Generation:
             self.verifier.close()
             self.verifier = None
 
-    async def _prefill(self) -> int:
+    async def _prefill(self) -> tuple[int, list[common_pb2.TokenLogprobs]]:
         """Prefill the prompt (first token) on a pinned target, moving to another on failure."""
         request, failure = self.request, ""
         while True:
@@ -282,7 +282,7 @@ class Generation:
                     self.seq_id, request.prompt_token_ids, request.params, request.max_tokens, request.k + 1,
                     timeout=self._timeout(self.backend.timeouts.target))
                 self.cached_prompt_tokens = reply.num_cached_tokens
-                return reply.token_id
+                return reply.token_id, [reply.logprobs] if reply.HasField("logprobs") else []
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in WORKER_FAILURES:
                     raise
@@ -539,9 +539,10 @@ class Generation:
                 return kept
         return len(token_ids)
 
-    def _message(self, token_ids: list[int], origins: list[int]) -> coordinator_pb2.GenerateResponse:
-        """The stream message for tokens just appended."""
-        response = coordinator_pb2.GenerateResponse(token_ids=token_ids, origins=origins)
+    def _message(self, token_ids: list[int], origins: list[int],
+                 logprobs: list[common_pb2.TokenLogprobs]) -> coordinator_pb2.GenerateResponse:
+        """The stream message for tokens just appended (and their logprobs, when asked for)."""
+        response = coordinator_pb2.GenerateResponse(token_ids=token_ids, origins=origins, logprobs=logprobs)
         response.text = self.text.delta(final=bool(self.finish_reason))
         if self.finish_reason:
             response.finish_reason = self.finish_reason

@@ -95,6 +95,7 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         min_tokens=min_tokens,
         min_tokens_banned=tuple(sorted(ending)) if min_tokens else (),
         num_prompt_tokens=len(prompt),
+        num_logprobs=message.logprobs if message.HasField("logprobs") else None,
     ).validate(limits.vocab_size)
     k = _optional(message, "k", limits.default_k)
     if k != AUTO_K or message.HasField("k"):

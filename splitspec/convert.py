@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from splitspec.sampling import SamplingParams
+from splitspec.sampling import SamplingParams, TokenLogprobs
 from splitspec.v1 import common_pb2
 
 
@@ -20,6 +20,7 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         min_tokens=message.min_tokens,
         min_tokens_banned=tuple(message.min_tokens_banned),
         num_prompt_tokens=message.num_prompt_tokens,
+        num_logprobs=message.num_logprobs if message.HasField("num_logprobs") else None,
     ).validate()
 
 
@@ -37,4 +38,10 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         min_tokens=params.min_tokens,
         min_tokens_banned=params.min_tokens_banned,
         num_prompt_tokens=params.num_prompt_tokens,
+        num_logprobs=params.num_logprobs,
     )
+
+
+def logprobs_to_proto(entry: TokenLogprobs) -> common_pb2.TokenLogprobs:
+    return common_pb2.TokenLogprobs(logprob=entry.logprob, top_token_ids=[t for t, _ in entry.top],
+                                    top_logprobs=[v for _, v in entry.top])

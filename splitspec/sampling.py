@@ -18,6 +18,7 @@ import torch
 from splitspec.errors import InvalidArgument
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+MAX_LOGPROBS = 20  # top logprobs a request may ask for (vLLM's default limit)
 
 
 @dataclass(slots=True, frozen=True)
@@ -34,6 +35,7 @@ class SamplingParams:
     min_tokens: int = 0              # output tokens before any of min_tokens_banned may be sampled
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop_token_ids, set by the coordinator
     num_prompt_tokens: int = 0       # where the output starts in a sequence's tokens
+    num_logprobs: int | None = None  # None: no logprobs; n: each token's and the n most likely (`token_logprobs`)
 
     @property
     def greedy(self) -> bool:
@@ -71,6 +73,8 @@ class SamplingParams:
                 raise InvalidArgument(f"logit_bias.{token}", f"must be in [-100, 100], got {bias}")
         if self.min_tokens < 0:
             raise InvalidArgument("min_tokens", f"must be >= 0, got {self.min_tokens}")
+        if self.num_logprobs is not None and not 0 <= self.num_logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.num_logprobs}")
         if self.num_prompt_tokens < 0:
             raise InvalidArgument("num_prompt_tokens", f"must be >= 0, got {self.num_prompt_tokens}")
         if vocab_size is not None:
@@ -180,6 +184,25 @@ def _penalize(logits: torch.Tensor, params: SamplingParams, context: LogitsConte
         banned[list(params.min_tokens_banned)] = True
         logits = logits.masked_fill(early.unsqueeze(-1) & banned, -math.inf)
     return logits
+
+
+@dataclass(slots=True, frozen=True)
+class TokenLogprobs:
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprobs]:
+    """The model's raw log-softmax (before bias, penalties and temperature: vLLM's default) at each
+    row: the emitted token's logprob and the `top` most likely tokens there.
+
+    logits: [n, vocab] raw; tokens: n token ids, one per row
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logprobs.gather(-1, torch.as_tensor(list(tokens), dtype=torch.long).unsqueeze(-1)).squeeze(-1)
+    values, ids = logprobs.topk(min(top, logprobs.shape[-1]), dim=-1)
+    return [TokenLogprobs(float(chosen[row]), tuple(zip(ids[row].tolist(), values[row].tolist())))
+            for row in range(len(tokens))]
 
 
 def check_confidence(name: str, value: float) -> None:

@@ -26,12 +26,14 @@ from splitspec.paged.stats import EngineStats
 from splitspec.rejection import rejection_sample
 from splitspec.sampling import (
     SamplingParams,
+    TokenLogprobs,
     draw_exponentials,
     draw_uniforms,
-    make_generator,
     logits_context,
+    make_generator,
     process_logits,
     sample,
+    token_logprobs,
 )
 from splitspec.v1 import common_pb2
 
@@ -66,6 +68,7 @@ class PrefillOutcome:
     token_id: int          # first generated token; -1 for a resume
     num_tokens: int
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # the first token's, when asked for
 
 
 @dataclass(slots=True)
@@ -76,6 +79,7 @@ class VerifyOutcome:
     acceptance_probs: list[float]
     num_tokens: int
     preempted: bool = False
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per emitted token, when asked for
 
 
 PREEMPTED = VerifyOutcome(0, -1, False, [], 0, preempted=True)
@@ -276,7 +280,10 @@ class TargetEngine:
             exponentials = draw_exponentials(self.vocab_size, params.greedy, sequence.generator)
             sequence.token_ids.append(int(sample(probs[0], exponentials)))
         self.blocks.commit(sequence.seq_id, sequence.token_ids[:-1])
-        return PrefillOutcome(-1 if item.resume else sequence.token_ids[-1], len(sequence.token_ids), plan.num_cached)
+        logprobs = [] if item.resume or sequence.params.num_logprobs is None else \
+            token_logprobs(logits[:1], sequence.token_ids[-1:], sequence.params.num_logprobs)
+        return PrefillOutcome(-1 if item.resume else sequence.token_ids[-1], len(sequence.token_ids), plan.num_cached,
+                              logprobs)
 
     def _accept(self, verifies: list[tuple[_Planned, torch.Tensor]]) -> list[VerifyOutcome]:
         """Batched rejection sampling over sequences with different k and sampling settings."""
@@ -304,15 +311,18 @@ class TargetEngine:
             num_draft[row] = k
         result = rejection_sample(target_probs, draft_probs, draft_ids, uniforms, exponentials, num_draft)
         outcomes = []
-        for row, (plan, _) in enumerate(verifies):
+        for row, (plan, logits) in enumerate(verifies):
             sequence, proposal = plan.sequence, plan.item.draft_token_ids
             accepted, token = int(result.num_accepted[row]), int(result.token_ids[row])
+            emitted = [*proposal[:accepted], token]
+            top = sequence.params.num_logprobs
+            logprobs = [] if top is None else token_logprobs(logits[: accepted + 1], emitted, top)
             sequence.token_ids.extend([*proposal[:accepted], token])
             self.blocks.truncate(sequence.seq_id, len(sequence.token_ids) - 1)
             self.blocks.commit(sequence.seq_id, sequence.token_ids[:-1])
             outcomes.append(VerifyOutcome(accepted, token, bool(result.is_bonus[row]),
                                           result.acceptance_probs[row, : len(proposal)].tolist(),
-                                          len(sequence.token_ids)))
+                                          len(sequence.token_ids), logprobs=logprobs))
         return outcomes
 
     # --- lifecycle -----------------------------------------------------------------------------

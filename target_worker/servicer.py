@@ -18,7 +18,7 @@ from typing import AsyncIterator
 import grpc
 
 from splitspec.branches import matching_branch
-from splitspec.convert import sampling_from_proto
+from splitspec.convert import logprobs_to_proto, sampling_from_proto
 from splitspec.errors import InvalidArgument
 from splitspec.paged.stats import worker_stats
 from splitspec.paged.step_loop import StepLoop
@@ -67,8 +67,11 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
         self.engine.check_prefill(item)
         outcome = await self._submit("prefill", item)
         self.metrics.prefills.inc()
-        return target_pb2.PrefillResponse(token_id=outcome.token_id, num_tokens=outcome.num_tokens,
-                                          num_cached_tokens=outcome.num_cached_tokens)
+        response = target_pb2.PrefillResponse(token_id=outcome.token_id, num_tokens=outcome.num_tokens,
+                                              num_cached_tokens=outcome.num_cached_tokens)
+        if outcome.logprobs:
+            response.logprobs.CopyFrom(logprobs_to_proto(outcome.logprobs[0]))
+        return response
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> target_pb2.VerifyResponse:
         if request.branches:
@@ -138,6 +141,7 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             num_tokens=outcome.num_tokens,
             preempted=outcome.preempted,
             step_seconds=elapsed,
+            logprobs=[logprobs_to_proto(entry) for entry in outcome.logprobs],
         )
 
     async def Release(self, request: target_pb2.ReleaseRequest, context: grpc.aio.ServicerContext) -> target_pb2.ReleaseResponse:

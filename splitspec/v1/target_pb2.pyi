@@ -24,14 +24,16 @@ class PrefillRequest(_message.Message):
     def __init__(self, seq_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[_common_pb2.SamplingParams, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., num_lookahead_slots: _Optional[int] = ..., resume: _Optional[bool] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("token_id", "num_tokens", "num_cached_tokens")
+    __slots__ = ("token_id", "num_tokens", "num_cached_tokens", "logprobs")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     token_id: int
     num_tokens: int
     num_cached_tokens: int
-    def __init__(self, token_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ...) -> None: ...
+    logprobs: _common_pb2.TokenLogprobs
+    def __init__(self, token_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
     __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens", "draft_sparse_probs", "branches", "autonomous_rounds")
@@ -62,7 +64,7 @@ class VerifyBranch(_message.Message):
     def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., next: _Optional[_Union[VerifyRequest, _Mapping]] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("num_accepted", "token_id", "is_bonus", "acceptance_probs", "num_tokens", "preempted", "step_seconds", "chained")
+    __slots__ = ("num_accepted", "token_id", "is_bonus", "acceptance_probs", "num_tokens", "preempted", "step_seconds", "chained", "logprobs")
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     IS_BONUS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +73,7 @@ class VerifyResponse(_message.Message):
     PREEMPTED_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CHAINED_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     num_accepted: int
     token_id: int
     is_bonus: bool
@@ -79,7 +82,8 @@ class VerifyResponse(_message.Message):
     preempted: bool
     step_seconds: float
     chained: bool
-    def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., acceptance_probs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., preempted: _Optional[bool] = ..., step_seconds: _Optional[float] = ..., chained: _Optional[bool] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[_common_pb2.TokenLogprobs]
+    def __init__(self, num_accepted: _Optional[int] = ..., token_id: _Optional[int] = ..., is_bonus: _Optional[bool] = ..., acceptance_probs: _Optional[_Iterable[float]] = ..., num_tokens: _Optional[int] = ..., preempted: _Optional[bool] = ..., step_seconds: _Optional[float] = ..., chained: _Optional[bool] = ..., logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("seq_id",)
