@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 import splitspec
 from gateway.completions import ChoiceDelta, merged, open_choices, render_chat
 from gateway.errors import OpenAIError, from_grpc
+from gateway.logprobs import merge as merge_logprobs
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                               StreamOptions, TokenizeRequest, new_id, now, spec_stats)
@@ -133,8 +134,10 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         try:
             choices: dict[int, dict[str, Any]] = {}
             async for delta in merged(streams, firsts):
-                choice = choices.setdefault(delta.index, {"text": "", "tokens": 0})
+                choice = choices.setdefault(delta.index, {"text": "", "tokens": 0, "logprobs": []})
                 choice["text"] += delta.text
+                if delta.logprobs is not None:
+                    choice["logprobs"].append(delta.logprobs)
                 if delta.finish_reason:
                     choice.update(finish_reason=delta.finish_reason, tokens=delta.completion_tokens,
                                   prompt_tokens=delta.prompt_tokens, cached_tokens=delta.cached_tokens,
@@ -151,8 +154,9 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
             "model": config.model_name,
             "choices": [
                 {"index": i, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
-                 "logprobs": None} if chat else
-                {"index": i, "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None}
+                 "logprobs": merge_logprobs(c["logprobs"])} if chat else
+                {"index": i, "text": c["text"], "finish_reason": c["finish_reason"],
+                 "logprobs": merge_logprobs(c["logprobs"])}
                 for i, c in enumerate(ordered)
             ],
             "usage": usage(ordered, body.n),
@@ -179,7 +183,8 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         started_roles: set[int] = set()
         try:
             async for delta in merged(streams, firsts):
-                choice: dict[str, Any] = {"index": delta.index, "finish_reason": delta.finish_reason, "logprobs": None}
+                choice: dict[str, Any] = {"index": delta.index, "finish_reason": delta.finish_reason,
+                                          "logprobs": delta.logprobs}
                 if chat:
                     choice["delta"] = {"content": delta.text}
                     if delta.index not in started_roles:

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 import grpc
 
 from coordinator.detokenizer import TextStream
+from gateway.logprobs import LogprobsBuilder
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, spec_report
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
@@ -72,6 +73,8 @@ def generate_request(request: SamplingFields, prompt: str | list[int], choice: i
     message.seed = request.seed + choice if request.seed is not None else secrets.randbits(63)
     if request.stop:
         message.stop.extend(request.stop)
+    if request.num_logprobs is not None:
+        message.logprobs = request.num_logprobs
     if request.stop_token_ids:
         message.stop_token_ids.extend(request.stop_token_ids)
     for token, bias in (request.logit_bias or {}).items():
@@ -96,6 +99,7 @@ class ChoiceDelta:
     prompt_tokens: int = 0
     cached_tokens: int = 0      # set on the last delta
     spec: dict[str, Any] | None = None
+    logprobs: dict[str, Any] | None = None  # this delta's tokens', when asked for
 
 
 @dataclass(slots=True)
@@ -113,6 +117,7 @@ class ChoiceStream:
     echo: str = ""         # the prompt text, prepended to the first delta (echo: true)
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: LogprobsBuilder | None = None
 
     async def next(self) -> ChoiceDelta | None:
         response = await self.call.read()
@@ -139,6 +144,8 @@ class ChoiceStream:
         delta = ChoiceDelta(self.index, self.echo + response.text, list(response.token_ids), origins, pieces,
                             completion_tokens=self.completion_tokens, prompt_tokens=self.prompt_tokens)
         self.echo = ""
+        if self.logprobs is not None and response.token_ids:
+            delta.logprobs = self.logprobs.build(response.token_ids, response.logprobs, pieces)
         if response.finish_reason:
             delta.finish_reason = response.finish_reason
             delta.completion_tokens = response.usage.completion_tokens
@@ -165,8 +172,10 @@ async def open_choices(stub: coordinator_pb2_grpc.CoordinatorStub, tokenizer: An
         for n in range(request.n):
             index = prompt_index * request.n + n
             call = stub.Generate(generate_request(request, prompt, n))
+            builder = None if request.num_logprobs is None else \
+                LogprobsBuilder(tokenizer, chat=isinstance(request, ChatCompletionRequest))
             streams.append(ChoiceStream(index, call, TextStream(tokenizer, prompt_ids), metrics, echo=echo,
-                                        prompt_tokens=len(prompt_ids)))
+                                        prompt_tokens=len(prompt_ids), logprobs=builder))
     try:
         firsts = await asyncio.gather(*(s.next() for s in streams))
     except BaseException:

@@ -32,6 +32,7 @@ class StreamOptions(BaseModel):
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 MAX_N = 128
+MAX_LOGPROBS = 20  # vLLM's limit
 
 # OpenAI (and common vLLM) fields splitspec does not implement, with the values that ask for
 # nothing: any other value is a 400 naming the field, never silently ignored.
@@ -54,11 +55,8 @@ UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
 }
 UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
-    "logprobs": (None,),  # not yet: logprobs from the target's distribution
 }
 UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False),  # not yet: logprobs from the target's distribution
-    "top_logprobs": (None, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "parallel_tool_calls": (None,),
@@ -155,6 +153,14 @@ class SamplingFields(_with_refused(BaseModel, "_RefusedCommon", UNSUPPORTED_COMM
             return "best_of", f"best_of must equal n ({self.n}): every generated sequence is returned"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream: true"
+        return self._unsupported_combination()
+
+    def _unsupported_combination(self) -> tuple[str, str] | None:
+        return None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        """Top logprobs per token the request asks for (None: no logprobs)."""
         return None
 
     @classmethod
@@ -165,6 +171,16 @@ class SamplingFields(_with_refused(BaseModel, "_RefusedCommon", UNSUPPORTED_COMM
 class CompletionRequest(_with_refused(SamplingFields, "_RefusedCompletions", UNSUPPORTED_COMPLETIONS)):
     prompt: str | list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]]
     echo: bool = False  # prepend the prompt text to each choice
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def _unsupported_combination(self) -> tuple[str, str] | None:
+        if self.echo and self.logprobs is not None:
+            return "echo", "echo with logprobs (the prompt tokens' logprobs) is not supported yet"
+        return None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -209,6 +225,17 @@ def _describe(part: Any) -> str:
 
 class ChatCompletionRequest(_with_refused(SamplingFields, "_RefusedChat", UNSUPPORTED_CHAT)):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+
+    def _unsupported_combination(self) -> tuple[str, str] | None:
+        if self.top_logprobs and not self.logprobs:
+            return "top_logprobs", "top_logprobs needs logprobs: true"
+        return None
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @classmethod
     def unsupported_fields(cls) -> dict[str, tuple[Any, ...]]:

@@ -84,8 +84,10 @@ async def test_a_refused_field_is_a_400_naming_it_and_its_neutral_values_pass(ap
     (completion(stop_token_ids=[100000]), "stop_token_ids"),
     (completion(prompt=[[1, 2], []]), "prompt"),
     (completion(prompt=[[1, 2], [100000]]), "prompt"),
-    (chat(logprobs=True), "logprobs"),
-    (chat(top_logprobs=3), "top_logprobs"),
+    (chat(top_logprobs=3), "top_logprobs"),  # without logprobs: true
+    (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
+    (completion(logprobs=21), "logprobs"),
+    (completion(logprobs=2, echo=True), "echo"),  # prompt logprobs: not yet
 ])
 async def test_bad_values_are_a_400_naming_the_field(api, body, param):
     _, url = api
@@ -240,3 +242,57 @@ async def test_metrics_parse_and_count_tokens_latency_and_queue_time(api):
     assert samples["splitspec:prompt_tokens_total"] >= 2
     assert samples["splitspec:inter_token_latency_seconds_count"] >= 1
     assert samples["splitspec:request_queue_time_seconds_count"] >= 1
+
+
+def reference_logprobs(loaded, prompt_ids: list[int], generated: list[int]):
+    import torch
+
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt_ids + generated])).logits[0].float()
+    return torch.log_softmax(logits[len(prompt_ids) - 1: -1], dim=-1)
+
+
+async def test_completion_logprobs_are_the_targets_and_stream_alike(api, tiny):
+    _, url = api
+    target = tiny["target"]
+    reply = await client(url).completions.create(model=MODEL, prompt="hello world", max_tokens=20, temperature=0,
+                                                 logprobs=3, extra_body={"ignore_eos": True})
+    logprobs = reply.choices[0].logprobs
+    text = reply.choices[0].text
+    ids = target.tokenizer(text, add_special_tokens=False).input_ids
+    expected = reference_logprobs(target, target.tokenizer("hello world").input_ids, ids)
+    assert len(logprobs.tokens) == 20 == len(ids)
+    for i, token in enumerate(ids):
+        assert logprobs.token_logprobs[i] == pytest.approx(float(expected[i, token]), abs=1e-4)
+        # greedy: the sampled token is the most likely (byte tokens that decode alike share a key)
+        assert 1 <= len(logprobs.top_logprobs[i]) <= 3 and logprobs.tokens[i] in logprobs.top_logprobs[i]
+        assert max(logprobs.top_logprobs[i].values()) == pytest.approx(logprobs.token_logprobs[i], abs=1e-6)
+    assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
+    assert "".join(logprobs.tokens) == text
+    stream = await client(url).completions.create(model=MODEL, prompt="hello world", max_tokens=20, temperature=0,
+                                                  logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    streamed = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    async for chunk in stream:
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                for key in streamed:
+                    streamed[key] += getattr(choice.logprobs, key)
+    assert streamed["tokens"] == logprobs.tokens and streamed["text_offset"] == logprobs.text_offset
+    assert streamed["token_logprobs"] == pytest.approx(logprobs.token_logprobs, abs=1e-6)
+
+
+async def test_chat_logprobs_carry_tokens_bytes_and_top_logprobs(api):
+    _, url = api
+    reply = await client(url).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0,
+                                                      logprobs=True, top_logprobs=2)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.logprob <= 0
+        assert entry.token == "\ufffd" or entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 2 and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    # the tokens' own bytes decode to the message text (the byte-fallback runs included)
+    text = bytes(b for entry in content for b in entry.bytes).decode("utf-8", errors="replace")
+    assert text == reply.choices[0].message.content
+    plain = await client(url).chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10, temperature=0)
+    assert plain.choices[0].logprobs is None
