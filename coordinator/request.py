@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.adaptive import AUTO_K
-from splitspec.errors import InvalidArgument
+from splitspec.errors import InvalidArgument, check_token_ids
 from splitspec.sampling import SamplingParams, check_confidence
 from splitspec.v1 import coordinator_pb2
 
@@ -46,9 +46,7 @@ def _optional(message: Any, name: str, default: Any) -> Any:
 def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, limits: Limits) -> GenerationRequest:
     if message.prompt_token_ids:
         prompt = list(message.prompt_token_ids)
-        bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
-        if bad:
-            raise InvalidArgument("prompt_token_ids", f"ids {bad[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+        check_token_ids("prompt_token_ids", prompt, limits.vocab_size)
     elif message.prompt:
         prompt = list(tokenizer(message.prompt, add_special_tokens=True).input_ids)
     else:
@@ -72,12 +70,7 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         max_tokens = min(DEFAULT_MAX_TOKENS, room)
     if any(s == "" for s in message.stop):
         raise InvalidArgument("stop", "stop strings must not be empty")
-    bad_stop_ids = [t for t in message.stop_token_ids if not 0 <= t < limits.vocab_size]
-    if bad_stop_ids:
-        raise InvalidArgument("stop_token_ids", f"ids {bad_stop_ids[:5]} are outside the vocabulary [0, {limits.vocab_size})")
-    bad_bias_ids = [t for t in message.logit_bias if not 0 <= t < limits.vocab_size]
-    if bad_bias_ids:
-        raise InvalidArgument("logit_bias", f"ids {bad_bias_ids[:5]} are outside the vocabulary [0, {limits.vocab_size})")
+    check_token_ids("stop_token_ids", message.stop_token_ids, limits.vocab_size)
     min_tokens = _optional(message, "min_tokens", 0)
     if not 0 <= min_tokens <= max_tokens:
         raise InvalidArgument("min_tokens", f"must be in [0, max_tokens = {max_tokens}], got {min_tokens}")

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from splitspec.errors import InvalidArgument, ResourceExhausted
+from splitspec.errors import InvalidArgument, ResourceExhausted, check_token_ids
 from splitspec.models import LoadedModel
 from splitspec.paged.block_manager import BlockManager
 from splitspec.paged.runner import Chunk, PagedRunner
@@ -139,9 +139,7 @@ def check_request(item: ProposeItem, model: LoadedModel, max_k: int) -> None:
         )
     if not item.new_token_ids:
         raise InvalidArgument("new_token_ids", "must hold at least the token that follows the accepted prefix")
-    bad = [t for t in item.new_token_ids if not 0 <= t < vocab]
-    if bad:
-        raise InvalidArgument("new_token_ids", f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    check_token_ids("new_token_ids", item.new_token_ids, vocab)
     limit = max_proposal(model, max_k, len(state.token_ids) + item.num_accepted + len(item.new_token_ids))
     if not 1 <= item.k <= limit:
         raise InvalidArgument(

@@ -12,6 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from splitspec.limits import MAX_LOGPROBS
+
 INT32_MAX = 2**31 - 1  # the coordinator's int32 fields (max_tokens, top_k, k, token ids)
 NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]  # checked against the vocabulary by the coordinator
@@ -32,7 +34,6 @@ class StreamOptions(BaseModel):
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 MAX_N = 128
-MAX_LOGPROBS = 20  # vLLM's limit
 
 # OpenAI (and common vLLM) fields splitspec does not implement, with the values that ask for
 # nothing: any other value is a 400 naming the field, never silently ignored.

@@ -7,7 +7,7 @@ and turns any other exception into INTERNAL without leaking a traceback to the c
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 
@@ -26,6 +26,13 @@ class InvalidArgument(SplitspecError, ValueError):
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+
+
+def check_token_ids(field: str, token_ids: Iterable[int], vocab_size: int) -> None:
+    """Raises InvalidArgument naming `field` when an id is outside [0, vocab_size)."""
+    bad = [t for t in token_ids if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidArgument(field, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
 
 
 class NotFound(SplitspecError):

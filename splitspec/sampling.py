@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from splitspec.errors import InvalidArgument
+from splitspec.errors import InvalidArgument, check_token_ids
+from splitspec.limits import MAX_LOGPROBS
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
-MAX_LOGPROBS = 20  # top logprobs a request may ask for (vLLM's default limit)
 
 
 @dataclass(slots=True, frozen=True)
@@ -78,11 +78,8 @@ class SamplingParams:
         if self.num_prompt_tokens < 0:
             raise InvalidArgument("num_prompt_tokens", f"must be >= 0, got {self.num_prompt_tokens}")
         if vocab_size is not None:
-            for name, ids in (("logit_bias", [t for t, _ in self.logit_bias]),
-                              ("min_tokens_banned", self.min_tokens_banned)):
-                bad = [t for t in ids if not 0 <= t < vocab_size]
-                if bad:
-                    raise InvalidArgument(name, f"token ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+            check_token_ids("logit_bias", [t for t, _ in self.logit_bias], vocab_size)
+            check_token_ids("min_tokens_banned", self.min_tokens_banned, vocab_size)
             if self.min_tokens and len(set(self.min_tokens_banned)) >= vocab_size:
                 raise InvalidArgument("min_tokens_banned", "would mask every token of the vocabulary")
         return self

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from splitspec.codec import check_proposal_probs, decode_sparse, decode_tensor
-from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, check_token_ids
 from splitspec.models import LoadedModel
 from splitspec.paged.block_manager import BlockManager
 from splitspec.paged.runner import Chunk, PagedRunner
@@ -122,11 +122,6 @@ class TargetEngine:
         return self.loaded.vocab_size
 
     # --- checks that need no model state (run before queueing) -------------------------------
-    def _check_token_ids(self, field_name: str, token_ids: list[int]) -> None:
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise InvalidArgument(field_name, f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-
     def check_prefill(self, item: PrefillItem) -> None:
         if not item.seq_id:
             raise InvalidArgument("seq_id", "must not be empty")
@@ -135,7 +130,7 @@ class TargetEngine:
         limit = self.loaded.max_model_len
         if len(item.token_ids) >= limit + item.resume:
             raise InvalidArgument("token_ids", f"{len(item.token_ids)} tokens leave no room in the target's {limit}-token context")
-        self._check_token_ids("token_ids", item.token_ids)
+        check_token_ids("token_ids", item.token_ids, self.vocab_size)
         item.params.validate(self.vocab_size)
         if item.max_new_tokens < 0 or item.num_lookahead_slots < 1:
             raise InvalidArgument("max_new_tokens", "max_new_tokens must be >= 0 and num_lookahead_slots >= 1")
@@ -222,7 +217,7 @@ class TargetEngine:
                 f"{k} draft tokens after {len(sequence.token_ids)} tokens exceed the target's "
                 f"{self.loaded.max_model_len}-token context",
             )
-        self._check_token_ids("draft_token_ids", item.draft_token_ids)
+        check_token_ids("draft_token_ids", item.draft_token_ids, self.vocab_size)
         if sequence.params.greedy or k == 0:
             return None
         if item.draft_probs is None:
@@ -317,7 +312,7 @@ class TargetEngine:
             emitted = [*proposal[:accepted], token]
             top = sequence.params.num_logprobs
             logprobs = [] if top is None else token_logprobs(logits[: accepted + 1], emitted, top)
-            sequence.token_ids.extend([*proposal[:accepted], token])
+            sequence.token_ids.extend(emitted)
             self.blocks.truncate(sequence.seq_id, len(sequence.token_ids) - 1)
             self.blocks.commit(sequence.seq_id, sequence.token_ids[:-1])
             outcomes.append(VerifyOutcome(accepted, token, bool(result.is_bonus[row]),
