@@ -40,7 +40,7 @@ from coordinator.request import GenerationRequest
 from coordinator.workers import DraftSession, VerifySession
 from splitspec.branches import matching_branch
 from splitspec.errors import DeadlineExceeded, SplitspecError, Unavailable
-from splitspec.v1 import common_pb2, coordinator_pb2, draft_pb2
+from splitspec.v1 import common_pb2, coordinator_pb2, draft_pb2, target_pb2
 
 log = logging.getLogger(__name__)
 Origin = coordinator_pb2.TokenOrigin
@@ -149,11 +149,20 @@ class Generation:
         backend.metrics.running.inc()
         backend.running += 1
         try:
-            first, first_logprobs = await self._prefill()
+            prefilled = await self._prefill()
             backend.metrics.ttft.observe(time.perf_counter() - start)
-            self._append([first])
-            yield self._message([first], [Origin.TOKEN_ORIGIN_TARGET], first_logprobs)
-            if request.k != 0:
+            if request.max_tokens == 0:  # scoring only: the prompt's logprobs, no output
+                self.finish_reason = "length"
+                first = self._message([], [], [])
+            else:
+                self._append([prefilled.token_id])
+                first = self._message([prefilled.token_id], [Origin.TOKEN_ORIGIN_TARGET],
+                                      [prefilled.logprobs] if prefilled.HasField("logprobs") else [])
+            if request.num_prompt_logprobs is not None:
+                first.prompt_token_ids.extend(request.prompt_token_ids)
+                first.prompt_logprobs.extend(prefilled.prompt_logprobs)
+            yield first
+            if request.k != 0 and not self.finish_reason:
                 self._open_draft()
             round_start, settle_wait = time.perf_counter(), 0.0
             while not self.finish_reason:
@@ -272,7 +281,7 @@ class Generation:
             self.verifier.close()
             self.verifier = None
 
-    async def _prefill(self) -> tuple[int, list[common_pb2.TokenLogprobs]]:
+    async def _prefill(self) -> target_pb2.PrefillResponse:
         """Prefill the prompt (first token) on a pinned target, moving to another on failure."""
         request, failure = self.request, ""
         while True:
@@ -280,9 +289,10 @@ class Generation:
             try:
                 reply = await endpoint.client.prefill(
                     self.seq_id, request.prompt_token_ids, request.params, request.max_tokens, request.k + 1,
-                    timeout=self._timeout(self.backend.timeouts.target))
+                    timeout=self._timeout(self.backend.timeouts.target),
+                    num_prompt_logprobs=request.num_prompt_logprobs)
                 self.cached_prompt_tokens = reply.num_cached_tokens
-                return reply.token_id, [reply.logprobs] if reply.HasField("logprobs") else []
+                return reply
             except grpc.aio.AioRpcError as exc:
                 if exc.code() not in WORKER_FAILURES:
                     raise

@@ -9,6 +9,8 @@ from typing import Any
 
 from coordinator.adaptive import AUTO_K
 from splitspec.errors import InvalidArgument, check_token_ids
+from splitspec.limits import MAX_LOGPROBS
+from splitspec.prompts import encode_prompt
 from splitspec.sampling import SamplingParams, check_confidence
 from splitspec.v1 import coordinator_pb2
 
@@ -37,6 +39,7 @@ class GenerationRequest:
     k: int
     draft_confidence: float = 0.0  # proposals stop after a draft token less likely than this
     min_tokens: int = 0            # output tokens before a stop (token or string) may end the request
+    num_prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top ones
 
 
 def _optional(message: Any, name: str, default: Any) -> Any:
@@ -48,7 +51,7 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         prompt = list(message.prompt_token_ids)
         check_token_ids("prompt_token_ids", prompt, limits.vocab_size)
     elif message.prompt:
-        prompt = list(tokenizer(message.prompt, add_special_tokens=True).input_ids)
+        prompt = encode_prompt(tokenizer, message.prompt)
     else:
         raise InvalidArgument("prompt", "must not be empty")
     if len(prompt) >= limits.max_model_len:
@@ -58,8 +61,8 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
     room = limits.max_model_len - len(prompt)
     if message.HasField("max_tokens"):
         max_tokens = message.max_tokens
-        if max_tokens < 1:
-            raise InvalidArgument("max_tokens", f"must be >= 1, got {max_tokens}")
+        if max_tokens < 0:
+            raise InvalidArgument("max_tokens", f"must be >= 0 (0: score the prompt only), got {max_tokens}")
         if max_tokens > room:
             raise InvalidArgument(
                 "max_tokens",
@@ -90,6 +93,9 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         num_prompt_tokens=len(prompt),
         num_logprobs=message.logprobs if message.HasField("logprobs") else None,
     ).validate(limits.vocab_size)
+    num_prompt_logprobs = _optional(message, "prompt_logprobs", None)
+    if num_prompt_logprobs is not None and not 0 <= num_prompt_logprobs <= MAX_LOGPROBS:
+        raise InvalidArgument("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {num_prompt_logprobs}")
     k = _optional(message, "k", limits.default_k)
     if k != AUTO_K or message.HasField("k"):
         _check_k(k, limits)
@@ -106,6 +112,7 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         k=k,
         draft_confidence=draft_confidence,
         min_tokens=min_tokens,
+        num_prompt_logprobs=num_prompt_logprobs,
     )
 
 

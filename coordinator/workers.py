@@ -135,11 +135,12 @@ class TargetClient:
         num_lookahead_slots: int,
         resume: bool = False,
         timeout: float | None = None,
+        num_prompt_logprobs: int | None = None,
     ) -> target_pb2.PrefillResponse:
         return await self.stub.Prefill(
             target_pb2.PrefillRequest(
                 seq_id=seq_id, token_ids=token_ids, sampling=sampling_to_proto(params), max_new_tokens=max_new_tokens,
-                num_lookahead_slots=num_lookahead_slots, resume=resume,
+                num_lookahead_slots=num_lookahead_slots, resume=resume, num_prompt_logprobs=num_prompt_logprobs,
             ),
             timeout=timeout,
         )

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 import splitspec
+from splitspec.prompts import encode_prompt
 from gateway.completions import ChoiceDelta, merged, open_choices, render_chat
 from gateway.errors import OpenAIError, from_grpc
 from gateway.logprobs import merge as merge_logprobs
@@ -236,7 +237,7 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         if body.messages is not None:
             ids = render_chat(tokenizer, ChatCompletionRequest(model="", messages=body.messages))
         else:
-            ids = list(tokenizer(body.prompt, add_special_tokens=body.add_special_tokens).input_ids)
+            ids = encode_prompt(tokenizer, body.prompt, body.add_special_tokens)
         return JSONResponse({"count": len(ids), "max_model_len": config.max_model_len, "tokens": ids,
                              "token_strs": None})
 

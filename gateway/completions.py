@@ -17,9 +17,10 @@ from typing import Any, AsyncIterator
 import grpc
 
 from coordinator.detokenizer import TextStream
-from gateway.logprobs import LogprobsBuilder
+from gateway.logprobs import LogprobsBuilder, merge
 from gateway.metrics import GatewayMetrics
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, spec_report
+from splitspec.prompts import encode_prompt
 from splitspec.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 ORIGIN_NAMES = {
@@ -75,6 +76,8 @@ def generate_request(request: SamplingFields, prompt: str | list[int], choice: i
         message.stop.extend(request.stop)
     if request.num_logprobs is not None:
         message.logprobs = request.num_logprobs
+    if request.num_prompt_logprobs is not None:
+        message.prompt_logprobs = request.num_prompt_logprobs
     if request.stop_token_ids:
         message.stop_token_ids.extend(request.stop_token_ids)
     for token, bias in (request.logit_bias or {}).items():
@@ -143,9 +146,14 @@ class ChoiceStream:
         self.completion_tokens += len(response.token_ids)
         delta = ChoiceDelta(self.index, self.echo + response.text, list(response.token_ids), origins, pieces,
                             completion_tokens=self.completion_tokens, prompt_tokens=self.prompt_tokens)
+        if self.logprobs is not None:
+            parts = []
+            if response.prompt_token_ids:  # echo: the prompt's tokens come first
+                parts.append(self.logprobs.prompt(response.prompt_token_ids, response.prompt_logprobs, self.echo))
+            if response.token_ids:
+                parts.append(self.logprobs.build(response.token_ids, response.logprobs, pieces))
+            delta.logprobs = merge(parts)
         self.echo = ""
-        if self.logprobs is not None and response.token_ids:
-            delta.logprobs = self.logprobs.build(response.token_ids, response.logprobs, pieces)
         if response.finish_reason:
             delta.finish_reason = response.finish_reason
             delta.completion_tokens = response.usage.completion_tokens
@@ -165,7 +173,7 @@ async def open_choices(stub: coordinator_pb2_grpc.CoordinatorStub, tokenizer: An
     as HTTP errors before any streaming starts. Returns the streams and their first deltas."""
     streams: list[ChoiceStream] = []
     for prompt_index, prompt in enumerate(prompts_of(tokenizer, request)):
-        prompt_ids = prompt if isinstance(prompt, list) else list(tokenizer(prompt).input_ids)
+        prompt_ids = prompt if isinstance(prompt, list) else encode_prompt(tokenizer, prompt)
         echo = ""
         if isinstance(request, CompletionRequest) and request.echo:
             echo = prompt if isinstance(prompt, str) else tokenizer.decode(prompt, skip_special_tokens=True)

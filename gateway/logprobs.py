@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from coordinator.detokenizer import TextStream
+
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece byte fallback
 
 
@@ -49,6 +51,27 @@ class LogprobsBuilder:
             "tokens": [self.name(t) for t in token_ids],
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [self._top(t, e) for t, e in zip(token_ids, entries)],
+            "text_offset": offsets,
+        }
+
+    def prompt(self, token_ids: Sequence[int], entries: Sequence[Any], echo: str) -> dict[str, Any]:
+        """Completions' echo: the prompt's tokens, `null` for the first (nothing before it scores
+        it), then one entry per later token; the output's offsets go on after the echoed `echo`."""
+        text, pieces = TextStream(self.tokenizer, []), []
+        for token in token_ids:
+            text.add(token)
+            pieces.append(text.delta(final=False))
+        if pieces:
+            pieces[-1] += text.delta(final=True)
+        start, offsets = self.offset, []
+        for piece in pieces:
+            offsets.append(self.offset)
+            self.offset += len(piece)
+        self.offset = start + len(echo)
+        return {
+            "tokens": [self.name(t) for t in token_ids],
+            "token_logprobs": [None, *(e.logprob for e in entries)],
+            "top_logprobs": [None, *(self._top(t, e) for t, e in zip(token_ids[1:], entries))],
             "text_offset": offsets,
         }
 

@@ -164,6 +164,11 @@ class SamplingFields(_with_refused(BaseModel, "_RefusedCommon", UNSUPPORTED_COMM
         """Top logprobs per token the request asks for (None: no logprobs)."""
         return None
 
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """Top logprobs per prompt token the request asks for (None: none)."""
+        return None
+
     @classmethod
     def unsupported_fields(cls) -> dict[str, tuple[Any, ...]]:
         return UNSUPPORTED_COMMON
@@ -171,17 +176,17 @@ class SamplingFields(_with_refused(BaseModel, "_RefusedCommon", UNSUPPORTED_COMM
 
 class CompletionRequest(_with_refused(SamplingFields, "_RefusedCompletions", UNSUPPORTED_COMPLETIONS)):
     prompt: str | list[str] | list[TokenId] | list[Annotated[list[TokenId], Field(min_length=1)]]
-    echo: bool = False  # prepend the prompt text to each choice
+    max_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] | None = None  # 0 with echo: score the prompt only
+    echo: bool = False  # prepend the prompt text (and with logprobs its tokens' logprobs) to each choice
     logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
-
-    def _unsupported_combination(self) -> tuple[str, str] | None:
-        if self.echo and self.logprobs is not None:
-            return "echo", "echo with logprobs (the prompt tokens' logprobs) is not supported yet"
-        return None
 
     @property
     def num_logprobs(self) -> int | None:
         return self.logprobs
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod

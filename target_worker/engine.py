@@ -19,6 +19,7 @@ import torch
 
 from splitspec.codec import check_proposal_probs, decode_sparse, decode_tensor
 from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, check_token_ids
+from splitspec.limits import MAX_LOGPROBS
 from splitspec.models import LoadedModel
 from splitspec.paged.block_manager import BlockManager
 from splitspec.paged.runner import Chunk, PagedRunner
@@ -48,6 +49,11 @@ class PrefillItem:
     max_new_tokens: int = 0
     num_lookahead_slots: int = 1
     resume: bool = False  # recompute KV for token_ids[:-1]; token_ids[-1] is the pending token
+    num_prompt_logprobs: int | None = None  # the logprobs of token_ids[1:], with this many top ones
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.num_prompt_logprobs is not None
 
 
 @dataclass(slots=True)
@@ -69,6 +75,7 @@ class PrefillOutcome:
     num_tokens: int
     num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # the first token's, when asked for
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # token_ids[1:]'s, when asked for
 
 
 @dataclass(slots=True)
@@ -132,6 +139,8 @@ class TargetEngine:
             raise InvalidArgument("token_ids", f"{len(item.token_ids)} tokens leave no room in the target's {limit}-token context")
         check_token_ids("token_ids", item.token_ids, self.vocab_size)
         item.params.validate(self.vocab_size)
+        if item.scores_prompt and (item.resume or not 0 <= item.num_prompt_logprobs <= MAX_LOGPROBS):
+            raise InvalidArgument("num_prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], and not with resume")
         if item.max_new_tokens < 0 or item.num_lookahead_slots < 1:
             raise InvalidArgument("max_new_tokens", "max_new_tokens must be >= 0 and num_lookahead_slots >= 1")
         worst = len(item.token_ids) + item.max_new_tokens + item.num_lookahead_slots
@@ -234,10 +243,11 @@ class TargetEngine:
             outcomes[index] = FailedPrecondition(f"sequence {item.seq_id} already exists on this target")
             return budget, False
         cache_tokens = item.token_ids[:-1] if item.resume else item.token_ids
+        reuse = not item.scores_prompt  # scoring the prompt needs logits at every position
         fits = (
             len(self.sequences) < self.max_num_seqs
             and self._room_for_another(planned, len(cache_tokens), budget)
-            and self.blocks.can_allocate(cache_tokens, item.num_lookahead_slots)
+            and self.blocks.can_allocate(cache_tokens, item.num_lookahead_slots, reuse)
         )
         if not fits:
             waiting.append(item)
@@ -248,9 +258,10 @@ class TargetEngine:
             generator.set_state(state)
         sequence = TargetSequence(item.seq_id, list(item.token_ids), item.params, generator, next(self._admissions))
         self.sequences[item.seq_id] = sequence
-        cached = self.blocks.allocate(item.seq_id, cache_tokens)
+        cached = self.blocks.allocate(item.seq_id, cache_tokens, reuse)
+        num_logits = 0 if item.resume else len(cache_tokens) if item.scores_prompt else 1
         chunk = Chunk(cache_tokens[cached:], cached, self.blocks.slots(item.seq_id, cached, len(cache_tokens)),
-                      list(self.blocks.tables[item.seq_id].block_ids), 0 if item.resume else 1)
+                      list(self.blocks.tables[item.seq_id].block_ids), num_logits)
         planned.append(_Planned(index, sequence, chunk, item, num_cached=cached))
         return budget - len(chunk.token_ids), False
 
@@ -268,17 +279,21 @@ class TargetEngine:
                 outcomes[plan.index] = outcome
 
     def _finish_prefill(self, plan: _Planned, logits: torch.Tensor) -> PrefillOutcome:
+        """logits: [num_logits, vocab], the last row the first new token's."""
         sequence, item = plan.sequence, plan.item
+        outcome = PrefillOutcome(-1, len(sequence.token_ids), plan.num_cached)
         if not item.resume:
-            params = sequence.params
-            probs = process_logits(logits, params, logits_context(params, sequence.token_ids, [], self.vocab_size))
+            params, last = sequence.params, logits[-1:]
+            probs = process_logits(last, params, logits_context(params, sequence.token_ids, [], self.vocab_size))
             exponentials = draw_exponentials(self.vocab_size, params.greedy, sequence.generator)
             sequence.token_ids.append(int(sample(probs[0], exponentials)))
+            outcome.token_id, outcome.num_tokens = sequence.token_ids[-1], len(sequence.token_ids)
+            if params.num_logprobs is not None:
+                outcome.logprobs = token_logprobs(last, sequence.token_ids[-1:], params.num_logprobs)
+            if item.scores_prompt:
+                outcome.prompt_logprobs = token_logprobs(logits[:-1], item.token_ids[1:], item.num_prompt_logprobs)
         self.blocks.commit(sequence.seq_id, sequence.token_ids[:-1])
-        logprobs = [] if item.resume or sequence.params.num_logprobs is None else \
-            token_logprobs(logits[:1], sequence.token_ids[-1:], sequence.params.num_logprobs)
-        return PrefillOutcome(-1 if item.resume else sequence.token_ids[-1], len(sequence.token_ids), plan.num_cached,
-                              logprobs)
+        return outcome
 
     def _accept(self, verifies: list[tuple[_Planned, torch.Tensor]]) -> list[VerifyOutcome]:
         """Batched rejection sampling over sequences with different k and sampling settings."""

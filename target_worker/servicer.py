@@ -63,6 +63,7 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             max_new_tokens=request.max_new_tokens,
             num_lookahead_slots=request.num_lookahead_slots or 1,
             resume=request.resume,
+            num_prompt_logprobs=request.num_prompt_logprobs if request.HasField("num_prompt_logprobs") else None,
         )
         self.engine.check_prefill(item)
         outcome = await self._submit("prefill", item)
@@ -71,6 +72,7 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                                               num_cached_tokens=outcome.num_cached_tokens)
         if outcome.logprobs:
             response.logprobs.CopyFrom(logprobs_to_proto(outcome.logprobs[0]))
+        response.prompt_logprobs.extend(logprobs_to_proto(entry) for entry in outcome.prompt_logprobs)
         return response
 
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> target_pb2.VerifyResponse:

@@ -260,6 +260,7 @@ async def collect(stub: coordinator_pb2_grpc.CoordinatorStub, request, timeout: 
         "origins": [o for r in responses for o in r.origins],
         "text": "".join(r.text for r in responses),
         "last": responses[-1],
+        "responses": responses,
     }
 
 

@@ -114,20 +114,21 @@ class BlockManager:
             self.free_ids[block_id] = None
 
     # --- allocation ---------------------------------------------------------------------------
-    def can_allocate(self, token_ids: list[int], lookahead: int = 0) -> bool:
-        cached = self._cached_prefix(token_ids)
+    def can_allocate(self, token_ids: list[int], lookahead: int = 0, reuse: bool = True) -> bool:
+        cached = self._cached_prefix(token_ids) if reuse else []
         reusable_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
         needed = self.blocks_for(len(token_ids) + lookahead) - len(cached)
         return needed + reusable_free <= self.num_free_blocks
 
-    def allocate(self, seq_id: str, token_ids: list[int]) -> int:
+    def allocate(self, seq_id: str, token_ids: list[int], reuse: bool = True) -> int:
         """Create `seq_id`'s table for `token_ids`. Returns how many leading tokens are already
-        cached (their KV need not be computed); the rest get fresh slots."""
+        cached (their KV need not be computed); the rest get fresh slots. `reuse=False`: none are
+        taken from the prefix cache (the caller needs logits at every position)."""
         if seq_id in self.tables:
             raise KeyError(f"sequence {seq_id} already has blocks")
-        if not self.can_allocate(token_ids):
+        if not self.can_allocate(token_ids, reuse=reuse):
             raise MemoryError("not enough free blocks")
-        cached = self._cached_prefix(token_ids)
+        cached = self._cached_prefix(token_ids) if reuse else []
         self.prefix_queries += (len(token_ids) - 1) // self.block_size
         self.prefix_hits += len(cached)
         for block_id in cached:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitspec.v1 import common_pb2 as splitspec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitspec/v1/coordinator.proto\x12\x0csplitspec.v1\x1a\x19splitspec/v1/common.proto\"\xfd\x05\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01k\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x1d\n\x10\x64raft_confidence\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\n\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitspec.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x13 \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x14 \x01(\x05H\x0c\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_kB\x13\n\x11_draft_confidenceB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobs\"\x8a\x03\n\tSpecStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x05\x12\x15\n\rround_seconds\x18\x04 \x01(\x02\x12\x15\n\rdraft_seconds\x18\x05 \x01(\x02\x12\x16\n\x0everify_seconds\x18\x06 \x01(\x02\x12\x1a\n\x12\x64raft_step_seconds\x18\x07 \x01(\x02\x12\x1b\n\x13verify_step_seconds\x18\x08 \x01(\x02\x12\x1d\n\x15proposed_per_position\x18\t \x03(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\n \x03(\x05\x12\x1b\n\x13\x64raft_payload_bytes\x18\x0b \x01(\x03\x12\x15\n\rtarget_rounds\x18\x0c \x01(\x05\x12\x1c\n\x14target_round_seconds\x18\r \x01(\x02\x12\x17\n\x0f\x65mpty_proposals\x18\x0e \x01(\x05\x12\x16\n\x0e\x63hained_rounds\x18\x0f \x01(\x05\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\x87\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12*\n\x07origins\x18\x02 \x03(\x0e\x32\x19.splitspec.v1.TokenOrigin\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.splitspec.v1.Usage\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.splitspec.v1.SpecStats\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x02\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\"\x18\n\x16\x43oordinatorInfoRequest\"\x84\x01\n\x0f\x43oordinatorInfo\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.splitspec.v1.ModelInfo\x12&\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x17.splitspec.v1.ModelInfo\x12\x11\n\tdefault_k\x18\x03 \x01(\x05\x12\r\n\x05max_k\x18\x04 \x01(\x05\"\x19\n\x17\x43oordinatorStatsRequest\"\x81\x01\n\x10\x43oordinatorStats\x12\x18\n\x10running_requests\x18\x01 \x01(\x05\x12)\n\x06target\x18\x02 \x01(\x0b\x32\x19.splitspec.v1.WorkerStats\x12(\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x19.splitspec.v1.WorkerStats*\x93\x01\n\x0bTokenOrigin\x12\x1c\n\x18TOKEN_ORIGIN_UNSPECIFIED\x10\x00\x12\x17\n\x13TOKEN_ORIGIN_TARGET\x10\x01\x12\x19\n\x15TOKEN_ORIGIN_ACCEPTED\x10\x02\x12\x1a\n\x16TOKEN_ORIGIN_RECOVERED\x10\x03\x12\x16\n\x12TOKEN_ORIGIN_BONUS\x10\x04\x32\x82\x02\n\x0b\x43oordinator\x12K\n\x08Generate\x12\x1d.splitspec.v1.GenerateRequest\x1a\x1e.splitspec.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12$.splitspec.v1.CoordinatorInfoRequest\x1a\x1d.splitspec.v1.CoordinatorInfo\x12Q\n\x08GetStats\x12%.splitspec.v1.CoordinatorStatsRequest\x1a\x1e.splitspec.v1.CoordinatorStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1esplitspec/v1/coordinator.proto\x12\x0csplitspec.v1\x1a\x19splitspec/v1/common.proto\"\xaf\x06\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x07 \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x08 \x01(\x02H\x05\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x04H\x06\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x0e\n\x01k\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x12\n\nrequest_id\x18\x0e \x01(\t\x12\x1d\n\x10\x64raft_confidence\x18\x0f \x01(\x02H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x10 \x01(\x02H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x11 \x01(\x02H\n\x88\x01\x01\x12@\n\nlogit_bias\x18\x12 \x03(\x0b\x32,.splitspec.v1.GenerateRequest.LogitBiasEntry\x12\x17\n\nmin_tokens\x18\x13 \x01(\x05H\x0b\x88\x01\x01\x12\x15\n\x08logprobs\x18\x14 \x01(\x05H\x0c\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x15 \x01(\x05H\r\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x04\n\x02_kB\x13\n\x11_draft_confidenceB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\r\n\x0b_min_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x8a\x03\n\tSpecStats\x12\x0e\n\x06rounds\x18\x01 \x01(\x05\x12\x14\n\x0c\x64raft_tokens\x18\x02 \x01(\x05\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\x05\x12\x15\n\rround_seconds\x18\x04 \x01(\x02\x12\x15\n\rdraft_seconds\x18\x05 \x01(\x02\x12\x16\n\x0everify_seconds\x18\x06 \x01(\x02\x12\x1a\n\x12\x64raft_step_seconds\x18\x07 \x01(\x02\x12\x1b\n\x13verify_step_seconds\x18\x08 \x01(\x02\x12\x1d\n\x15proposed_per_position\x18\t \x03(\x05\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\n \x03(\x05\x12\x1b\n\x13\x64raft_payload_bytes\x18\x0b \x01(\x03\x12\x15\n\rtarget_rounds\x18\x0c \x01(\x05\x12\x1c\n\x14target_round_seconds\x18\r \x01(\x02\x12\x17\n\x0f\x65mpty_proposals\x18\x0e \x01(\x05\x12\x16\n\x0e\x63hained_rounds\x18\x0f \x01(\x05\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\xd7\x02\n\x10GenerateResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12*\n\x07origins\x18\x02 \x03(\x0e\x32\x19.splitspec.v1.TokenOrigin\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.splitspec.v1.Usage\x12%\n\x04spec\x18\x06 \x01(\x0b\x32\x17.splitspec.v1.SpecStats\x12\x15\n\rqueue_seconds\x18\x07 \x01(\x02\x12-\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\x12\x18\n\x10prompt_token_ids\x18\t \x03(\x05\x12\x34\n\x0fprompt_logprobs\x18\n \x03(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\"\x18\n\x16\x43oordinatorInfoRequest\"\x84\x01\n\x0f\x43oordinatorInfo\x12\'\n\x06target\x18\x01 \x01(\x0b\x32\x17.splitspec.v1.ModelInfo\x12&\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x17.splitspec.v1.ModelInfo\x12\x11\n\tdefault_k\x18\x03 \x01(\x05\x12\r\n\x05max_k\x18\x04 \x01(\x05\"\x19\n\x17\x43oordinatorStatsRequest\"\x81\x01\n\x10\x43oordinatorStats\x12\x18\n\x10running_requests\x18\x01 \x01(\x05\x12)\n\x06target\x18\x02 \x01(\x0b\x32\x19.splitspec.v1.WorkerStats\x12(\n\x05\x64raft\x18\x03 \x01(\x0b\x32\x19.splitspec.v1.WorkerStats*\x93\x01\n\x0bTokenOrigin\x12\x1c\n\x18TOKEN_ORIGIN_UNSPECIFIED\x10\x00\x12\x17\n\x13TOKEN_ORIGIN_TARGET\x10\x01\x12\x19\n\x15TOKEN_ORIGIN_ACCEPTED\x10\x02\x12\x1a\n\x16TOKEN_ORIGIN_RECOVERED\x10\x03\x12\x16\n\x12TOKEN_ORIGIN_BONUS\x10\x04\x32\x82\x02\n\x0b\x43oordinator\x12K\n\x08Generate\x12\x1d.splitspec.v1.GenerateRequest\x1a\x1e.splitspec.v1.GenerateResponse0\x01\x12S\n\x0cGetModelInfo\x12$.splitspec.v1.CoordinatorInfoRequest\x1a\x1d.splitspec.v1.CoordinatorInfo\x12Q\n\x08GetStats\x12%.splitspec.v1.CoordinatorStatsRequest\x1a\x1e.splitspec.v1.CoordinatorStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,26 +34,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_TOKENORIGIN']._serialized_start=1909
-  _globals['_TOKENORIGIN']._serialized_end=2056
+  _globals['_TOKENORIGIN']._serialized_start=2039
+  _globals['_TOKENORIGIN']._serialized_end=2186
   _globals['_GENERATEREQUEST']._serialized_start=76
-  _globals['_GENERATEREQUEST']._serialized_end=841
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=602
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=650
-  _globals['_SPECSTATS']._serialized_start=844
-  _globals['_SPECSTATS']._serialized_end=1238
-  _globals['_USAGE']._serialized_start=1240
-  _globals['_USAGE']._serialized_end=1320
-  _globals['_GENERATERESPONSE']._serialized_start=1323
-  _globals['_GENERATERESPONSE']._serialized_end=1586
-  _globals['_COORDINATORINFOREQUEST']._serialized_start=1588
-  _globals['_COORDINATORINFOREQUEST']._serialized_end=1612
-  _globals['_COORDINATORINFO']._serialized_start=1615
-  _globals['_COORDINATORINFO']._serialized_end=1747
-  _globals['_COORDINATORSTATSREQUEST']._serialized_start=1749
-  _globals['_COORDINATORSTATSREQUEST']._serialized_end=1774
-  _globals['_COORDINATORSTATS']._serialized_start=1777
-  _globals['_COORDINATORSTATS']._serialized_end=1906
-  _globals['_COORDINATOR']._serialized_start=2059
-  _globals['_COORDINATOR']._serialized_end=2317
+  _globals['_GENERATEREQUEST']._serialized_end=891
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=632
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=680
+  _globals['_SPECSTATS']._serialized_start=894
+  _globals['_SPECSTATS']._serialized_end=1288
+  _globals['_USAGE']._serialized_start=1290
+  _globals['_USAGE']._serialized_end=1370
+  _globals['_GENERATERESPONSE']._serialized_start=1373
+  _globals['_GENERATERESPONSE']._serialized_end=1716
+  _globals['_COORDINATORINFOREQUEST']._serialized_start=1718
+  _globals['_COORDINATORINFOREQUEST']._serialized_end=1742
+  _globals['_COORDINATORINFO']._serialized_start=1745
+  _globals['_COORDINATORINFO']._serialized_end=1877
+  _globals['_COORDINATORSTATSREQUEST']._serialized_start=1879
+  _globals['_COORDINATORSTATSREQUEST']._serialized_end=1904
+  _globals['_COORDINATORSTATS']._serialized_start=1907
+  _globals['_COORDINATORSTATS']._serialized_end=2036
+  _globals['_COORDINATOR']._serialized_start=2189
+  _globals['_COORDINATOR']._serialized_end=2447
 # @@protoc_insertion_point(module_scope)

@@ -67,3 +67,68 @@ async def test_no_logprobs_unless_asked_and_the_limit(tiny):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith("logprobs")
     finally:
         await stack.stop()
+
+
+def prompt_reference(loaded, prompt_ids: list[int]) -> torch.Tensor:
+    """transformers' log-softmax of the target at the prompt's positions 0..n-2: [n - 1, vocab]."""
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor([prompt_ids])).logits[0].float()
+    return torch.log_softmax(logits[:-1], dim=-1)
+
+
+def check_prompt(first: coordinator_pb2.GenerateResponse, prompt_ids: list[int], expected: torch.Tensor) -> None:
+    assert list(first.prompt_token_ids) == prompt_ids
+    assert len(first.prompt_logprobs) == len(prompt_ids) - 1
+    for position, (token, entry) in enumerate(zip(prompt_ids[1:], first.prompt_logprobs)):
+        assert entry.logprob == pytest.approx(float(expected[position, token]), abs=1e-4), position
+        torch.testing.assert_close(torch.tensor(list(entry.top_logprobs)), expected[position].topk(TOP).values,
+                                   atol=1e-4, rtol=0)
+
+
+async def test_prompt_logprobs_score_the_prompt_also_from_a_warm_prefix_cache(tiny):
+    target = tiny["target"]
+    stack = await start_stack(target, tiny["draft_noisy"], k=4)
+    try:
+        prompt_ids = target.tokenizer("the quick brown fox jumps over the lazy dog " * 3).input_ids
+        expected = prompt_reference(target, prompt_ids)
+        plain = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+            prompt_token_ids=prompt_ids, max_tokens=6, temperature=0.0, ignore_eos=True))
+        assert not plain["responses"][0].prompt_logprobs
+        again = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+            prompt_token_ids=prompt_ids, max_tokens=1, temperature=0.0))
+        assert again["last"].usage.cached_tokens > 0
+        # the prompt's blocks are now in the prefix cache: scoring must compute them, not reuse them
+        scored = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+            prompt_token_ids=prompt_ids, max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=TOP))
+        check_prompt(scored["responses"][0], prompt_ids, expected)
+        assert scored["last"].usage.cached_tokens == 0
+        assert scored["token_ids"] == plain["token_ids"]  # and generation goes on as it would have
+        only = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+            prompt_token_ids=prompt_ids, max_tokens=0, prompt_logprobs=TOP))
+        assert len(only["responses"]) == 1 and not only["token_ids"]
+        assert only["last"].finish_reason == "length" and only["last"].usage.completion_tokens == 0
+        assert only["last"].usage.prompt_tokens == len(prompt_ids)
+        check_prompt(only["responses"][0], prompt_ids, expected)
+        single = await collect(stack.stub, coordinator_pb2.GenerateRequest(
+            prompt_token_ids=prompt_ids[:1], max_tokens=0, prompt_logprobs=0))
+        assert list(single["responses"][0].prompt_token_ids) == prompt_ids[:1]
+        assert not single["responses"][0].prompt_logprobs  # the first token has nothing before it
+    finally:
+        await stack.stop()
+
+
+@pytest.mark.parametrize("field,request_fields", [
+    ("prompt_logprobs", {"prompt_logprobs": 21}),
+    ("prompt_logprobs", {"prompt_logprobs": -1}),
+    ("max_tokens", {"max_tokens": -1}),
+])
+async def test_prompt_logprobs_limits_name_the_field(tiny, field, request_fields):
+    import grpc
+
+    stack = await start_stack(tiny["target"], tiny["draft_noisy"], k=4)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await collect(stack.stub, coordinator_pb2.GenerateRequest(prompt="hi", **request_fields))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details().startswith(field)
+    finally:
+        await stack.stop()

@@ -87,7 +87,8 @@ async def test_a_refused_field_is_a_400_naming_it_and_its_neutral_values_pass(ap
     (chat(top_logprobs=3), "top_logprobs"),  # without logprobs: true
     (chat(logprobs=True, top_logprobs=21), "top_logprobs"),
     (completion(logprobs=21), "logprobs"),
-    (completion(logprobs=2, echo=True), "echo"),  # prompt logprobs: not yet
+    (completion(max_tokens=-1), "max_tokens"),
+    (chat(max_tokens=0), "max_tokens"),  # scoring (max_tokens 0) is a completions request
 ])
 async def test_bad_values_are_a_400_naming_the_field(api, body, param):
     _, url = api
@@ -279,6 +280,63 @@ async def test_completion_logprobs_are_the_targets_and_stream_alike(api, tiny):
                     streamed[key] += getattr(choice.logprobs, key)
     assert streamed["tokens"] == logprobs.tokens and streamed["text_offset"] == logprobs.text_offset
     assert streamed["token_logprobs"] == pytest.approx(logprobs.token_logprobs, abs=1e-6)
+
+
+def stream_logprobs(chunks: list) -> dict:
+    merged = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in chunks:
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                for key in merged:
+                    merged[key] += getattr(choice.logprobs, key)
+    return merged
+
+
+@pytest.mark.parametrize("as_ids", [False, True], ids=["text", "token-ids"])
+async def test_echo_with_logprobs_scores_the_prompt_and_max_tokens_0_only_scores(api, tiny, as_ids):
+    """lm-eval's loglikelihood request: echo, logprobs, max_tokens 1; and the scoring-only one."""
+    import torch
+
+    _, url = api
+    target, text = tiny["target"], "hello world, once more"
+    prompt_ids = target.tokenizer(text).input_ids
+    prompt, echoed = (prompt_ids, target.tokenizer.decode(prompt_ids, skip_special_tokens=True)) if as_ids else (text, text)
+    n = len(prompt_ids)
+    with torch.inference_mode():
+        logits = target.model(torch.tensor([prompt_ids])).logits[0].float()
+    expected = torch.log_softmax(logits, dim=-1)  # row i: the distribution of token i + 1
+    greedy = int(expected[-1].argmax())
+    for max_tokens in (1, 0):
+        reply = await client(url).completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                                     temperature=0, logprobs=2, echo=True)
+        choice, lp = reply.choices[0], reply.choices[0].logprobs
+        assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n + max_tokens
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        scored = [*prompt_ids[1:], greedy][: n - 1 + max_tokens]
+        for position, token in enumerate(scored, start=1):
+            assert lp.token_logprobs[position] == pytest.approx(float(expected[position - 1, token]), abs=1e-4)
+            assert lp.top_logprobs[position][lp.tokens[position]] == pytest.approx(lp.token_logprobs[position])
+            assert len(lp.top_logprobs[position]) <= 3
+        assert choice.text.startswith(echoed) and (max_tokens or choice.text == echoed)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+        assert lp.text_offset[n:] == [len(echoed)][:max_tokens]
+        assert "".join(lp.tokens[n:]) == choice.text[len(echoed):]
+        if max_tokens == 0:
+            assert choice.finish_reason == "length" and reply.usage.completion_tokens == 0
+        assert reply.usage.prompt_tokens == n
+        chunks = [c async for c in await client(url).completions.create(
+            model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=2, echo=True, stream=True)]
+        streamed = stream_logprobs(chunks)
+        assert streamed["tokens"] == lp.tokens and streamed["text_offset"] == lp.text_offset
+        assert streamed["token_logprobs"][1:] == pytest.approx(lp.token_logprobs[1:], abs=1e-6)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == choice.text
+
+
+async def test_max_tokens_0_without_echo_is_empty(api):
+    _, url = api
+    reply = await client(url).completions.create(model=MODEL, prompt="hello", max_tokens=0, temperature=0)
+    assert reply.choices[0].text == "" and reply.choices[0].finish_reason == "length"
+    assert reply.usage.completion_tokens == 0
 
 
 async def test_chat_logprobs_carry_tokens_bytes_and_top_logprobs(api):
