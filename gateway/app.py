@@ -251,6 +251,16 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
                               code="invalid_value")
         return JSONResponse({"prompt": tokenizer.decode(body.tokens)})
 
+    @app.get("/tokenizer_info")
+    async def tokenizer_info(request: Request) -> JSONResponse:
+        """vLLM's: what a client needs to tokenize as the server does (lm-eval's remote tokenizer)."""
+        authorize(request)
+        return JSONResponse({
+            "tokenizer_class": type(tokenizer).__name__, "model_max_length": config.max_model_len,
+            "chat_template": getattr(tokenizer, "chat_template", None),
+            **{name: getattr(tokenizer, name, None) for name in ("bos_token", "eos_token", "pad_token", "unk_token")},
+        })
+
     @app.get("/version")
     async def version() -> JSONResponse:
         return JSONResponse({"version": splitspec.__version__})

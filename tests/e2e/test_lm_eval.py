@@ -45,22 +45,35 @@ def target_dir() -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(target_dir: Path) -> dict[str, dict[int, Any]]:
-    """lm-eval's `hf` model on the target alone."""
-    return evaluate("hf", f"pretrained={target_dir},dtype=float32,add_bos_token=True", batch_size=1)
+def references(target_dir: Path) -> dict[bool, dict[str, dict[int, Any]]]:
+    """lm-eval's `hf` model on the target alone, with and without a BOS before each context."""
+    return {bos: evaluate("hf", f"pretrained={target_dir},dtype=float32,add_bos_token={bos}", batch_size=1)
+            for bos in (True, False)}
+
+
+# (requests as token ids, lm-eval's tokenizer): its own copy of the target's (with BOS, which
+# text requests need), or the server's through /tokenizer_info, /tokenize and /detokenize
+# (lm-eval's default when the server has them; that one adds no BOS)
+SETTINGS = [(True, "local"), (False, "local"), (True, "remote")]
 
 
 @pytest.mark.real_models
-@pytest.mark.parametrize("tokenized", [True, False], ids=["token-ids", "text"])
-async def test_local_completions_match_the_hf_model(real, target_dir, reference, tokenized, monkeypatch):
+@pytest.mark.parametrize("tokenized,tokenizer", SETTINGS, ids=["token-ids", "text", "token-ids-remote-tokenizer"])
+async def test_local_completions_match_the_hf_model(real, target_dir, references, tokenized, tokenizer, monkeypatch):
     monkeypatch.chdir(REPO)  # the tasks' data files are relative to the repository root
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     stack = await start_stack(real["target"], real["draft"], k=4, max_k=8)
-    server, task, url = await start_gateway(stack.coordinator.address, real["target"].tokenizer)
+    server, task, url = await start_gateway(stack.coordinator.address, real["target"].tokenizer,
+                                            max_model_len=real["target"].max_model_len)
+    bos = tokenizer == "local"
+    reference = references[bos]
     try:
-        args = (f"model={MODEL},base_url={url}/v1/completions,tokenizer={target_dir},tokenizer_backend=huggingface,"
-                f"tokenized_requests={tokenized},add_bos_token=True,max_retries=1")
+        args = f"model={MODEL},base_url={url}/v1/completions,tokenized_requests={tokenized},max_retries=1"
+        if tokenizer == "local":
+            args += f",tokenizer={target_dir},tokenizer_backend=huggingface,add_bos_token=True"
+        else:
+            args += f",auth_token={API_KEY}"  # the gateway's key guards its tokenizer routes too
         served = await asyncio.to_thread(evaluate, "local-completions", args, 4)
     finally:
         await stop_gateway(server, task)
@@ -81,5 +94,5 @@ async def test_local_completions_match_the_hf_model(real, target_dir, reference,
         assert served[gen][doc] in (expected, " " + expected), doc
     assert served["results"][gen] == reference["results"][gen]
     assert served["results"][mc]["acc,none"] == reference["results"][mc]["acc,none"]
-    print(f"tokenized_requests={tokenized}: {sum(map(len, reference[mc].values()))} loglikelihoods, "
+    print(f"tokenized_requests={tokenized}, {tokenizer} tokenizer: {sum(map(len, reference[mc].values()))} loglikelihoods, "
           f"largest difference {worst:.2e}; generations {served[gen]}")
