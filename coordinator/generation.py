@@ -39,6 +39,7 @@ from coordinator.pool import Endpoint, WorkerPool
 from coordinator.request import GenerationRequest
 from coordinator.workers import DraftSession, VerifySession
 from splitspec.branches import matching_branch
+from splitspec.constraints import GrammarCompiler
 from splitspec.errors import DeadlineExceeded, SplitspecError, Unavailable
 from splitspec.v1 import common_pb2, coordinator_pb2, draft_pb2, target_pb2
 
@@ -72,6 +73,7 @@ class Backend:
     max_k: int = 16
     overlap: bool = False  # draft round n+1 while round n is verified
     overlap_width: int = 3  # candidate tokens per accept length that overlap drafts for
+    grammars: GrammarCompiler | None = None  # checks a request's constraint before any worker sees it
     releases: set[asyncio.Task] = field(default_factory=set)  # in-flight Release calls
     running: int = 0                                          # requests in flight
 
@@ -493,7 +495,8 @@ class Generation:
         """The branches after whose verdict the request goes on: the target may chain only those."""
         request = self.request
         room = request.max_tokens - len(self.generated)
-        ending = request.stop_token_ids if request.ignore_eos else request.stop_token_ids | self.backend.eos_token_ids
+        ending = request.stop_token_ids if request.ignore_eos and not request.constrained else \
+            request.stop_token_ids | self.backend.eos_token_ids
         return [(branch.num_accepted, branch.token_id, branch.proposal) for branch in ahead.branches
                 if branch.proposal.token_ids and branch.num_accepted + 1 < room
                 and ending.isdisjoint([*proposal.token_ids[: branch.num_accepted], branch.token_id])]
@@ -538,7 +541,7 @@ class Generation:
             self.history.append(token)
             self.generated.append(token)
             if token in self.request.stop_token_ids or (
-                token in self.backend.eos_token_ids and not self.request.ignore_eos
+                token in self.backend.eos_token_ids and (not self.request.ignore_eos or self.request.constrained)
             ):
                 self.finish_reason = "stop"
             elif self.text.add(token):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from coordinator.adaptive import AUTO_K
+from splitspec.constraints import GrammarCompiler
+from splitspec.convert import constraint_from_proto
 from splitspec.errors import InvalidArgument, check_token_ids
 from splitspec.limits import MAX_LOGPROBS
 from splitspec.prompts import encode_prompt
@@ -41,12 +43,18 @@ class GenerationRequest:
     min_tokens: int = 0            # output tokens before a stop (token or string) may end the request
     num_prompt_logprobs: int | None = None  # the prompt tokens' logprobs, with this many top ones
 
+    @property
+    def constrained(self) -> bool:
+        """A structured output: EOS, the only token a complete grammar allows, always ends it."""
+        return self.params.constraint is not None
+
 
 def _optional(message: Any, name: str, default: Any) -> Any:
     return getattr(message, name) if message.HasField(name) else default
 
 
-def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, limits: Limits) -> GenerationRequest:
+def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, limits: Limits,
+                     grammars: GrammarCompiler | None = None) -> GenerationRequest:
     if message.prompt_token_ids:
         prompt = list(message.prompt_token_ids)
         check_token_ids("prompt_token_ids", prompt, limits.vocab_size)
@@ -92,7 +100,13 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
         min_tokens_banned=tuple(sorted(ending)) if min_tokens else (),
         num_prompt_tokens=len(prompt),
         num_logprobs=message.logprobs if message.HasField("logprobs") else None,
+        constraint=constraint_from_proto(message.constraint),
     ).validate(limits.vocab_size)
+    constraint = constraint_from_proto(message.constraint)
+    if constraint is not None:
+        if grammars is None:
+            raise InvalidArgument("constraint", "structured outputs are not enabled on this coordinator")
+        grammars.compile(constraint)  # the grammar's own errors, naming constraint.<kind>
     num_prompt_logprobs = _optional(message, "prompt_logprobs", None)
     if num_prompt_logprobs is not None and not 0 <= num_prompt_logprobs <= MAX_LOGPROBS:
         raise InvalidArgument("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {num_prompt_logprobs}")

@@ -17,6 +17,7 @@ from coordinator.request import Limits
 from coordinator.servicer import CoordinatorServicer
 from coordinator.workers import DraftClient, TargetClient, wait_until_serving
 from splitspec.errors import IncompatibleModels, InvalidArgument
+from splitspec.constraints import GrammarCompiler
 from splitspec.models import first_token_difference, load_tokenizer, tokenizer_fingerprint
 from splitspec.sampling import check_confidence
 from splitspec.security import TokenInterceptor
@@ -139,6 +140,7 @@ async def start_coordinator(config: CoordinatorConfig) -> RunningServer:
         max_k=max_k,
         overlap=config.overlap,
         overlap_width=config.overlap_width,
+        grammars=GrammarCompiler(tokenizer, target_info.vocab_size, tuple(target_info.eos_token_ids)),
     )
     metrics.registry.register(AutoKCollector(backend.costs))
     limits = Limits(

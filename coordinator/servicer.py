@@ -29,7 +29,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def Generate(
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
-        validated = validate_request(request, self.backend.tokenizer, self.limits)
+        validated = validate_request(request, self.backend.tokenizer, self.limits, self.backend.grammars)
         remaining = context.time_remaining()
         # No client deadline shows as None or as an enormous value (grpc issue #26236): no deadline then.
         deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE else None

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from splitspec.constraints import GrammarCompiler, Matcher, output_of
 from splitspec.errors import InvalidArgument, ResourceExhausted, check_token_ids
 from splitspec.models import LoadedModel
 from splitspec.paged.block_manager import BlockManager
@@ -55,6 +56,15 @@ class DraftSequence:
     proposal: list[int] = field(default_factory=list)
     rankings: list[torch.Tensor] = field(default_factory=list)  # per proposed token: the scores it was ranked by
     branches: list["Branch"] = field(default_factory=list)      # pending speculative next rounds
+    matcher: Matcher | None = None  # structured output: the grammar (shared with this sequence's branches)
+
+    def allowed(self) -> torch.Tensor | None:
+        """[1, vocab] bool: the grammar's tokens after the history and the proposal so far (None:
+        unconstrained, or a branch whose assumed verdict the grammar refuses: it can never hold)."""
+        if self.matcher is None:
+            return None
+        row = self.matcher.allowed([*output_of(self.token_ids, self.params.num_prompt_tokens), *self.proposal])
+        return None if row is None else row.unsqueeze(0)
 
     def after(self, held_branch: int | None) -> "DraftSequence":
         """The state a request continues from: the held branch's, or this one."""
@@ -171,9 +181,15 @@ class DraftEngine:
     max_k: int = 16
     stats: EngineStats = field(default_factory=EngineStats)
     open_sequences: int = 0
+    _grammars: GrammarCompiler | None = None
 
     def start(self, seq_id: str, params: SamplingParams) -> DraftSequence:
-        return open_sequence(seq_id, params, self.loaded.vocab_size)
+        sequence = open_sequence(seq_id, params, self.loaded.vocab_size)
+        if params.constraint is not None:  # q is masked like p: the draft follows the grammar too
+            if self._grammars is None:
+                self._grammars = GrammarCompiler.for_model(self.loaded)
+            sequence.matcher = self._grammars.matcher(params.constraint)
+        return sequence
 
     def check(self, item: ProposeItem) -> None:
         check_request(item, self.loaded, self.max_k)
@@ -297,7 +313,9 @@ class DraftEngine:
 
     def _bonus_branches(self, root: _Drafting, logits: torch.Tensor) -> list[_Drafting]:
         sequence, item = root.sequence, root.item
-        ranking = logits[0] if sequence.params.greedy else process_logits(logits, sequence.params, None)[0]
+        allowed = sequence.allowed()
+        ranking = _masked(logits, allowed)[0] if sequence.params.greedy else \
+            process_logits(logits, sequence.params, None, allowed)[0]
         forks = (self._fork(root.index, item, len(sequence.proposal), token)
                  for token in self._ranked(ranking, item.branch_width))
         return [fork for fork in forks if fork is not None]
@@ -306,7 +324,8 @@ class DraftEngine:
         """A branch assuming `num_accepted` tokens of the proposal were accepted, then `token`."""
         parent = item.sequence
         history = [*parent.token_ids, *parent.proposal[:num_accepted], token]
-        branch = DraftSequence(f"{parent.seq_id}/{len(history)}:{token}", parent.params, parent.generator, history)
+        branch = DraftSequence(f"{parent.seq_id}/{len(history)}:{token}", parent.params, parent.generator, history,
+                               matcher=parent.matcher)
         self.blocks.fork(parent.seq_id, branch.seq_id)
         self.blocks.truncate(branch.seq_id, len(history) - 1)
         if not self.blocks.can_append(branch.seq_id, item.k):
@@ -325,13 +344,19 @@ class DraftEngine:
     def _sample(self, drafting: _Drafting, logits: torch.Tensor) -> int:
         sequence = drafting.sequence
         params, vocab = sequence.params, self.loaded.vocab_size
-        q = process_logits(logits, params, drafting.context)
+        allowed = sequence.allowed()
+        q = process_logits(logits, params, drafting.context, allowed)
         token = int(sample(q[0], draw_exponentials(vocab, params.greedy, sequence.generator)))
         sequence.proposal.append(token)
-        sequence.rankings.append(logits[0].clone() if params.greedy else q[0])
+        sequence.rankings.append(_masked(logits, allowed)[0] if params.greedy else q[0])
         drafting.rows.append(q[0])
         threshold = drafting.item.min_confidence
         drafting.stopped = bool(threshold) and token_confidence(logits[0], q[0], token, params) < threshold
         if drafting.context is not None:
             drafting.context.append(token)
         return token
+
+
+def _masked(logits: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+    """Greedy rankings: the raw logits with the grammar's refused tokens last (a copy)."""
+    return logits.clone() if allowed is None else logits.masked_fill(~allowed, -torch.inf)

@@ -2,8 +2,24 @@
 
 from __future__ import annotations
 
+from splitspec.constraints import ConstraintSpec
 from splitspec.sampling import SamplingParams, TokenLogprobs
 from splitspec.v1 import common_pb2
+
+
+def constraint_from_proto(message: common_pb2.Constraint) -> ConstraintSpec | None:
+    kind = message.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not message.json_object):
+        return None
+    return ConstraintSpec(kind, "" if kind == "json_object" else getattr(message, kind))
+
+
+def constraint_to_proto(spec: ConstraintSpec | None) -> common_pb2.Constraint | None:
+    if spec is None:
+        return None
+    if spec.kind == "json_object":
+        return common_pb2.Constraint(json_object=True)
+    return common_pb2.Constraint(**{spec.kind: spec.value})
 
 
 def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
@@ -21,6 +37,7 @@ def sampling_from_proto(message: common_pb2.SamplingParams) -> SamplingParams:
         min_tokens_banned=tuple(message.min_tokens_banned),
         num_prompt_tokens=message.num_prompt_tokens,
         num_logprobs=message.num_logprobs if message.HasField("num_logprobs") else None,
+        constraint=constraint_from_proto(message.constraint),
     ).validate()
 
 
@@ -39,6 +56,7 @@ def sampling_to_proto(params: SamplingParams) -> common_pb2.SamplingParams:
         min_tokens_banned=params.min_tokens_banned,
         num_prompt_tokens=params.num_prompt_tokens,
         num_logprobs=params.num_logprobs,
+        constraint=constraint_to_proto(params.constraint),
     )
 
 

@@ -1,8 +1,9 @@
 """Logits processing and token sampling: the one implementation both workers use.
 
 Order (vLLM's): logit bias, then the penalties (repetition over prompt and output, as Hugging
-Face's; presence and frequency over the output, as OpenAI's), the min-tokens mask, then
-temperature, top-k, top-p, min-p. The result is the *processed* distribution p (target) or q
+Face's; presence and frequency over the output, as OpenAI's), the grammar mask of a structured
+output (`splitspec.constraints`), the min-tokens mask (where it leaves a token the grammar allows),
+then temperature, top-k, top-p, min-p. The result is the *processed* distribution p (target) or q
 (draft) that rejection sampling compares. Temperature 0 means greedy: the processed distribution
 is one-hot at the argmax of the biased and penalised logits.
 """
@@ -15,6 +16,7 @@ from typing import Sequence
 
 import torch
 
+from splitspec.constraints import KINDS, ConstraintSpec
 from splitspec.errors import InvalidArgument, check_token_ids
 from splitspec.limits import MAX_LOGPROBS
 
@@ -36,6 +38,7 @@ class SamplingParams:
     min_tokens_banned: tuple[int, ...] = ()  # EOS and stop_token_ids, set by the coordinator
     num_prompt_tokens: int = 0       # where the output starts in a sequence's tokens
     num_logprobs: int | None = None  # None: no logprobs; n: each token's and the n most likely (`token_logprobs`)
+    constraint: ConstraintSpec | None = None  # structured output: the grammar every output token must follow
 
     @property
     def greedy(self) -> bool:
@@ -75,6 +78,8 @@ class SamplingParams:
             raise InvalidArgument("min_tokens", f"must be >= 0, got {self.min_tokens}")
         if self.num_logprobs is not None and not 0 <= self.num_logprobs <= MAX_LOGPROBS:
             raise InvalidArgument("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.num_logprobs}")
+        if self.constraint is not None and self.constraint.kind not in KINDS:
+            raise InvalidArgument("constraint", f"kind must be one of {KINDS}, got {self.constraint.kind!r}")
         if self.num_prompt_tokens < 0:
             raise InvalidArgument("num_prompt_tokens", f"must be >= 0, got {self.num_prompt_tokens}")
         if vocab_size is not None:
@@ -128,12 +133,14 @@ def logits_context(
 
 
 def process_logits(
-    logits: torch.Tensor, params: SamplingParams, context: LogitsContext | None = None
+    logits: torch.Tensor, params: SamplingParams, context: LogitsContext | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Turn raw logits into the processed sampling distribution.
 
     logits:  [n, vocab] (any float dtype; computed in float32)
     context: the n rows' `logits_context` (None: the penalties and min_tokens do not apply)
+    allowed: [n, vocab] bool, the grammar's tokens at each row (None: unconstrained)
     returns probs: [n, vocab] float32, rows sum to 1 (one-hot rows when greedy)
     """
     logits = logits.float()
@@ -142,6 +149,10 @@ def process_logits(
         logits = logits.index_add(-1, ids, torch.tensor([b for _, b in params.logit_bias]).expand(len(logits), -1))
     if context is not None:
         logits = _penalize(logits, params, context)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -math.inf)
+    if context is not None:
+        logits = _mask_early_stops(logits, params, context)
     peak = logits.amax(dim=-1, keepdim=True)
     if not bool(torch.isfinite(peak).all()):
         raise InvalidArgument("logits", "a row has no finite logit: every token is masked (or the model gave NaN)")
@@ -174,13 +185,19 @@ def _penalize(logits: torch.Tensor, params: SamplingParams, context: LogitsConte
     if params.frequency_penalty != 0.0 or params.presence_penalty != 0.0:
         counts = context.output_counts
         logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0).float()
-    logits = logits.clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an extreme penalty moves a logit as far as it goes, never to inf
-    if params.min_tokens > 0 and params.min_tokens_banned:
-        early = context.num_output < params.min_tokens
-        banned = torch.zeros(logits.shape[-1], dtype=torch.bool)
-        banned[list(params.min_tokens_banned)] = True
-        logits = logits.masked_fill(early.unsqueeze(-1) & banned, -math.inf)
-    return logits
+    return logits.clamp(-_FLOAT32_MAX, _FLOAT32_MAX)  # an extreme penalty moves a logit as far as it goes, never to inf
+
+
+def _mask_early_stops(logits: torch.Tensor, params: SamplingParams, context: LogitsContext) -> torch.Tensor:
+    """Before min_tokens output tokens, mask EOS and the stop tokens, in the rows where that leaves a
+    token (a finished grammar allows only EOS: the grammar wins)."""
+    if params.min_tokens == 0 or not params.min_tokens_banned:
+        return logits
+    banned = torch.zeros(logits.shape[-1], dtype=torch.bool)
+    banned[list(params.min_tokens_banned)] = True
+    masked = logits.masked_fill(banned, -math.inf)
+    apply = (context.num_output < params.min_tokens) & torch.isfinite(masked).any(dim=-1)
+    return torch.where(apply.unsqueeze(-1), masked, logits)
 
 
 @dataclass(slots=True, frozen=True)

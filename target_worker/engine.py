@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from splitspec.constraints import GrammarCompiler, Matcher, output_of
 from splitspec.codec import check_proposal_probs, decode_sparse, decode_tensor
 from splitspec.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, check_token_ids
 from splitspec.limits import MAX_LOGPROBS
@@ -99,6 +100,13 @@ class TargetSequence:
     params: SamplingParams
     generator: torch.Generator
     admitted: int  # admission order: the largest is the newest
+    matcher: Matcher | None = None  # structured output: the grammar's state
+
+    def allowed(self, proposal: list[int]) -> torch.Tensor | None:
+        """The grammar's tokens at each of the len(proposal) + 1 scored positions (None: unconstrained)."""
+        if self.matcher is None:
+            return None
+        return self.matcher.allowed_rows(output_of(self.token_ids, self.params.num_prompt_tokens), proposal)
 
 
 @dataclass(slots=True)
@@ -123,6 +131,13 @@ class TargetEngine:
     suspended: dict[str, torch.Tensor] = field(default_factory=dict)  # preempted: generator state
     stats: EngineStats = field(default_factory=EngineStats)
     _admissions: itertools.count = field(default_factory=itertools.count)
+    _grammars: GrammarCompiler | None = None
+
+    @property
+    def grammars(self) -> GrammarCompiler:
+        if self._grammars is None:
+            self._grammars = GrammarCompiler.for_model(self.loaded)
+        return self._grammars
 
     @property
     def vocab_size(self) -> int:
@@ -139,6 +154,12 @@ class TargetEngine:
             raise InvalidArgument("token_ids", f"{len(item.token_ids)} tokens leave no room in the target's {limit}-token context")
         check_token_ids("token_ids", item.token_ids, self.vocab_size)
         item.params.validate(self.vocab_size)
+        constraint = item.params.constraint
+        if constraint is not None:
+            if not 0 < item.params.num_prompt_tokens <= len(item.token_ids):
+                raise InvalidArgument("sampling.num_prompt_tokens",
+                                      "a constrained sequence must say where its output starts (1..len(token_ids))")
+            self.grammars.compile(constraint)  # a grammar that does not compile is the request's error
         if item.scores_prompt and (item.resume or not 0 <= item.num_prompt_logprobs <= MAX_LOGPROBS):
             raise InvalidArgument("num_prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], and not with resume")
         if item.max_new_tokens < 0 or item.num_lookahead_slots < 1:
@@ -257,6 +278,8 @@ class TargetEngine:
         if state is not None:
             generator.set_state(state)
         sequence = TargetSequence(item.seq_id, list(item.token_ids), item.params, generator, next(self._admissions))
+        if item.params.constraint is not None:
+            sequence.matcher = self.grammars.matcher(item.params.constraint)
         self.sequences[item.seq_id] = sequence
         cached = self.blocks.allocate(item.seq_id, cache_tokens, reuse)
         num_logits = 0 if item.resume else len(cache_tokens) if item.scores_prompt else 1
@@ -284,7 +307,8 @@ class TargetEngine:
         outcome = PrefillOutcome(-1, len(sequence.token_ids), plan.num_cached)
         if not item.resume:
             params, last = sequence.params, logits[-1:]
-            probs = process_logits(last, params, logits_context(params, sequence.token_ids, [], self.vocab_size))
+            probs = process_logits(last, params, logits_context(params, sequence.token_ids, [], self.vocab_size),
+                                   sequence.allowed([]))
             exponentials = draw_exponentials(self.vocab_size, params.greedy, sequence.generator)
             sequence.token_ids.append(int(sample(probs[0], exponentials)))
             outcome.token_id, outcome.num_tokens = sequence.token_ids[-1], len(sequence.token_ids)
@@ -310,7 +334,7 @@ class TargetEngine:
             sequence, proposal = plan.sequence, plan.item.draft_token_ids
             params, k = sequence.params, len(proposal)
             context = logits_context(params, sequence.token_ids, proposal, vocab)
-            target_probs[row, : k + 1] = process_logits(logits, params, context)
+            target_probs[row, : k + 1] = process_logits(logits, params, context, sequence.allowed(proposal))
             if k:
                 ids = torch.tensor(proposal, dtype=torch.long)
                 draft_ids[row, :k] = ids

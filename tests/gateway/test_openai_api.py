@@ -147,7 +147,7 @@ BAD = [
     ({"model": MODEL, "prompt": "a", "top_k": -5}, None, 400, "top_k"),
     ({"model": MODEL, "prompt": "a", "min_p": 2}, None, 400, "min_p"),
     ({"model": MODEL, "prompt": "a", "repetition_penalty": 0}, None, 400, "repetition_penalty"),
-    ({"model": MODEL, "prompt": "a", "max_tokens": 0}, None, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "a", "max_tokens": -1}, None, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "a", "max_tokens": 1000}, None, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "a", "n": 0}, None, 400, "n"),
     ({"model": MODEL, "prompt": "a", "stop": [""]}, None, 400, "stop"),
