@@ -21,6 +21,7 @@ from gateway.completions import ChoiceDelta, merged, open_choices, render_chat
 from gateway.errors import OpenAIError, from_grpc
 from gateway.logprobs import merge as merge_logprobs
 from gateway.metrics import GatewayMetrics
+from gateway.structured import ToolCallStream, answer_tool_calls
 from gateway.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, SamplingFields,
                               StreamOptions, TokenizeRequest, new_id, now, spec_stats)
 from splitspec.service import make_channel
@@ -119,7 +120,11 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         try:
             return await open_choices(stub, tokenizer, request, metrics)
         except grpc.aio.AioRpcError as exc:
-            raise from_grpc(exc) from exc
+            error = from_grpc(exc)
+            constraint = request.constraint()
+            if constraint is not None and (error.param or "").startswith("constraint"):
+                error.param = constraint[0]  # the field that asked for the grammar that does not compile
+            raise error from exc
 
     async def respond(body: SamplingFields, chat: bool) -> Response:
         streams, firsts = await start(body)
@@ -148,13 +153,20 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         finally:
             metrics.running.dec(len(streams))
         ordered = [choices[i] for i in sorted(choices)]
+        if chat:
+            for c in ordered:
+                c["message"] = {"role": "assistant", "content": c["text"]}
+                calls = answer_tool_calls(body, c["text"], c.get("finish_reason"))
+                if calls is not None:
+                    c["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                    c["finish_reason"] = "tool_calls"
         return JSONResponse({
             "id": request_id,
             "object": kind[1],
             "created": created,
             "model": config.model_name,
             "choices": [
-                {"index": i, "message": {"role": "assistant", "content": c["text"]}, "finish_reason": c["finish_reason"],
+                {"index": i, "message": c["message"], "finish_reason": c["finish_reason"],
                  "logprobs": merge_logprobs(c["logprobs"])} if chat else
                 {"index": i, "text": c["text"], "finish_reason": c["finish_reason"],
                  "logprobs": merge_logprobs(c["logprobs"])}
@@ -182,12 +194,18 @@ def create_app(config: GatewayConfig, tokenizer: Any, metrics: GatewayMetrics | 
         options = body.stream_options or StreamOptions()
         finished: list[dict[str, Any]] = []
         started_roles: set[int] = set()
+        tool_streams: dict[int, ToolCallStream] = {}
+        calls_tools = chat and getattr(body, "calls_tools", False)
         try:
             async for delta in merged(streams, firsts):
                 choice: dict[str, Any] = {"index": delta.index, "finish_reason": delta.finish_reason,
                                           "logprobs": delta.logprobs}
-                if chat:
+                if calls_tools:
+                    tools = tool_streams.setdefault(delta.index, ToolCallStream(body))
+                    choice["delta"], choice["finish_reason"] = tools.delta(delta.text, delta.finish_reason)
+                elif chat:
                     choice["delta"] = {"content": delta.text}
+                if chat:
                     if delta.index not in started_roles:
                         choice["delta"]["role"] = "assistant"
                         started_roles.add(delta.index)

@@ -37,7 +37,8 @@ def render_chat(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
     one "role: content" line per message, then "assistant:" (BOS added by the tokenizer)."""
     messages = [{"role": m.role, "content": m.text()} for m in request.messages]
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        tools = [t.model_dump(exclude_none=True) for t in request.tools] if request.tools else None
+        text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return list(tokenizer(text, add_special_tokens=False).input_ids)
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + PLAIN_CHAT_SUFFIX
     return list(tokenizer(text).input_ids)
@@ -82,6 +83,9 @@ def generate_request(request: SamplingFields, prompt: str | list[int], choice: i
         message.stop_token_ids.extend(request.stop_token_ids)
     for token, bias in (request.logit_bias or {}).items():
         message.logit_bias[int(token)] = bias
+    constraint = request.constraint()
+    if constraint is not None:
+        message.constraint.CopyFrom(constraint[1])
     if request.speculative is not None:
         if request.speculative.k is not None:
             message.k = request.speculative.k

@@ -6,13 +6,25 @@ streams the per-token ids, text pieces and origins (accepted / recovered / bonus
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
+from gateway.structured import (
+    NamedToolChoice,
+    ResponseFormat,
+    StructuredOutputs,
+    Tool,
+    ToolChoice,
+    from_response_format,
+    from_structured_outputs,
+    required_tools_schema,
+)
 from splitspec.limits import MAX_LOGPROBS
+from splitspec.v1 import common_pb2
 
 INT32_MAX = 2**31 - 1  # the coordinator's int32 fields (max_tokens, top_k, k, token ids)
 NonNegative = Annotated[int, Field(ge=0, le=INT32_MAX)]
@@ -38,7 +50,6 @@ MAX_N = 128
 # OpenAI (and common vLLM) fields splitspec does not implement, with the values that ask for
 # nothing: any other value is a 400 naming the field, never silently ignored.
 UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),  # structured outputs (#20)
     "use_beam_search": (None, False),
     "length_penalty": (None, 1.0),
     "prompt_logprobs": (None,),
@@ -49,7 +60,7 @@ UNSUPPORTED_COMMON: dict[str, tuple[Any, ...]] = {
     "spaces_between_special_tokens": (None, True),
     "truncate_prompt_tokens": (None,),
     "guided_json": (None,), "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
-    "guided_decoding_backend": (None,), "structured_outputs": (None,),
+    "guided_decoding_backend": (None,),
     "logits_processors": (None,),
     "return_tokens_as_token_ids": (None, False),
     "priority": (None, 0),
@@ -58,9 +69,6 @@ UNSUPPORTED_COMPLETIONS: dict[str, tuple[Any, ...]] = {
     "suffix": (None, ""),
 }
 UNSUPPORTED_CHAT: dict[str, tuple[Any, ...]] = {
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "parallel_tool_calls": (None,),
     "functions": (None, []),
     "function_call": (None, "none"),
     "audio": (None,),
@@ -121,6 +129,8 @@ class SamplingFields(_with_refused(BaseModel, "_RefusedCommon", UNSUPPORTED_COMM
     user: Annotated[str, Field(max_length=256)] | None = None  # an end-user id: logged with the request
     safety_identifier: Annotated[str, Field(max_length=256)] | None = None  # the same, OpenAI's newer name
     prompt_cache_key: Annotated[str, Field(max_length=1024)] | None = None  # a hint: prefix caching is automatic
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's
 
     @field_validator("stop")
     @classmethod
@@ -154,7 +164,20 @@ class SamplingFields(_with_refused(BaseModel, "_RefusedCommon", UNSUPPORTED_COMM
             return "best_of", f"best_of must equal n ({self.n}): every generated sequence is returned"
         if self.stream_options is not None and not self.stream:
             return "stream_options", "stream_options is only allowed with stream: true"
+        asking = [name for name, constraint in self.constraints() if constraint is not None]
+        if len(asking) > 1:
+            return asking[1], f"one structured output per request: {asking[0]} and {asking[1]} both ask for one"
         return self._unsupported_combination()
+
+    def constraints(self) -> list[tuple[str, common_pb2.Constraint | None]]:
+        """(field, its constraint) for each field that can ask for a structured output."""
+        return [("response_format", from_response_format(self.response_format) if self.response_format else None),
+                ("structured_outputs", from_structured_outputs(self.structured_outputs)
+                 if self.structured_outputs else None)]
+
+    def constraint(self) -> tuple[str, common_pb2.Constraint] | None:
+        """The request's structured output: the field that asks for it, and the grammar."""
+        return next(((name, c) for name, c in self.constraints() if c is not None), None)
 
     def _unsupported_combination(self) -> tuple[str, str] | None:
         return None
@@ -233,11 +256,44 @@ class ChatCompletionRequest(_with_refused(SamplingFields, "_RefusedChat", UNSUPP
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def _unsupported_combination(self) -> tuple[str, str] | None:
         if self.top_logprobs and not self.logprobs:
             return "top_logprobs", "top_logprobs needs logprobs: true"
+        choice = self.tool_choice
+        if self.tools and choice in (None, "auto"):
+            return "tool_choice", ('tool_choice "auto" (the default with tools) needs a model-specific tool '
+                                   'parser this server does not have: use "required", a named function, or "none"')
+        if choice not in (None, "none", "auto") and not self.tools:
+            return "tool_choice", "tool_choice names a tool, but the request has no tools"
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {t.function.name for t in self.tools}:
+            return "tool_choice", f"tool_choice names {choice.function.name!r}, which is not among the tools"
         return None
+
+    @property
+    def named_tool(self) -> Tool | None:
+        if not isinstance(self.tool_choice, NamedToolChoice) or not self.tools:
+            return None
+        return next((t for t in self.tools if t.function.name == self.tool_choice.function.name), None)
+
+    @property
+    def calls_tools(self) -> bool:
+        """The answer is tool calls: a named function, or "required"."""
+        return bool(self.tools) and (self.named_tool is not None or self.tool_choice == "required")
+
+    def constraints(self) -> list[tuple[str, common_pb2.Constraint | None]]:
+        tools = None
+        if self.calls_tools:
+            named = self.named_tool
+            if named is not None:
+                schema = named.function.parameters or {"type": "object"}
+            else:
+                schema = required_tools_schema(self.tools, self.parallel_tool_calls is not False)
+            tools = common_pb2.Constraint(json_schema=json.dumps(schema))
+        return [*super().constraints(), ("tools", tools)]
 
     @property
     def num_logprobs(self) -> int | None:
