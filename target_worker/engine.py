@@ -12,6 +12,8 @@ All methods run on the worker's single model thread.
 from __future__ import annotations
 
 import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +119,7 @@ class _Planned:
     item: Any
     draft_probs: torch.Tensor | None = None
     num_cached: int = 0
+    allowed: torch.Tensor | None = None  # structured output: the grammar's tokens at each scored position
 
 
 @dataclass(slots=True)
@@ -132,6 +135,7 @@ class TargetEngine:
     stats: EngineStats = field(default_factory=EngineStats)
     _admissions: itertools.count = field(default_factory=itertools.count)
     _grammars: GrammarCompiler | None = None
+    _masker: ThreadPoolExecutor | None = None
 
     @property
     def grammars(self) -> GrammarCompiler:
@@ -289,7 +293,13 @@ class TargetEngine:
         return budget - len(chunk.token_ids), False
 
     def _run(self, planned: list[_Planned], outcomes: dict[int, Any]) -> None:
-        logits = self.runner.forward([p.chunk for p in planned])
+        constrained = [p for p in planned if p.sequence.matcher is not None and not getattr(p.item, "resume", False)]
+        masking = self._mask_thread().submit(self._masks, constrained) if constrained else None
+        logits = self.runner.forward([p.chunk for p in planned])  # the grammar masks are computed meanwhile
+        if masking is not None:
+            waited = time.perf_counter()
+            masking.result()
+            self.stats.mask_wait_seconds += time.perf_counter() - waited
         self.stats.record_step(len(planned), sum(len(p.chunk.token_ids) for p in planned))
         verifies = []
         for plan, rows in zip(planned, logits):
@@ -301,6 +311,21 @@ class TargetEngine:
             for plan, outcome in zip((p for p, _ in verifies), self._accept(verifies)):
                 outcomes[plan.index] = outcome
 
+    def _mask_thread(self) -> ThreadPoolExecutor:
+        if self._masker is None:
+            self._masker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="grammar-masks")
+        return self._masker
+
+    def _masks(self, planned: list[_Planned]) -> None:
+        """Each constrained plan's grammar masks at the positions its step scores (they depend on
+        the tokens only, not on the logits)."""
+        start = time.perf_counter()
+        for plan in planned:
+            proposal = plan.item.draft_token_ids if isinstance(plan.item, VerifyItem) else []
+            plan.allowed = plan.sequence.allowed(proposal)
+            self.stats.masked_rows += len(proposal) + 1
+        self.stats.mask_seconds += time.perf_counter() - start
+
     def _finish_prefill(self, plan: _Planned, logits: torch.Tensor) -> PrefillOutcome:
         """logits: [num_logits, vocab], the last row the first new token's."""
         sequence, item = plan.sequence, plan.item
@@ -308,7 +333,7 @@ class TargetEngine:
         if not item.resume:
             params, last = sequence.params, logits[-1:]
             probs = process_logits(last, params, logits_context(params, sequence.token_ids, [], self.vocab_size),
-                                   sequence.allowed([]))
+                                   plan.allowed)
             exponentials = draw_exponentials(self.vocab_size, params.greedy, sequence.generator)
             sequence.token_ids.append(int(sample(probs[0], exponentials)))
             outcome.token_id, outcome.num_tokens = sequence.token_ids[-1], len(sequence.token_ids)
@@ -334,7 +359,7 @@ class TargetEngine:
             sequence, proposal = plan.sequence, plan.item.draft_token_ids
             params, k = sequence.params, len(proposal)
             context = logits_context(params, sequence.token_ids, proposal, vocab)
-            target_probs[row, : k + 1] = process_logits(logits, params, context, sequence.allowed(proposal))
+            target_probs[row, : k + 1] = process_logits(logits, params, context, plan.allowed)
             if k:
                 ids = torch.tensor(proposal, dtype=torch.long)
                 draft_ids[row, :k] = ids

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from splitspec.paged.stats import EngineStats
 
 
 @dataclass(slots=True)
@@ -41,3 +46,18 @@ class TargetMetrics:
         self.preemptions = Gauge("splitspec:num_preemptions", "Sequences preempted so far", registry=r)
         self.prefix_cache_hit_rate = Gauge("splitspec:prefix_cache_hit_rate", "Full prompt blocks reused",
                                            registry=r)
+
+
+@dataclass(slots=True, eq=False)  # hashable: the registry keys collectors by identity
+class GrammarMaskCollector(Collector):
+    """Structured outputs' grammar masks, read at scrape time from the engine's stats."""
+
+    stats: EngineStats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("splitspec:grammar_mask_seconds", "Seconds computing grammar masks (beside the forward)",
+                                  value=self.stats.mask_seconds)
+        yield CounterMetricFamily("splitspec:grammar_mask_wait_seconds",
+                                  "Of which steps waited for after their forward", value=self.stats.mask_wait_seconds)
+        yield CounterMetricFamily("splitspec:grammar_masked_rows", "Scored positions a grammar masked",
+                                  value=self.stats.masked_rows)

@@ -22,7 +22,7 @@ from splitspec.service import (
 )
 from splitspec.v1 import target_pb2, target_pb2_grpc
 from target_worker.engine import TargetEngine
-from target_worker.metrics import TargetMetrics
+from target_worker.metrics import GrammarMaskCollector, TargetMetrics
 from target_worker.servicer import TargetServicer
 from target_worker.tensor_parallel import (
     FollowerSpec,
@@ -78,6 +78,7 @@ async def start_target(
                           max_batch_tokens=max_batch_tokens, batching=batching)
     metrics = TargetMetrics()
     export_compiles(metrics.registry, lambda: runner.compiles)
+    metrics.registry.register(GrammarMaskCollector(engine.stats))
     return await start_stepped_server(
         engine, lambda steps: TargetServicer(engine, metrics, steps), target_pb2_grpc.add_TargetWorkerServicer_to_server,
         target_pb2.DESCRIPTOR.services_by_name["TargetWorker"], metrics.registry, port, host, "target-model",

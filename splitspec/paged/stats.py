@@ -14,6 +14,9 @@ class EngineStats:
     batched_tokens: int = 0
     preemptions: int = 0
     steps_by_batch: list[int] = field(default_factory=lambda: [0])  # [n]: steps that ran n sequences
+    mask_seconds: float = 0.0       # structured outputs: computing grammar masks (beside the forward)
+    mask_wait_seconds: float = 0.0  # of which the step waited for after its forward
+    masked_rows: int = 0            # scored positions a grammar masked
 
     @property
     def batched_sequences(self) -> int:

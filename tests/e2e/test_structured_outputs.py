@@ -122,6 +122,8 @@ async def test_every_output_is_valid_at_concurrency_16_with_unconstrained_reques
                 matcher = GrammarCompiler.for_model(target).matcher(CONSTRAINTS[name])
                 assert matcher.allowed(result["token_ids"]) is not None, result["text"]
         assert finished == 12, finished
+        stats = stack.target.state.stats  # the masks were computed beside the forward, and counted
+        assert stats.masked_rows > 0 and 0 < stats.mask_wait_seconds <= stats.mask_seconds
     finally:
         await stack.stop()
 
