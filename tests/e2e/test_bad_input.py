@@ -14,7 +14,6 @@ R = coordinator_pb2.GenerateRequest
 CASES = [
     ("prompt", R(prompt="")),
     ("prompt", R(prompt="x" * 200)),                      # 201 tokens > the target's 160
-    ("max_tokens", R(prompt="hi", max_tokens=0)),
     ("max_tokens", R(prompt="hi", max_tokens=-3)),
     ("max_tokens", R(prompt="hi", max_tokens=158)),       # 3 + 158 > 160
     ("temperature", R(prompt="hi", temperature=-0.5)),

@@ -71,7 +71,7 @@ def test_streaming_prints_text(up):
 
 @pytest.mark.parametrize(
     "args,field",
-    [(["--top-p", "2"], "top_p"), (["--max-tokens", "0"], "max_tokens"), (["--k", "99"], "k"),
+    [(["--top-p", "2"], "top_p"), (["--max-tokens", "-1"], "max_tokens"), (["--k", "99"], "k"),
      (["--stop", ""], "stop"), (["--temperature", "nan"], "temperature")],
 )
 def test_bad_input_is_one_line_and_non_zero(up, args, field):
