@@ -21,6 +21,9 @@ import torch
 from splitspec.errors import InvalidArgument
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
+MAX_CONSTRAINT_CHARS = 65536
+MAX_REPETITION = 10000  # a{n} with a larger n compiles slowly enough to stall a worker
+_REPETITION = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+: ")  # xgrammar's "[time] file.cc:line: " before its message
 
 
@@ -48,6 +51,11 @@ class GrammarCompiler:
     def compile(self, spec: ConstraintSpec) -> Any:
         import xgrammar as xgr
 
+        if len(spec.value) > MAX_CONSTRAINT_CHARS:
+            raise InvalidArgument(spec.field, f"is {len(spec.value)} characters; at most {MAX_CONSTRAINT_CHARS}")
+        counts = [int(n) for match in _REPETITION.finditer(spec.value) for n in match.groups() if n]
+        if counts and max(counts) > MAX_REPETITION:
+            raise InvalidArgument(spec.field, f"repeats {max(counts)} times; at most {MAX_REPETITION}")
         if self._compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=list(self.stop_token_ids) or None)
@@ -62,7 +70,7 @@ class GrammarCompiler:
                 return self._compiler.compile_regex(spec.value)
             if spec.kind == "grammar":
                 return self._compiler.compile_grammar(spec.value)
-        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar reports bad input as these
+        except Exception as exc:  # noqa: BLE001 - xgrammar reports bad input as several exception types
             reason = _LOG_PREFIX.sub("", str(exc).strip())
             raise InvalidArgument(spec.field, f"cannot be compiled: {reason[:400]}") from exc
         raise InvalidArgument("constraint", f"kind must be one of {KINDS}, got {spec.kind!r}")
