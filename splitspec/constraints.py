@@ -22,7 +22,7 @@ from splitspec.errors import InvalidArgument
 
 KINDS = ("json_schema", "json_object", "regex", "grammar")
 MAX_CONSTRAINT_CHARS = 65536
-MAX_REPETITION = 10000  # a{n} with a larger n compiles slowly enough to stall a worker
+MAX_REPETITION = 10000  # a{n} compiles in time linear in n (nested: their product): larger ones stall a worker
 _REPETITION = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 _LOG_PREFIX = re.compile(r"^\[[\d:]+\] \S+: ")  # xgrammar's "[time] file.cc:line: " before its message
 
@@ -53,9 +53,9 @@ class GrammarCompiler:
 
         if len(spec.value) > MAX_CONSTRAINT_CHARS:
             raise InvalidArgument(spec.field, f"is {len(spec.value)} characters; at most {MAX_CONSTRAINT_CHARS}")
-        counts = [int(n) for match in _REPETITION.finditer(spec.value) for n in match.groups() if n]
-        if counts and max(counts) > MAX_REPETITION:
-            raise InvalidArgument(spec.field, f"repeats {max(counts)} times; at most {MAX_REPETITION}")
+        repeats = sum(int(n) for match in _REPETITION.finditer(spec.value) for n in match.groups() if n)
+        if repeats > MAX_REPETITION:  # summed: nested counts multiply
+            raise InvalidArgument(spec.field, f"has repetition counts summing to {repeats}; at most {MAX_REPETITION}")
         if self._compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
                                                       stop_token_ids=list(self.stop_token_ids) or None)
