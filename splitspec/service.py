@@ -4,6 +4,7 @@ message-size limits and status mapping, Prometheus endpoint, uvloop, and SIGTERM
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import logging
 import os
@@ -225,7 +226,10 @@ async def serve_until_signal(running: RunningServer, grace: float, metrics_port:
 
 
 def run(main: Callable[[], "asyncio.Future | object"]) -> None:
-    """Run an async entry point on uvloop when available."""
+    """Run an async entry point on uvloop when available. SIGUSR1 writes every thread's stack to
+    stderr (Python's faulthandler: works even while a C call holds the GIL), for a stuck server."""
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS

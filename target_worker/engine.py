@@ -151,8 +151,9 @@ class TargetEngine:
     def check_prefill(self, item: PrefillItem) -> None:
         if not item.seq_id:
             raise InvalidArgument("seq_id", "must not be empty")
-        if not item.token_ids:
-            raise InvalidArgument("token_ids", "must not be empty")
+        if len(item.token_ids) < 1 + item.resume:
+            raise InvalidArgument("token_ids", "must not be empty" if not item.resume else
+                                  "a resume carries the sequence's history and its pending token: at least 2 tokens")
         limit = self.loaded.max_model_len
         if len(item.token_ids) >= limit + item.resume:
             raise InvalidArgument("token_ids", f"{len(item.token_ids)} tokens leave no room in the target's {limit}-token context")

@@ -289,11 +289,45 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def spawn_logged(args: list[str], name: str, **popen: Any):
+    """A process whose stdout and stderr go to a log file, never to a pipe: a pipe that nobody
+    drains fills at 64 KiB and then blocks the server on its next log line (a fuzz run that logs a
+    warning per refused request wedged the target that way). `log_tail(process)` reads it back."""
+    import subprocess
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(prefix=f"splitspec-{name}-", suffix=".log", delete=False) as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, text=True, **popen)
+    process.log_path = log.name
+    return process
+
+
+def log_tail(process, chars: int = 3000) -> str:
+    """The last `chars` characters a `spawn_logged` process wrote."""
+    with open(process.log_path, errors="replace") as handle:
+        return handle.read()[-chars:]
+
+
+def stop_logged(process, timeout: float = 60) -> None:
+    """SIGTERM and wait; a process still running after `timeout` dumps its threads' stacks into its
+    log (SIGUSR1), is killed, and fails the test with that log's tail."""
+    import signal
+    import subprocess
+    import time
+
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGUSR1)
+        time.sleep(2)
+        process.kill()
+        pytest.fail(f"{process.args[3]} did not stop within {timeout} s of SIGTERM; its log ends:\n{log_tail(process, 6000)}")
+
+
 def launch_up(*args: str, timeout: float = 180):
     """`splitspec up ARGS` in its own session; returns (process, coordinator address) once healthy.
     Eager (`--enforce-eager`): these tests are not about compiling and skip its start-up minute."""
-    import select
-    import subprocess
     import sys
     import time
 
@@ -301,19 +335,18 @@ def launch_up(*args: str, timeout: float = 180):
     if "--http-port" not in args:
         args = (*args, "--http-port", "0")  # no gateway unless the test asks for one
     args = (*args, "--enforce-eager")
-    process = subprocess.Popen([sys.executable, "-m", "splitspec.cli", "up", "--port", str(port), *args],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline, line = time.monotonic() + timeout, ""
-    while time.monotonic() < deadline and "splitspec is up" not in line:
-        ready, _, _ = select.select([process.stdout], [], [], 1.0)
-        if ready:
-            line = process.stdout.readline()
+    process = spawn_logged([sys.executable, "-m", "splitspec.cli", "up", "--port", str(port), *args], "up",
+                           start_new_session=True)
+    deadline, ready = time.monotonic() + timeout, []
+    while time.monotonic() < deadline and not ready:
+        ready = [line for line in log_tail(process, 10**7).splitlines() if line.startswith("splitspec is up")]
         if process.poll() is not None:
-            pytest.fail(f"splitspec up exited: {process.stderr.read()[-3000:]}")
-    if "splitspec is up" not in line:
+            pytest.fail(f"splitspec up exited: {log_tail(process)}")
+        time.sleep(0.2)
+    if not ready:
         process.kill()
         pytest.fail("splitspec up did not become healthy")
-    assert f"127.0.0.1:{port}" in line, line
+    assert f"127.0.0.1:{port}" in ready[0], ready[0]
     return process, f"127.0.0.1:{port}"
 
 
@@ -339,7 +372,6 @@ def alive(pid: int) -> bool:
 
 def spawn_worker(kind: str, model_dir, port: int | None = None, *extra: str, timeout: float = 60):
     """`splitspec target|draft` as a real process on loopback; returns (process, address) once SERVING."""
-    import subprocess
     import sys
     import time
 
@@ -347,16 +379,15 @@ def spawn_worker(kind: str, model_dir, port: int | None = None, *extra: str, tim
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = port or free_port()
-    process = subprocess.Popen(
+    process = spawn_logged(
         [sys.executable, "-m", "splitspec.cli", kind, "--model", str(model_dir), "--port", str(port),
-         "--host", "127.0.0.1", "--threads", "1", "--log-level", "warning", "--enforce-eager", *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--host", "127.0.0.1", "--threads", "1", "--log-level", "warning", "--enforce-eager", *extra], kind)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"{kind} worker exited: {process.stderr.read()[-2000:]}")
+                pytest.fail(f"{kind} worker exited: {log_tail(process)}")
             try:
                 reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

@@ -12,7 +12,6 @@ count is back at its starting value."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from hypothesis import strategies as st
 from splitspec.v1 import (common_pb2, coordinator_pb2, coordinator_pb2_grpc, draft_pb2, draft_pb2_grpc, target_pb2,
                           target_pb2_grpc)
 from tests.fuzzing import EDGE_INTS, fuzz, odd_text, with_hostile_fields
-from tests.support import BYTE_VOCAB, free_port, spawn_worker
+from tests.support import BYTE_VOCAB, free_port, log_tail, spawn_logged, spawn_worker, stop_logged
 
 OK = grpc.StatusCode.OK
 DOCUMENTED = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
@@ -40,17 +39,16 @@ TIMEOUT = 30.0
 
 def spawn_coordinator(target: str, draft: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen(
+    process = spawn_logged(
         [sys.executable, "-m", "splitspec.cli", "coordinator", "--target", target, "--draft", draft, "--port",
-         str(port), "--host", "127.0.0.1", "--log-level", "warning", "--max-k", "8"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         str(port), "--host", "127.0.0.1", "--log-level", "warning", "--max-k", "8"], "coordinator")
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if process.poll() is not None:
-                pytest.fail(f"coordinator exited: {process.stderr.read()[-2000:]}")
+                pytest.fail(f"coordinator exited: {log_tail(process)}")
             try:
                 stub.GetStats(coordinator_pb2.CoordinatorStatsRequest(), timeout=1)
                 return process, address
@@ -112,8 +110,7 @@ class Services:
         for channel in self.channels:
             channel.close()
         for process in reversed(self.processes.values()):
-            process.send_signal(signal.SIGTERM)
-            process.wait(timeout=60)
+            stop_logged(process)
 
 
 @pytest.fixture(scope="module")

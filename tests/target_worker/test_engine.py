@@ -73,6 +73,8 @@ def test_errors_name_the_problem(tiny):
         run_one(engine, VerifyItem("s", [999]))
     with pytest.raises(InvalidArgument, match="^token_ids: must not be empty"):
         engine.check_prefill(PrefillItem("t", [], GREEDY))
+    with pytest.raises(InvalidArgument, match="^token_ids: a resume carries"):  # no history: nothing to recompute
+        engine.check_prefill(PrefillItem("t", [5], GREEDY, resume=True))
     with pytest.raises(InvalidArgument, match="^token_ids: 160 tokens"):
         engine.check_prefill(PrefillItem("t", [5] * 160, GREEDY))
     with pytest.raises(FailedPrecondition, match="already exists"):
