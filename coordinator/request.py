@@ -106,7 +106,6 @@ def validate_request(message: coordinator_pb2.GenerateRequest, tokenizer: Any, l
     if constraint is not None:
         if grammars is None:
             raise InvalidArgument("constraint", "structured outputs are not enabled on this coordinator")
-        grammars.compile(constraint)  # the grammar's own errors, naming constraint.<kind>
     num_prompt_logprobs = _optional(message, "prompt_logprobs", None)
     if num_prompt_logprobs is not None and not 0 <= num_prompt_logprobs <= MAX_LOGPROBS:
         raise InvalidArgument("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {num_prompt_logprobs}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator
 
@@ -30,6 +31,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self, request: coordinator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[coordinator_pb2.GenerateResponse]:
         validated = validate_request(request, self.backend.tokenizer, self.limits, self.backend.grammars)
+        if validated.params.constraint is not None:  # the grammar's own errors, naming constraint.<kind>;
+            # compiled off the event loop, so that other requests' rounds go on meanwhile
+            await asyncio.to_thread(self.backend.grammars.compile, validated.params.constraint)
         remaining = context.time_remaining()
         # No client deadline shows as None or as an enormous value (grpc issue #26236): no deadline then.
         deadline = time.monotonic() + remaining if remaining is not None and remaining < NO_DEADLINE else None

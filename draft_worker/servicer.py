@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import AsyncIterator
 
@@ -46,7 +47,10 @@ class DraftServicer(draft_pb2_grpc.DraftWorkerServicer):
         try:
             async for request in request_iterator:
                 if sequence is None:
-                    sequence = self.engine.start(request.seq_id, sampling_from_proto(request.sampling))
+                    params = sampling_from_proto(request.sampling)
+                    # a grammar compiles off the event loop: other streams keep being served meanwhile
+                    sequence = (await asyncio.to_thread(self.engine.start, request.seq_id, params)
+                                if params.constraint is not None else self.engine.start(request.seq_id, params))
                 held = request.held_branch if request.HasField("held_branch") else None
                 item = ProposeItem(sequence, request.num_accepted, list(request.new_token_ids), request.k,
                                    request.speculative, held, request.min_confidence,

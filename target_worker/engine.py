@@ -164,7 +164,6 @@ class TargetEngine:
             if not 0 < item.params.num_prompt_tokens <= len(item.token_ids):
                 raise InvalidArgument("sampling.num_prompt_tokens",
                                       "a constrained sequence must say where its output starts (1..len(token_ids))")
-            self.grammars.compile(constraint)  # a grammar that does not compile is the request's error
         if item.scores_prompt and (item.resume or not 0 <= item.num_prompt_logprobs <= MAX_LOGPROBS):
             raise InvalidArgument("num_prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], and not with resume")
         if item.max_new_tokens < 0 or item.num_lookahead_slots < 1:

@@ -66,6 +66,8 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             num_prompt_logprobs=request.num_prompt_logprobs if request.HasField("num_prompt_logprobs") else None,
         )
         self.engine.check_prefill(item)
+        if item.params.constraint is not None:  # compiled off the event loop; its errors are the request's
+            await asyncio.to_thread(self.engine.grammars.compile, item.params.constraint)
         outcome = await self._submit("prefill", item)
         self.metrics.prefills.inc()
         response = target_pb2.PrefillResponse(token_id=outcome.token_id, num_tokens=outcome.num_tokens,

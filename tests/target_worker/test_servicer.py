@@ -165,3 +165,38 @@ async def test_malformed_autonomous_rounds_name_their_field(stub, draft, rounds,
         await call.read()
     assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert streamed.value.details().startswith("autonomous_rounds:") and message in streamed.value.details()
+
+
+async def test_a_slow_grammar_compile_does_not_hold_up_other_requests(tiny):
+    """A constrained prefill's grammar compiles off the event loop: an unconstrained prefill sent
+    meanwhile is answered before the compile ends."""
+    import asyncio
+    import time
+
+    from splitspec.constraints import GrammarCompiler
+
+    class SlowCompiler(GrammarCompiler):
+        def compile(self, spec):
+            time.sleep(2.0)
+            return GrammarCompiler.compile(self, spec)
+
+    server = await start_target(tiny["target"], cache=CacheConfig(num_blocks=64))
+    engine = server.state
+    engine._grammars = SlowCompiler(engine.loaded.tokenizer, engine.vocab_size, tuple(engine.loaded.eos_token_ids))
+    channel = make_channel(server.address)
+    try:
+        stub = target_pb2_grpc.TargetWorkerStub(channel)
+        constrained = common_pb2.SamplingParams(temperature=0.0, top_p=1.0, repetition_penalty=1.0, seed=1,
+                                                num_prompt_tokens=len(PROMPT),
+                                                constraint=common_pb2.Constraint(regex="[a-z]{1,8}"))
+        started = time.perf_counter()
+        slow = asyncio.ensure_future(stub.Prefill(target_pb2.PrefillRequest(
+            seq_id="constrained", token_ids=PROMPT, sampling=constrained, max_new_tokens=8, num_lookahead_slots=4)))
+        await asyncio.sleep(0.2)
+        assert await prefill(stub, "plain") == len(PROMPT) + 1
+        plain_done = time.perf_counter() - started
+        assert (await slow).num_tokens == len(PROMPT) + 1
+        assert plain_done < 1.5 < time.perf_counter() - started
+    finally:
+        await channel.close()
+        await server.stop(0)
