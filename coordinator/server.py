@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from coordinator.adaptive import AUTO_K
 from coordinator.admission import Admission
-from coordinator.generation import Backend, Timeouts
+from coordinator.backend import Backend, Timeouts
 from coordinator.metrics import AutoKCollector, CoordinatorMetrics
 from coordinator.pool import WorkerPool
 from coordinator.request import Limits

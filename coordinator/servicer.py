@@ -9,7 +9,8 @@ from typing import AsyncIterator
 import grpc
 
 from coordinator.admission import Admission
-from coordinator.generation import Backend, Generation
+from coordinator.backend import Backend
+from coordinator.generation import Generation
 from coordinator.request import Limits, validate_request
 from splitspec.errors import Unavailable
 from splitspec.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from coordinator.generation import Backend, Generation
+from coordinator.backend import Backend
+from coordinator.generation import Generation
 from coordinator.metrics import CoordinatorMetrics
 from coordinator.pool import Endpoint, WorkerPool
 from coordinator.request import GenerationRequest
