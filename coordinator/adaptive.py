@@ -15,12 +15,18 @@ request in it, and a round is measured only on a batch that runs that k. Measure
 a time, speculation always looks worth it: a request's extra tokens cost little inside a step of
 target-only sequences, and a target-only request's step is priced by its neighbours' verifies.
 Acceptance is pooled over all requests, old rounds decaying, smoothed towards a prior. T(k) is
-the median of the last SAMPLES rounds measured: a step that also ran a prefill is an outlier.
+a trimmed mean of the last SAMPLES rounds per sequence of the bucket: the mean, because goodput is
+tokens over total time and round times are bimodal with overlap (a chained round costs a verify,
+a missed branch a draft and a verify: a median jumps between the two modes as the hit rate
+drifts); trimmed (TRIM of each end), because a step that also ran new requests' prefills is an
+outlier; per sequence, because at concurrency 4 the sequences finish and prefill together and a
+window of 32 rounds was 8 tokens each, which one such burst filled (T(0) read 20 ms for 13).
 
 A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again. Lengths not
 yet measured are explored first (EXPLORE: a short and a long proposal and k = 0), and each again
-once unmeasured for REFRESH_SECONDS, so that a cost taken under other traffic does not stick; an
-exploring choice is held until MEASURE_ROUNDS rounds per sequence have been measured. After a
+once unmeasured for REFRESH_SECONDS, so that a cost taken under other traffic or in a burst of
+prefills does not stick for the rest of a run; an exploring choice is held until MEASURE_ROUNDS
+rounds per sequence have been measured. After a
 switch, rounds of the last choice are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK
 of them): a round that started before they can all have ended (SETTLE_MARGIN times the longest
 of them) shares steps with them and is not measured. Other k >= 1 are read off a line through the
@@ -31,7 +37,6 @@ SPECULATION_MARGIN. Exploration changes speed only, never the output.
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -40,11 +45,12 @@ log = logging.getLogger(__name__)
 
 AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
 EXPLORE = (2, 4, 0)  # draft lengths measured first in every bucket (capped at max_k); others off the line
-REFRESH_SECONDS = 60.0  # after this long unmeasured in a bucket, a k is measured again
+REFRESH_SECONDS = 20.0  # after this long unmeasured in a bucket, a k is measured again
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
 SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
-MEASURE_ROUNDS = 3      # rounds per sequence an exploring choice is measured before it is compared
-SAMPLES = 32            # rounds a median round time is taken over: a step that also ran a prefill is an outlier
+MEASURE_ROUNDS = 8      # rounds per sequence an exploring choice is measured before it is compared
+SAMPLES = 64            # rounds per sequence of the bucket that a round time is averaged over
+TRIM = 0.1              # the share of rounds dropped at each end before averaging
 SPECULATION_MARGIN = 0.05  # the goodput a proposal must gain over the target alone: less is within noise
 AUTONOMOUS_CHUNK = 8    # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
 
@@ -54,13 +60,23 @@ def batch_bucket(sequences: int) -> int:
     return 1 << max(0, sequences - 1).bit_length()
 
 
+def trimmed_mean(samples: "deque[float] | list[float]") -> float:
+    """The mean without the TRIM share of lowest and highest values (at least one each from five
+    samples on)."""
+    ordered = sorted(samples)
+    cut = max(int(len(ordered) * TRIM), 1 if len(ordered) >= 5 else 0)
+    kept = ordered[cut: len(ordered) - cut]
+    return sum(kept) / len(kept)
+
+
 @dataclass(slots=True)
 class RoundTimes:
-    """One batch bucket's round seconds by draft length, as medians of the last rounds measured,
-    and the draft length its requests run now."""
+    """One batch bucket's round seconds by draft length, as trimmed means of the last rounds
+    measured, and the draft length its requests run now."""
 
-    seconds: dict[int, float] = field(default_factory=dict)  # k -> median round seconds
-    samples: dict[int, deque] = field(default_factory=dict)  # k -> the last SAMPLES round seconds
+    window: int = SAMPLES                                    # rounds each k's estimate is taken over
+    seconds: dict[int, float] = field(default_factory=dict)  # k -> trimmed mean round seconds
+    samples: dict[int, deque] = field(default_factory=dict)  # k -> the last `window` round seconds
     seen_at: dict[int, float] = field(default_factory=dict)  # k -> time.perf_counter() when last measured
     choice: int | None = None                                # the k every request here runs
     choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
@@ -97,7 +113,10 @@ class CostModel:
     buckets: dict[int, RoundTimes] = field(default_factory=dict)
 
     def times(self, sequences: int) -> RoundTimes:
-        return self.buckets.setdefault(batch_bucket(sequences), RoundTimes())
+        bucket = batch_bucket(sequences)
+        if bucket not in self.buckets:
+            self.buckets[bucket] = RoundTimes(window=SAMPLES * bucket)
+        return self.buckets[bucket]
 
     def observe(self, sequences: int, k: int, seconds: float, now: float | None = None) -> None:
         """A round of `k` draft tokens took `seconds`, verdict to verdict, ending `now`
@@ -110,9 +129,9 @@ class CostModel:
             if now - seconds < times.settled_at:
                 return
             times.choice_rounds += 1
-        samples = times.samples.setdefault(k, deque(maxlen=SAMPLES))
+        samples = times.samples.setdefault(k, deque(maxlen=times.window))
         samples.append(seconds)
-        times.seconds[k] = statistics.median(samples)
+        times.seconds[k] = trimmed_mean(samples)
         times.seen_at[k] = now
 
     def round_seconds(self, sequences: int, k: int) -> float | None:
