@@ -39,11 +39,9 @@ class DraftLink:
     def open(self) -> None:
         """Pin a draft replica not tried yet, if there is one."""
         pool = self.backend.drafts
-        endpoint = pool.pick(exclude=self.tried) if pool is not None else None
+        endpoint = pool.pin(self.tried) if pool is not None else None
         if endpoint is None:
             return
-        self.tried.add(endpoint.address)
-        endpoint.pinned += 1
         self.endpoint = endpoint
         self.session = endpoint.client.open(self.seq_id, self.request.params, self.request.draft_confidence)
 

@@ -38,6 +38,7 @@ from coordinator.draft_link import DraftLink
 from coordinator.request import GenerationRequest
 from coordinator.rounds import Round, count_round
 from coordinator.target_link import TargetLink
+from coordinator.workers import DraftSession
 from splitspec.branches import matching_branch
 from splitspec.errors import DeadlineExceeded, SplitspecError, Unavailable
 from splitspec.v1 import common_pb2, coordinator_pb2, draft_pb2
@@ -260,7 +261,7 @@ class Generation:
         return asyncio.get_running_loop().create_task(
             self._draft_ahead(drafting.session, k, proposal, len(self.history), verifying))
 
-    async def _draft_ahead(self, session: Any, k: int, proposal: draft_pb2.DraftResponse,
+    async def _draft_ahead(self, session: DraftSession, k: int, proposal: draft_pb2.DraftResponse,
                            num_tokens: int, verifying: asyncio.Task) -> draft_pb2.DraftResponse:
         """The draft's branches for the round after `proposal` (verified with `num_tokens`), offered
         to the target as that round's plan while its verdict is still to come."""

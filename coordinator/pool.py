@@ -129,6 +129,15 @@ class WorkerPool:
         candidates = [e for e in self.healthy() if e.address not in exclude]
         return min(candidates, key=Endpoint.load) if candidates else None
 
+    def pin(self, tried: set[str]) -> Endpoint | None:
+        """Pick an endpoint not in `tried` for a request, record it there and count it pinned; the
+        request unpins it (`pinned -= 1`) when it moves on or ends."""
+        endpoint = self.pick(exclude=tried)
+        if endpoint is not None:
+            tried.add(endpoint.address)
+            endpoint.pinned += 1
+        return endpoint
+
     def mark_failed(self, endpoint: Endpoint) -> None:
         """A call failed at the transport level: stop choosing it until a health check says SERVING."""
         if endpoint.healthy:

@@ -41,12 +41,10 @@ class TargetLink:
         return self.endpoint.pinned if self.endpoint is not None else 1
 
     def _pin(self, failure: str = "") -> Endpoint:
-        endpoint = self.backend.targets.pick(exclude=self.tried)
+        endpoint = self.backend.targets.pin(self.tried)
         if endpoint is None:
             tried = ", ".join(sorted(self.tried)) or "none"
             raise Unavailable(f"no target worker can serve this request{failure} (tried: {tried})")
-        self.tried.add(endpoint.address)
-        endpoint.pinned += 1
         self.endpoint = endpoint
         return endpoint
 

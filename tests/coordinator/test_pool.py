@@ -27,3 +27,6 @@ def test_pick_prefers_the_least_pinned_then_the_most_free_blocks():
     pool.mark_failed(b)
     assert pool.pick(exclude={"c"}) is a
     assert pool.pick(exclude={"a", "c"}) is None
+    tried: set[str] = {"c"}
+    assert pool.pin(tried) is a and tried == {"a", "c"} and a.pinned == 3  # recorded and counted
+    assert pool.pin(tried) is None and a.pinned == 3
