@@ -1,10 +1,12 @@
 """Interleaved A/B of compile settings on one model: the forward cost of each variant (inductor
-settings over the worker's own, and how many tokens its graphs take), measured round-robin in one
+settings over the worker's own, `"pack": false` for nn.Linear weights instead of oneDNN-packed ones,
+and how many tokens its graphs take), measured round-robin in one
 process so that a noisy machine slows every variant alike. Prints the median ms per forward and
 the interquartile spread, per (batch, new tokens) shape.
 
   python benchmarks/compile_ab.py --model ~/.cache/splitspec-peers/pair/target-48m-hd32 \
-      --variant 'before={"cpp.enable_concat_linear": false, "max_autotune": false}' --variant 'now={}' \
+      --variant 'templates={"pack": false, "cpp.weight_prepack": true, "cpp.enable_concat_linear": true,
+                            "max_autotune": true, "max_autotune_gemm_backends": "CPP"}' --variant 'now={}' \
       [--graph-tokens before=100000] [--shapes 1x1,4x1,1x4,4x4,16x1,1x128] [--rounds 6] [--json out.json]
 """
 
@@ -34,8 +36,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from splitspec.models import load_model
-    from splitspec.paged.cache import CacheConfig, build_paged_cache
     from splitspec.paged.compiled import CompiledForward
+    from splitspec.paged.kv_pool import KVPool
+    from splitspec.paged.runner import PagedRunner
 
     shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.shapes.split(",")]
     graph_tokens = {name: int(n) for name, n in (item.split("=", 1) for item in args.graph_tokens)}
@@ -43,9 +46,11 @@ def main() -> None:
     runners = {}
     for item in args.variant:
         name, settings = item.split("=", 1)
+        overrides = json.loads(settings)
+        pack = overrides.pop("pack", True)
         loaded = load_model(args.model, device="cpu", dtype="float32")
-        _, runner = build_paged_cache(loaded, CacheConfig(num_blocks=blocks))
-        runner.compiled = CompiledForward(runner.model, runner.device, overrides=json.loads(settings))
+        runner = PagedRunner(loaded.model, KVPool(loaded.model.config, blocks, 16, loaded.dtype, loaded.device), pack=pack)
+        runner.compiled = CompiledForward(runner.model, runner.device, overrides=overrides)
         if name in graph_tokens:
             runner.compiled.max_tokens = graph_tokens[name]
         runner.warm_up()

@@ -1,17 +1,18 @@
 """Compiled forward passes: `torch.compile` (inductor) of a model's forward as the paged runner
 calls it, with the settings each device wants, dynamic shapes and a count of the graphs built.
 
-CPU: freezing (weights become constants of the graph), weight prepacking, linears that share an
-input concatenated into one (q/k/v, gate/up: fewer, wider GEMMs, as vLLM's merged linears), and
-inductor's C++ micro-GEMM templates for every linear on a constant weight (`max_autotune` with the
-CPP backend, the ATen choices dropped where a template applies). A decode or verify step runs
-GEMMs of a few rows, bound by reading the weights once; the templates stream them at 1.3-1.5x
-the speed of oneDNN's or MKL's kernels there (benchmarks/compile_ab.py, README). On hundreds of
-rows (a prefill) oneDNN is faster, so the runner compiles graphs only for steps of up to
-`GRAPH_TOKENS[device]` tokens and runs longer ones eagerly. CUDA: CUDA graphs (inductor's
-cudagraph trees record one graph per shape it meets), for steps of any size.
-Shapes are dynamic from the first call, so a new batch size or context length does not
-recompile; what does recompile (a new branch of the attention metadata) is counted in `compiles`.
+CPU: one graph, for one token of one sequence (a decode step), compiled with freezing (weights
+become constants of the graph), q/k/v and gate/up concatenated, and inductor's C++ micro-GEMM
+templates for every linear (`max_autotune` with the CPP backend, the ATen choices dropped where a
+template applies): a GEMV bound by reading the weights, which the templates, fused with the
+norms and activations around them, stream faster than oneDNN. Every step of two or more tokens
+runs eagerly on the oneDNN-packed linears (`packed_linear.py`): measured on the pair's target,
+the padded batch graph was no faster than eager there (README, forward cost). CUDA: CUDA graphs
+(inductor's cudagraph trees record one graph per shape), for steps of any size, with a second,
+padded dynamic graph for batches; a graph that multiplies by packed weights compiles without
+GEMM templates. Shapes are dynamic from the first call, so a new batch size or context length
+does not recompile; what does recompile (a new branch of the attention metadata) is counted in
+`compiles`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any, Callable
 import torch
 
 
-GRAPH_TOKENS = {"cpu": 64}  # device type -> most tokens a compiled forward takes (absent: no limit)
+GRAPH_TOKENS = {"cpu": 1}  # device type -> most tokens a compiled forward takes (absent: no limit)
 RECOMPILE_LIMIT = 64  # a worker builds 2 graphs; a test process compiles many models (Dynamo's default: 8)
 
 
@@ -50,6 +51,14 @@ def prefer_cpp_templates(choices: list[Any]) -> list[Any]:
 
     generated = [choice for choice in choices if not isinstance(choice, ExternKernelCaller)]
     return generated or choices
+
+
+def calls_packed_linears(graph: torch.fx.GraphModule) -> bool:
+    """Whether `graph` multiplies by oneDNN-packed weights (`PackedLinear` of two or more rows).
+    Such a graph compiles without GEMM templates: inductor would lower the packed linears to them."""
+    from splitspec.paged.packed_linear import packed_linear_ops
+
+    return any(node.target in packed_linear_ops() for node in graph.graph.nodes)
 
 
 def _register_choice_filter() -> None:
@@ -82,9 +91,11 @@ class CompiledForward:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
-        if self.device.type == "cpu":
-            _register_choice_filter()
-        return compile_fx(graph, example_inputs)
+        if self.device.type != "cpu":
+            return compile_fx(graph, example_inputs)
+        _register_choice_filter()
+        patches = {"max_autotune": False} if calls_packed_linears(graph) else {}
+        return compile_fx(graph, example_inputs, config_patches=patches)
 
     def __call__(self, dynamic_dims: tuple[tuple[torch.Tensor, tuple[int, ...]], ...] = (), **inputs: Any) -> Any:
         """`dynamic_dims`: (tensor, dims) pairs to mark dynamic on this call (each size >= 2).

@@ -11,6 +11,7 @@ import torch
 from splitspec.paged.attention import PagedMetadata, use_paged_attention
 from splitspec.paged.compiled import CompiledForward
 from splitspec.paged.kv_pool import KVPool
+from splitspec.paged.packed_linear import can_pack, pack_linears
 
 
 @dataclass(slots=True)
@@ -25,11 +26,14 @@ class Chunk:
 
 
 class PagedRunner:
-    def __init__(self, model: Any, pool: KVPool, compile: bool = False) -> None:
-        """`compile`: run the forward through torch.compile (`CompiledForward`); else eagerly."""
+    def __init__(self, model: Any, pool: KVPool, compile: bool = False, pack: bool = True) -> None:
+        """`compile`: run the forward through torch.compile (`CompiledForward`); else eagerly.
+        `pack`: on the CPU, pack the model's linears for oneDNN first (`pack_linears`), in place."""
         self.model = model
         self.pool = pool
         self.device = next(model.parameters()).device
+        if pack and can_pack(model):
+            pack_linears(model, keep_dense=compile)
         use_paged_attention(model)
         self.compiled = CompiledForward(model, self.device) if compile else None
 
@@ -39,11 +43,13 @@ class PagedRunner:
         return self.compiled.compiles if self.compiled is not None else 0
 
     def warm_up(self) -> None:
-        """Compile before serving (no request waits for it): the one-token graph and the padded
-        batch graph. Writes K/V into block 0 only (any pool has it), which no sequence holds yet."""
+        """Compile before serving (no request waits for it): the one-token graph and, where the
+        graphs take batches (CUDA), the padded batch graph. Writes K/V into block 0 only (any pool has it), which no sequence holds yet."""
         if self.compiled is None:
             return
         self.forward([Chunk(token_ids=[0], start=1, slots=[0], block_table=[0], num_logits=1)])
+        if not self.compiled.takes(5):
+            return
         self.forward([Chunk(token_ids=[0, 0], start=0, slots=[0, 0], block_table=[0], num_logits=2),
                       Chunk(token_ids=[0, 0, 0], start=0, slots=[0, 0, 0], block_table=[0], num_logits=1)])
 

@@ -1,6 +1,8 @@
-"""The compiled forward (torch.compile with freezing, weight prepacking and C++ GEMM templates)
-gives the eager forward's logits on every batch shape a worker runs, compiles a bounded number
-of graphs, and leaves steps longer than its graphs take to the eager forward."""
+"""The compiled forward gives the logits of the eager forward on plain `torch.nn.Linear` weights on
+every batch shape a worker runs, compiles a bounded number of graphs, and leaves steps longer
+than its graphs take to the eager forward (on oneDNN-packed linears). On the CPU only one token
+of one sequence compiles (C++ GEMM templates on dense weights); the padded batch graph (CUDA's;
+here on packed linears) is checked too, with the CPU's limit raised to take batches."""
 
 from __future__ import annotations
 
@@ -29,13 +31,22 @@ def chunks_of(blocks, generator, shapes: list[tuple[int, int]], tag: str) -> tup
     return prefills, chunks
 
 
-def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int] | None = None):
-    """Each batch of (context, new) shapes through an eager and a compiled runner on identical
-    pools: contexts are prefilled first by the same runner (eager or compiled), then the batch.
+BATCH_GRAPH_TOKENS = 64  # the limit the batch-graph test sets (on the CPU the graphs take 1 token)
+
+
+def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int] | None = None,
+             graph_tokens: int | None = None):
+    """Each batch of (context, new) shapes through an eager runner on the model's own linears and
+    a compiled runner (packed linears) on identical pools: contexts are prefilled first by the
+    same runner, then the batch.
     `graph_calls` collects the token count of each forward that reached the compiled graphs."""
     runs = []
     for compile in (False, True):
-        blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=256, block_size=4), compile=compile)
+        blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=256, block_size=4), compile=compile,
+                                           pack=compile)
+        if compile and graph_tokens is not None:
+            runner.compiled.max_tokens = graph_tokens
+            runner.warm_up()
         if compile and graph_calls is not None:
             graphs = runner.compiled.function
             runner.compiled.function = lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
@@ -50,7 +61,13 @@ def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int
     return runs
 
 
-def test_compiled_logits_match_eager_on_every_shape(fresh):
+def test_compiled_logits_match_eager_on_every_shape(fresh, monkeypatch):
+    import splitspec.paged.compiled as compiled_module
+
+    packed_graphs: list[bool] = []
+    calls_packed = compiled_module.calls_packed_linears
+    monkeypatch.setattr(compiled_module, "calls_packed_linears",
+                        lambda graph: packed_graphs.append(calls_packed(graph)) or packed_graphs[-1])
     batches = [
         [(0, 7)],                       # a prefill
         [(9, 1)],                       # one decode step
@@ -58,17 +75,17 @@ def test_compiled_logits_match_eager_on_every_shape(fresh):
         [(3, 1), (21, 1), (6, 1), (30, 1)],  # decode steps of four sequences
         [(2, 5), (17, 3), (0, 11)],     # verifies and a prefill packed together
         [(1, 1)],                       # a context inside one block
-        [(0, GRAPH_TOKENS["cpu"] + 1)],  # a prefill longer than the graphs take: eager
-        [(5, GRAPH_TOKENS["cpu"] - 3), (8, 3)],  # a batch of exactly as many tokens as they take
+        [(0, BATCH_GRAPH_TOKENS + 1)],  # a prefill longer than the graphs take: eager
+        [(5, BATCH_GRAPH_TOKENS - 3), (8, 3)],  # a batch of exactly as many tokens as they take
     ]
     graph_calls: list[int] = []
-    (_, eager), (runner, compiled) = run_both(fresh("target"), batches, graph_calls)
+    (_, eager), (runner, compiled) = run_both(fresh("target"), batches, graph_calls, BATCH_GRAPH_TOKENS)
     worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, compiled)
                 for a, b in zip(batch_e, batch_c))
     assert worst <= TOLERANCE, f"compiled logits differ from eager by {worst}"
     assert runner.compiles == 2, f"{runner.compiles} graphs: one token, and one padded dynamic batch graph"
-    limit = GRAPH_TOKENS["cpu"]
-    assert runner.compiled.max_tokens == limit
+    assert packed_graphs == [False, True], "the one-token graph multiplies by dense weights, the batch graph by packed"
+    limit = BATCH_GRAPH_TOKENS
     steps = [sum(new for _, new in shapes) for shapes in batches]
     prefills = [sum(context for context, _ in shapes) for shapes in batches if any(c for c, _ in shapes)]
     assert sorted(graph_calls) == sorted(t for t in steps + prefills if t <= limit)
@@ -76,6 +93,17 @@ def test_compiled_logits_match_eager_on_every_shape(fresh):
     registry = CollectorRegistry()
     export_compiles(registry, lambda: runner.compiles)
     assert registry.get_sample_value("splitspec:compiled_graphs") == 2
+
+
+def test_cpu_compiles_the_one_token_graph_and_runs_batches_eagerly(fresh):
+    batches = [[(9, 1)], [(14, 5)], [(3, 1), (21, 1)], [(0, 7)]]
+    graph_calls: list[int] = []
+    (_, eager), (runner, compiled) = run_both(fresh("target"), batches, graph_calls)
+    worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, compiled)
+                for a, b in zip(batch_e, batch_c))
+    assert worst <= TOLERANCE, f"compiled logits differ from eager by {worst}"
+    assert GRAPH_TOKENS["cpu"] == 1 and runner.compiled.max_tokens == 1
+    assert runner.compiles == 1 and graph_calls == [1], (runner.compiles, graph_calls)  # the decode step (9, 1)
 
 
 def test_eager_runner_compiles_nothing(tiny):

@@ -1,0 +1,77 @@
+"""Linear layers on weights prepacked for oneDNN (CPU): the GEMM of every decode, verify and
+prefill step.
+
+A decode or verify step multiplies a few rows by every weight of the model once, so it is bound
+by reading the weights. oneDNN's matmul on a weight reordered once into its blocked layout streams
+them at close to the copy bandwidth from 1 to about 8 rows and stays ahead of ATen's and inductor's
+kernels up to hundreds of rows (the README's GEMM table; `benchmarks/forward_cost.py`). vLLM's CPU
+backend prepacks its linears the same way. Inductor knows the op: a compiled graph calls it
+directly, with a following SiLU fused in as oneDNN's post-op, and the packed weight (a buffer of
+the module) is a constant of the frozen graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PACK_ROWS = 16  # the row count oneDNN picks its blocked layout for (measured: 16, 32 and 64 equal)
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x: [..., in_features], packed: a oneDNN-layout weight [out_features, in_features]
+    -> [..., out_features]."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+def packed_linear_ops() -> tuple[Any, ...]:
+    """The op `packed_linear` calls, as a traced graph names it."""
+    return (torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.default)
+
+
+class PackedLinear(torch.nn.Module):
+    """`torch.nn.Linear` computed by `packed_linear`. With `keep_dense`, it also keeps the dense
+    weight for graphs of one row (a compiled decode step of one sequence), where inductor's C++
+    GEMV template, fused with what surrounds it, beats oneDNN (6.9 against 9.1 ms a forward on the
+    pair's target); from two rows on, and always when eager, the packed weight serves."""
+
+    def __init__(self, linear: torch.nn.Linear, keep_dense: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        self.register_buffer("packed", torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS), persistent=False)
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.register_buffer("weight", weight if keep_dense else None, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and torch.compiler.is_compiling() and x.shape[-2] == 1:
+            return torch.nn.functional.linear(x, self.weight, self.bias)
+        return packed_linear(x, self.packed, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def can_pack(model: Any) -> bool:
+    """Whether `model`'s linears can run on packed weights: on the CPU, float32 or bfloat16, with
+    oneDNN in this torch build."""
+    parameter = next(model.parameters())
+    return (parameter.device.type == "cpu" and parameter.dtype in PACKED_DTYPES
+            and torch.backends.mkldnn.is_available())
+
+
+def pack_linears(model: torch.nn.Module, keep_dense: bool = False) -> int:
+    """Replace, in place, every `torch.nn.Linear` of `model` with a `PackedLinear`, except those
+    with hooks (a tensor-parallel all-reduce or gather runs as a hook). Returns how many were
+    packed. Without `keep_dense`, a dense weight is freed unless an embedding shares it."""
+    replacements = [
+        (parent, name, child)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if type(child) is torch.nn.Linear and not (child._forward_hooks or child._forward_pre_hooks)
+    ]
+    for parent, name, child in replacements:
+        setattr(parent, name, PackedLinear(child, keep_dense))
+    return len(replacements)
