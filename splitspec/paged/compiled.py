@@ -1,18 +1,17 @@
 """Compiled forward passes: `torch.compile` (inductor) of a model's forward as the paged runner
 calls it, with the settings each device wants, dynamic shapes and a count of the graphs built.
 
-CPU: one graph, for one token of one sequence (a decode step), compiled with freezing (weights
-become constants of the graph), q/k/v and gate/up concatenated, and inductor's C++ micro-GEMM
-templates for every linear (`max_autotune` with the CPP backend, the ATen choices dropped where a
-template applies): a GEMV bound by reading the weights, which the templates, fused with the
-norms and activations around them, stream faster than oneDNN. Every step of two or more tokens
-runs eagerly on the oneDNN-packed linears (`packed_linear.py`): measured on the pair's target,
-the padded batch graph was no faster than eager there (README, forward cost). CUDA: CUDA graphs
-(inductor's cudagraph trees record one graph per shape), for steps of any size, with a second,
-padded dynamic graph for batches; a graph that multiplies by packed weights compiles without
-GEMM templates. Shapes are dynamic from the first call, so a new batch size or context length
-does not recompile; what does recompile (a new branch of the attention metadata) is counted in
-`compiles`.
+CPU: graphs for steps of up to `GRAPH_TOKENS["cpu"]` tokens (a decode step, a verify of k + 1
+of one sequence, a few sequences' decode steps), compiled with freezing (weights become
+constants of the graph), q/k/v and gate/up concatenated, and inductor's C++ micro-GEMM templates
+for every linear (`max_autotune` with the CPP backend, the ATen choices dropped where a template
+applies). On so few rows a GEMM is bound by reading the weights, and the templates, fused with
+the norms and activations around them, stream them faster than oneDNN. Longer steps run eagerly
+on the oneDNN-packed linears (`packed_linear.py`), which win from about 6 rows on (README,
+forward cost). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per shape), for
+steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
+batch whose sizes are dynamic, so a new batch size or context length does not recompile; what
+does recompile (a new branch of the attention metadata) is counted in `compiles`.
 """
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from typing import Any, Callable
 import torch
 
 
-GRAPH_TOKENS = {"cpu": 1}  # device type -> most tokens a compiled forward takes (absent: no limit)
+GRAPH_TOKENS = {"cpu": 5}  # device type -> most tokens a compiled forward takes (absent: no limit)
 RECOMPILE_LIMIT = 64  # a worker builds 2 graphs; a test process compiles many models (Dynamo's default: 8)
 
 
@@ -51,14 +50,6 @@ def prefer_cpp_templates(choices: list[Any]) -> list[Any]:
 
     generated = [choice for choice in choices if not isinstance(choice, ExternKernelCaller)]
     return generated or choices
-
-
-def calls_packed_linears(graph: torch.fx.GraphModule) -> bool:
-    """Whether `graph` multiplies by oneDNN-packed weights (`PackedLinear` of two or more rows).
-    Such a graph compiles without GEMM templates: inductor would lower the packed linears to them."""
-    from splitspec.paged.packed_linear import packed_linear_ops
-
-    return any(node.target in packed_linear_ops() for node in graph.graph.nodes)
 
 
 def _register_choice_filter() -> None:
@@ -94,8 +85,7 @@ class CompiledForward:
         if self.device.type != "cpu":
             return compile_fx(graph, example_inputs)
         _register_choice_filter()
-        patches = {"max_autotune": False} if calls_packed_linears(graph) else {}
-        return compile_fx(graph, example_inputs, config_patches=patches)
+        return compile_fx(graph, example_inputs)
 
     def __call__(self, dynamic_dims: tuple[tuple[torch.Tensor, tuple[int, ...]], ...] = (), **inputs: Any) -> Any:
         """`dynamic_dims`: (tensor, dims) pairs to mark dynamic on this call (each size >= 2).

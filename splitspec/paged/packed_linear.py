@@ -5,9 +5,9 @@ A decode or verify step multiplies a few rows by every weight of the model once,
 by reading the weights. oneDNN's matmul on a weight reordered once into its blocked layout streams
 them at close to the copy bandwidth from 1 to about 8 rows and stays ahead of ATen's and inductor's
 kernels up to hundreds of rows (the README's GEMM table; `benchmarks/forward_cost.py`). vLLM's CPU
-backend prepacks its linears the same way. Inductor knows the op: a compiled graph calls it
-directly, with a following SiLU fused in as oneDNN's post-op, and the packed weight (a buffer of
-the module) is a constant of the frozen graph.
+backend prepacks its linears the same way. The CPU's compiled graphs (steps of up to a few
+tokens) keep the dense weights, for inductor's GEMM templates; every longer step runs eagerly on
+the packed ones.
 """
 
 from __future__ import annotations
@@ -26,16 +26,11 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-def packed_linear_ops() -> tuple[Any, ...]:
-    """The op `packed_linear` calls, as a traced graph names it."""
-    return (torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._linear_pointwise.default)
-
-
 class PackedLinear(torch.nn.Module):
     """`torch.nn.Linear` computed by `packed_linear`. With `keep_dense`, it also keeps the dense
-    weight for graphs of one row (a compiled decode step of one sequence), where inductor's C++
-    GEMV template, fused with what surrounds it, beats oneDNN (6.9 against 9.1 ms a forward on the
-    pair's target); from two rows on, and always when eager, the packed weight serves."""
+    weight for compiled graphs (steps of a few rows), where inductor's C++ GEMM templates, fused
+    with what surrounds them, beat oneDNN (6.8 against 8.7 ms for one token on the pair's target);
+    eagerly, on the longer steps, the packed weight serves."""
 
     def __init__(self, linear: torch.nn.Linear, keep_dense: bool = False) -> None:
         super().__init__()
@@ -46,7 +41,7 @@ class PackedLinear(torch.nn.Module):
         self.register_buffer("weight", weight if keep_dense else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None and torch.compiler.is_compiling() and x.shape[-2] == 1:
+        if self.weight is not None and torch.compiler.is_compiling():
             return torch.nn.functional.linear(x, self.weight, self.bias)
         return packed_linear(x, self.packed, self.bias)
 
