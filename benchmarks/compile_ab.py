@@ -5,9 +5,8 @@ process so that a noisy machine slows every variant alike. Prints the median ms 
 the interquartile spread, per (batch, new tokens) shape.
 
   python benchmarks/compile_ab.py --model ~/.cache/splitspec-peers/pair/target-48m-hd32 \
-      --variant 'templates={"pack": false, "cpp.weight_prepack": true, "cpp.enable_concat_linear": true,
-                            "max_autotune": true, "max_autotune_gemm_backends": "CPP"}' --variant 'now={}' \
-      [--graph-tokens before=100000] [--shapes 1x1,4x1,1x4,4x4,16x1,1x128] [--rounds 6] [--json out.json]
+      --variant 'unpacked={"pack": false}' --variant 'now={}' \
+      [--graph-tokens unpacked=64] [--shapes 1x1,4x1,1x4,4x4,16x1,1x128] [--rounds 6] [--json out.json]
 """
 
 from __future__ import annotations

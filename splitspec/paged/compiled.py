@@ -82,9 +82,8 @@ class CompiledForward:
         from torch._inductor.compile_fx import compile_fx
 
         self.compiles += 1
-        if self.device.type != "cpu":
-            return compile_fx(graph, example_inputs)
-        _register_choice_filter()
+        if self.device.type == "cpu":
+            _register_choice_filter()
         return compile_fx(graph, example_inputs)
 
     def __call__(self, dynamic_dims: tuple[tuple[torch.Tensor, tuple[int, ...]], ...] = (), **inputs: Any) -> Any:

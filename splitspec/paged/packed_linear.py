@@ -3,8 +3,9 @@ prefill step.
 
 A decode or verify step multiplies a few rows by every weight of the model once, so it is bound
 by reading the weights. oneDNN's matmul on a weight reordered once into its blocked layout streams
-them at close to the copy bandwidth from 1 to about 8 rows and stays ahead of ATen's and inductor's
-kernels up to hundreds of rows (the README's GEMM table; `benchmarks/forward_cost.py`). vLLM's CPU
+them at close to the copy bandwidth from 1 to about 8 rows; it is ahead of ATen's kernels at every
+row count measured and of inductor's C++ templates from about 6 rows on (the README's GEMM and
+forward-cost tables; `benchmarks/forward_cost.py`). vLLM's CPU
 backend prepacks its linears the same way. The CPU's compiled graphs (steps of up to a few
 tokens) keep the dense weights, for inductor's GEMM templates; every longer step runs eagerly on
 the packed ones.

@@ -44,7 +44,8 @@ class PagedRunner:
 
     def warm_up(self) -> None:
         """Compile before serving (no request waits for it): the one-token graph and, where the
-        graphs take batches (CUDA), the padded batch graph. Writes K/V into block 0 only (any pool has it), which no sequence holds yet."""
+        graphs take a step of 5 tokens, the padded batch graph. Writes K/V into block 0 only (any
+        pool has it), which no sequence holds yet."""
         if self.compiled is None:
             return
         self.forward([Chunk(token_ids=[0], start=1, slots=[0], block_table=[0], num_logits=1)])
