@@ -20,6 +20,7 @@ sequence's, or none; the other forks are freed. All methods run on the worker's 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -202,6 +203,13 @@ class DraftEngine:
 
     # --- one step ------------------------------------------------------------------------------
     def step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
+        started = time.perf_counter()
+        try:
+            return self._step(items)
+        finally:
+            self.stats.step_seconds += time.perf_counter() - started
+
+    def _step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
         outcomes: dict[int, Any] = {}
         drafting: list[_Drafting] = []
         for index, item in enumerate(items):
@@ -224,8 +232,10 @@ class DraftEngine:
                 used = len(d.feed)
                 chunks.append(Chunk(d.feed, d.start, d.slots[:used], table, 1))
                 d.slots, d.start = d.slots[used:], d.start + used
-            self.stats.record_step(len(chunks), sum(len(c.token_ids) for c in chunks))
-            for d, logits in zip(active, self.runner.forward(chunks)):
+            started = time.perf_counter()
+            rows = self.runner.forward(chunks)
+            self.stats.record_step(len(chunks), sum(len(c.token_ids) for c in chunks), time.perf_counter() - started)
+            for d, logits in zip(active, rows):
                 d.remaining -= 1
                 if d.root:
                     drafting.extend(self._bonus_branches(d, logits))

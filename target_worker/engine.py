@@ -179,6 +179,13 @@ class TargetEngine:
 
     # --- one step ------------------------------------------------------------------------------
     def step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
+        started = time.perf_counter()
+        try:
+            return self._step(items)
+        finally:
+            self.stats.step_seconds += time.perf_counter() - started
+
+    def _step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
         outcomes: dict[int, Any] = {}
         waiting: list[Any] = []
         planned: list[_Planned] = []
@@ -295,12 +302,14 @@ class TargetEngine:
     def _run(self, planned: list[_Planned], outcomes: dict[int, Any]) -> None:
         constrained = [p for p in planned if p.sequence.matcher is not None and not getattr(p.item, "resume", False)]
         masking = self._mask_thread().submit(self._masks, constrained) if constrained else None
+        started = time.perf_counter()
         logits = self.runner.forward([p.chunk for p in planned])  # the grammar masks are computed meanwhile
+        forward_seconds = time.perf_counter() - started
         if masking is not None:
             waited = time.perf_counter()
             masking.result()
             self.stats.mask_wait_seconds += time.perf_counter() - waited
-        self.stats.record_step(len(planned), sum(len(p.chunk.token_ids) for p in planned))
+        self.stats.record_step(len(planned), sum(len(p.chunk.token_ids) for p in planned), forward_seconds)
         verifies = []
         for plan, rows in zip(planned, logits):
             if isinstance(plan.item, PrefillItem):

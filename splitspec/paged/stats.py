@@ -17,6 +17,8 @@ class EngineStats:
     mask_seconds: float = 0.0       # structured outputs: computing grammar masks (beside the forward)
     mask_wait_seconds: float = 0.0  # of which the step waited for after its forward
     masked_rows: int = 0            # scored positions a grammar masked
+    step_seconds: float = 0.0       # in steps on the model thread (forward, sampling, bookkeeping)
+    forward_seconds: float = 0.0    # of which in forward passes
 
     @property
     def batched_sequences(self) -> int:
@@ -27,8 +29,9 @@ class EngineStats:
     def max_batch_sequences(self) -> int:
         return len(self.steps_by_batch) - 1
 
-    def record_step(self, sequences: int, tokens: int) -> None:
+    def record_step(self, sequences: int, tokens: int, forward_seconds: float = 0.0) -> None:
         self.steps += 1
+        self.forward_seconds += forward_seconds
         self.batched_tokens += tokens
         while len(self.steps_by_batch) <= sequences:
             self.steps_by_batch.append(0)
@@ -47,6 +50,8 @@ def worker_stats(blocks: BlockManager | None, stats: EngineStats, running: int, 
         max_batch_sequences=stats.max_batch_sequences,
         mean_batch_tokens=stats.batched_tokens / steps,
         steps_by_batch_sequences=stats.steps_by_batch if stats.steps else [],
+        step_seconds=stats.step_seconds,
+        forward_seconds=stats.forward_seconds,
     )
     if blocks is not None:
         pool = blocks.stats()

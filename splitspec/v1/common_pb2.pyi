@@ -122,7 +122,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("block_size", "blocks_total", "blocks_used", "blocks_free", "utilization", "running_sequences", "waiting_requests", "preemptions", "prefix_cache_hit_rate", "steps", "mean_batch_sequences", "max_batch_sequences", "mean_batch_tokens", "steps_by_batch_sequences")
+    __slots__ = ("block_size", "blocks_total", "blocks_used", "blocks_free", "utilization", "running_sequences", "waiting_requests", "preemptions", "prefix_cache_hit_rate", "steps", "mean_batch_sequences", "max_batch_sequences", "mean_batch_tokens", "steps_by_batch_sequences", "step_seconds", "forward_seconds")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -137,6 +137,8 @@ class WorkerStats(_message.Message):
     MAX_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     MEAN_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STEPS_BY_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     block_size: int
     blocks_total: int
     blocks_used: int
@@ -151,4 +153,6 @@ class WorkerStats(_message.Message):
     max_batch_sequences: int
     mean_batch_tokens: float
     steps_by_batch_sequences: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., utilization: _Optional[float] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., steps: _Optional[int] = ..., mean_batch_sequences: _Optional[float] = ..., max_batch_sequences: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ..., steps_by_batch_sequences: _Optional[_Iterable[int]] = ...) -> None: ...
+    step_seconds: float
+    forward_seconds: float
+    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., utilization: _Optional[float] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., steps: _Optional[int] = ..., mean_batch_sequences: _Optional[float] = ..., max_batch_sequences: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ..., steps_by_batch_sequences: _Optional[_Iterable[int]] = ..., step_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ...) -> None: ...

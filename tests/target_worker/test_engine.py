@@ -133,3 +133,21 @@ def test_release_frees_everything(tiny):
     assert run_one(engine, ReleaseItem("s")) is True
     assert run_one(engine, ReleaseItem("s")) is False
     assert engine.sequences == {} and engine.blocks.num_free_blocks == engine.blocks.num_blocks
+
+
+def test_stats_time_the_steps_and_their_forward_passes(tiny):
+    from splitspec.paged.stats import worker_stats
+
+    engine = target_engine(tiny["target"])
+    forwards = []
+    forward = engine.runner.forward
+    engine.runner.forward = lambda chunks: forwards.append(len(chunks)) or forward(chunks)
+    run_one(engine, PrefillItem("s", PROMPT, GREEDY))
+    for proposal in ([5, 6], [], [7]):
+        run_one(engine, VerifyItem("s", proposal))
+    run_one(engine, ReleaseItem("s"))  # a step with no forward pass
+    stats = engine.stats
+    assert len(forwards) == stats.steps == 4
+    assert 0 < stats.forward_seconds < stats.step_seconds
+    reply = worker_stats(engine.blocks, stats, 0, 0)
+    assert reply.step_seconds == pytest.approx(stats.step_seconds) and reply.forward_seconds == pytest.approx(stats.forward_seconds)

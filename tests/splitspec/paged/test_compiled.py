@@ -113,3 +113,24 @@ def test_gemm_choices_narrow_to_generated_kernels():
     aten, template = object.__new__(ExternKernelCaller), object()
     assert prefer_cpp_templates([template, aten]) == [template]
     assert prefer_cpp_templates([aten]) == [aten]
+
+
+def test_models_of_one_class_each_run_their_own_graphs(fresh):
+    """Two models of the same class and shapes, different weights, compiled in one process: each
+    forward gives its own model's logits. The graphs skip guards on the models' modules and
+    weights (frozen into the graphs), so running another model's graph would go unnoticed by
+    those guards; each runner's compile keeps its graphs apart."""
+    from splitspec.paged.kv_pool import KVPool
+    from splitspec.paged.runner import PagedRunner
+
+    step = [Chunk(token_ids=[17], start=0, slots=[0], block_table=[0], num_logits=1)]
+    logits = {}
+    for name in ("target", "draft_noisy"):
+        loaded = fresh(name)
+        for compile in (False, True):
+            pool = KVPool(loaded.model.config, 4, 4, loaded.dtype, loaded.device)
+            logits[name, compile] = PagedRunner(loaded.model, pool, compile=compile, pack=False)
+    outputs = {key: runner.forward(step)[0] for key, runner in sorted(logits.items(), key=lambda item: item[0][1])}
+    for name in ("target", "draft_noisy"):
+        assert (outputs[name, True] - outputs[name, False]).abs().max() <= TOLERANCE, name
+    assert (outputs["target", False] - outputs["draft_noisy", False]).abs().max() > 100 * TOLERANCE
