@@ -371,6 +371,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _check_port_free(flag: str, port: int) -> None:
+    """`up` health-checks its services by port: one already taken there would answer in their place."""
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ValueError(f"{flag} {port}: the port is in use ({exc.strerror}); is another splitspec running?") from exc
+
+
 def _serving(address: str) -> bool:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -420,6 +429,9 @@ def _up(args: argparse.Namespace) -> int:
         common.append("--enforce-eager")
     if args.targets < 1 or args.drafts < 0:
         raise ValueError("--targets must be >= 1 and --drafts >= 0")
+    _check_port_free("--port", args.port)
+    if args.http_port:
+        _check_port_free("--http-port", args.http_port)
     # Workers size their KV pools from the same free memory: give each a share of it.
     target_share, draft_share = 0.3 / args.targets, 0.15 / max(args.drafts, 1)
     if args.draft_method != "model":

@@ -168,3 +168,16 @@ def test_model_nice_out_of_range_is_one_line(tiny_dirs):
     result = run("target", "--model", str(tiny_dirs["target"]), "--model-nice", "-5", "--port", str(free_port()))
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert "--model-nice must be between 0 and 19, got -5" in result.stderr.strip().splitlines()[-1]
+
+
+def test_up_on_a_port_in_use_is_one_line(tiny_dirs):
+    """`up` checks health by port: a port another server holds would answer for it."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        result = run("up", "--target", str(tiny_dirs["target"]), "--port", str(port), "--http-port", "0")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"splitspec up: --port {port}: the port is in use")
