@@ -374,6 +374,7 @@ def _free_port() -> int:
 def _check_port_free(flag: str, port: int) -> None:
     """`up` health-checks its services by port: one already taken there would answer in their place."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind: a closed one's TIME_WAIT is no user
         try:
             sock.bind(("127.0.0.1", port))
         except OSError as exc:
