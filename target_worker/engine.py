@@ -179,11 +179,8 @@ class TargetEngine:
 
     # --- one step ------------------------------------------------------------------------------
     def step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
-        started = time.perf_counter()
-        try:
+        with self.stats.timing_step():
             return self._step(items)
-        finally:
-            self.stats.step_seconds += time.perf_counter() - started
 
     def _step(self, items: list[Any]) -> tuple[dict[int, Any], list[Any]]:
         outcomes: dict[int, Any] = {}

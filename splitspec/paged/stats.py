@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from splitspec.paged.block_manager import BlockManager
@@ -28,6 +31,15 @@ class EngineStats:
     @property
     def max_batch_sequences(self) -> int:
         return len(self.steps_by_batch) - 1
+
+    @contextmanager
+    def timing_step(self) -> Iterator[None]:
+        """Adds the time inside to `step_seconds` (an engine's whole step)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.step_seconds += time.perf_counter() - started
 
     def record_step(self, sequences: int, tokens: int, forward_seconds: float = 0.0) -> None:
         self.steps += 1
