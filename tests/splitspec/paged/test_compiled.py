@@ -134,3 +134,11 @@ def test_models_of_one_class_each_run_their_own_graphs(fresh):
     for name in ("target", "draft_noisy"):
         assert (outputs[name, True] - outputs[name, False]).abs().max() <= TOLERANCE, name
     assert (outputs["target", False] - outputs["draft_noisy", False]).abs().max() > 100 * TOLERANCE
+
+
+def test_compile_by_default_except_half_precision_on_the_cpu():
+    from splitspec.paged.compiled import compiles_faster
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compiles_faster(cpu, torch.float32) and compiles_faster(cuda, torch.bfloat16)
+    assert not compiles_faster(cpu, torch.bfloat16) and not compiles_faster(cpu, torch.float16)
