@@ -16,7 +16,7 @@ from splitspec.errors import InvalidArgument
 from splitspec.layerskip import skip_layers
 from splitspec.models import LoadedModel, load_model, load_vocabulary
 from splitspec.paged.cache import CacheConfig, build_paged_cache
-from splitspec.paged.compiled import compiles_faster, export_compiles
+from splitspec.paged.compiled import export_compiles
 from splitspec.service import (
     RunningServer,
     ServerSecurity,
@@ -100,6 +100,6 @@ async def serve_draft(config: DraftConfig) -> None:
             loaded.name = f"{config.model} skipping layers {','.join(map(str, config.skip_layers))}"
         running = await start_draft(loaded, config.port, config.host, config.max_k, config.cache,
                                     config.watchdog_seconds, config.tls, config.reflection, config.model_nice,
-                                    compile=not config.enforce_eager and compiles_faster(loaded.device, loaded.dtype))
+                                    compile=config.compiles(loaded))
     log.info("draft worker serving", extra={"port": running.port, "model": config.model, "method": config.method})
     await serve_until_signal(running, config.grace, config.metrics_port)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -21,3 +24,16 @@ class WorkerConfig:
     reflection: bool = False
     model_nice: int = 0      # --model-nice: the model thread's priority below the I/O threads
     enforce_eager: bool = False  # --enforce-eager: no torch.compile of the forward
+
+    def compiles(self, loaded: Any) -> bool:
+        """Whether this worker compiles the forward of `loaded` (a LoadedModel): unless
+        --enforce-eager, wherever compiled is faster (`compiles_faster`)."""
+        from splitspec.paged.compiled import compiles_faster
+
+        if self.enforce_eager:
+            return False
+        if not compiles_faster(loaded.device, loaded.dtype):
+            log.info("forward runs eagerly: compiled graphs are slower on this device in this dtype",
+                     extra={"device": str(loaded.device), "dtype": str(loaded.dtype)})
+            return False
+        return True

@@ -12,7 +12,7 @@ from splitspec.config import WorkerConfig
 from splitspec.errors import InvalidArgument, Unavailable
 from splitspec.models import LoadedModel, load_model
 from splitspec.paged.cache import CacheConfig, build_paged_cache, plan_num_blocks
-from splitspec.paged.compiled import compiles_faster, export_compiles
+from splitspec.paged.compiled import export_compiles
 from splitspec.service import (
     RunningServer,
     ServerSecurity,
@@ -95,7 +95,7 @@ async def serve_target(config: TargetConfig) -> None:
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
                                  config.batching, watchdog_seconds=config.watchdog_seconds, tls=config.tls,
                                  reflection=config.reflection, model_nice=config.model_nice,
-                                 compile=not config.enforce_eager and compiles_faster(loaded.device, loaded.dtype))
+                                 compile=config.compiles(loaded))
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)
 

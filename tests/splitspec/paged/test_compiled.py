@@ -124,13 +124,13 @@ def test_models_of_one_class_each_run_their_own_graphs(fresh):
     from splitspec.paged.runner import PagedRunner
 
     step = [Chunk(token_ids=[17], start=0, slots=[0], block_table=[0], num_logits=1)]
-    logits = {}
+    runners = {}
     for name in ("target", "draft_noisy"):
         loaded = fresh(name)
         for compile in (False, True):
             pool = KVPool(loaded.model.config, 4, 4, loaded.dtype, loaded.device)
-            logits[name, compile] = PagedRunner(loaded.model, pool, compile=compile, pack=False)
-    outputs = {key: runner.forward(step)[0] for key, runner in sorted(logits.items(), key=lambda item: item[0][1])}
+            runners[name, compile] = PagedRunner(loaded.model, pool, compile=compile, pack=False)
+    outputs = {key: runner.forward(step)[0] for key, runner in sorted(runners.items(), key=lambda item: item[0][1])}
     for name in ("target", "draft_noisy"):
         assert (outputs[name, True] - outputs[name, False]).abs().max() <= TOLERANCE, name
     assert (outputs["target", False] - outputs["draft_noisy", False]).abs().max() > 100 * TOLERANCE
@@ -142,3 +142,12 @@ def test_compile_by_default_except_half_precision_on_the_cpu():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert compiles_faster(cpu, torch.float32) and compiles_faster(cuda, torch.bfloat16)
     assert not compiles_faster(cpu, torch.bfloat16) and not compiles_faster(cpu, torch.float16)
+
+    from types import SimpleNamespace
+
+    from splitspec.config import WorkerConfig
+
+    float32, bfloat16 = (SimpleNamespace(device=cpu, dtype=dtype) for dtype in (torch.float32, torch.bfloat16))
+    assert WorkerConfig(model="m", port=0).compiles(float32)
+    assert not WorkerConfig(model="m", port=0).compiles(bfloat16)
+    assert not WorkerConfig(model="m", port=0, enforce_eager=True).compiles(float32)
