@@ -30,7 +30,7 @@ def free_port() -> int:
 
 
 def start(args: argparse.Namespace, batching: bool) -> tuple[list[subprocess.Popen], str, str]:
-    cli = [sys.executable, "-m", "splitspec.cli"]
+    cli = [sys.executable, "-m", "entrypoints.cli"]
     tp, dp, cp = free_port(), free_port(), free_port()
     common = ["--host", "127.0.0.1", "--threads", str(args.threads), "--log-level", "warning"]
     target = [*cli, "target", "--model", args.target, "--port", str(tp), *common]

@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-pack", action="store_true", help="nn.Linear weights, not oneDNN-packed ones")
+    parser.add_argument("--no-calibrate", action="store_true",
+                        help="keep the graphs' default step limit (the workers measure it at start)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", default=None, metavar="BATCHxTOKENS",
                         help="print torch.profiler's op table for one shape, e.g. 16x1")
@@ -103,7 +105,7 @@ def main() -> None:
     blocks = max(batches) * -(-(args.context + max(token_counts)) // 16) + 1
     started = time.perf_counter()
     _, runner = build_paged_cache(loaded, CacheConfig(num_blocks=blocks), compile=not args.enforce_eager,
-                                     pack=not args.no_pack)
+                                     pack=not args.no_pack, calibrate=not args.no_calibrate)
     compile_seconds, started = time.perf_counter() - started, time.perf_counter()
     rows = []
     for batch in batches:
@@ -120,7 +122,8 @@ def main() -> None:
     mode = "eager" if args.enforce_eager else "compiled"
     print(f"\n{args.model}: {mode}, {args.threads} thread(s), {args.dtype}, context {args.context}, "
           f"start (compile included) {compile_seconds:.0f} s, measurement {time.perf_counter() - started:.0f} s, "
-          f"graphs compiled {runner.compiles}")
+          f"graphs compiled {runner.compiles}, graph step limit "
+          f"{runner.compiled.max_tokens if runner.compiled is not None else '-'} tokens")
     print(f"weights {nbytes / 1e6:.1f} MB, copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound_ms:.2f} ms "
           "per forward\n")
     print("| batch \\ tokens | " + " | ".join(str(t) for t in token_counts) + " |")

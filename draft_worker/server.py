@@ -52,7 +52,7 @@ async def start_draft(
 ) -> RunningServer:
     """Serve an already loaded draft model (a separate model, or the target with layers skipped);
     `compile`: its forward runs through torch.compile, compiled before the server starts."""
-    blocks, runner = build_paged_cache(loaded, cache or CacheConfig(), compile=compile)
+    blocks, runner = build_paged_cache(loaded, cache or CacheConfig(), compile=compile, calibrate=compile)
     engine = DraftEngine(loaded, blocks, runner, max_k=max_k)
     return await serve_engine(engine, loaded.vocab_size, port, host, watchdog_seconds, tls, reflection, model_nice)
 

@@ -73,7 +73,7 @@ async def start_target(
     if tensor_parallel_size > 1:
         blocks, runner = build_paged_cache(loaded, cache, tensor_parallel_size, TensorParallelRunner)
     else:
-        blocks, runner = build_paged_cache(loaded, cache, compile=compile)
+        blocks, runner = build_paged_cache(loaded, cache, compile=compile, calibrate=compile)
     engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
                           max_batch_tokens=max_batch_tokens, batching=batching)
     metrics = TargetMetrics()

@@ -335,7 +335,7 @@ def launch_up(*args: str, timeout: float = 180):
     if "--http-port" not in args:
         args = (*args, "--http-port", "0")  # no gateway unless the test asks for one
     args = (*args, "--enforce-eager")
-    process = spawn_logged([sys.executable, "-m", "splitspec.cli", "up", "--port", str(port), *args], "up",
+    process = spawn_logged([sys.executable, "-m", "entrypoints.cli", "up", "--port", str(port), *args], "up",
                            start_new_session=True)
     deadline, ready = time.monotonic() + timeout, []
     while time.monotonic() < deadline and not ready:
@@ -380,7 +380,7 @@ def spawn_worker(kind: str, model_dir, port: int | None = None, *extra: str, tim
 
     port = port or free_port()
     process = spawn_logged(
-        [sys.executable, "-m", "splitspec.cli", kind, "--model", str(model_dir), "--port", str(port),
+        [sys.executable, "-m", "entrypoints.cli", kind, "--model", str(model_dir), "--port", str(port),
          "--host", "127.0.0.1", "--threads", "1", "--log-level", "warning", "--enforce-eager", *extra], kind)
     address = f"127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

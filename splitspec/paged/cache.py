@@ -57,11 +57,12 @@ def plan_num_blocks(loaded: LoadedModel, config: CacheConfig, shards: int = 1) -
 
 def build_paged_cache(
     loaded: LoadedModel, config: CacheConfig, shards: int = 1, runner_class: type[PagedRunner] = PagedRunner,
-    compile: bool = False, pack: bool = True,
+    compile: bool = False, pack: bool = True, calibrate: bool = False,
 ) -> tuple[BlockManager, PagedRunner]:
     """`shards` > 1: this rank's pool holds only its share of the KV heads (tensor parallelism);
     `compile`: the runner's forward goes through torch.compile; `pack`: its linears run on
-    oneDNN-packed weights (CPU)."""
+    oneDNN-packed weights (CPU); `calibrate` (with `compile`): the longest step the graphs take is
+    measured on this machine (`PagedRunner.calibrate`)."""
     num_blocks = plan_num_blocks(loaded, config, shards)
     pool = KVPool(loaded.model.config, num_blocks, config.block_size, loaded.dtype, loaded.device, shards)
     log.info("kv cache allocated", extra={"num_blocks": num_blocks, "block_size": config.block_size,
@@ -72,4 +73,10 @@ def build_paged_cache(
         started = time.perf_counter()
         runner.warm_up()
         log.info("forward compiled", extra={"graphs": runner.compiles, "seconds": round(time.perf_counter() - started, 1)})
+        if calibrate:
+            started = time.perf_counter()
+            timed = runner.calibrate()
+            log.info("graph step limit calibrated", extra={
+                "max_tokens": runner.compiled.max_tokens, "seconds": round(time.perf_counter() - started, 1),
+                "graph_vs_eager_ms": {tokens: [round(ms, 2) for ms in pair] for tokens, pair in timed.items()}})
     return BlockManager(num_blocks, config.block_size), runner

@@ -1,14 +1,16 @@
 """Compiled forward passes: `torch.compile` (inductor) of a model's forward as the paged runner
 calls it, with the settings each device wants, dynamic shapes and a count of the graphs built.
 
-CPU: graphs for steps of up to `GRAPH_TOKENS["cpu"]` tokens (a decode step, a verify of k + 1
-of one sequence, a few sequences' decode steps), compiled with freezing (weights become
-constants of the graph), q/k/v and gate/up concatenated, and inductor's C++ micro-GEMM templates
-for every linear (`max_autotune` with the CPP backend, the ATen choices dropped where a template
-applies). On so few rows a GEMM is bound by reading the weights, and the templates, fused with
-the norms and activations around them, stream them faster than oneDNN. Longer steps run eagerly
-on the oneDNN-packed linears (`packed_linear.py`), which win from about 6 rows on (README,
-forward cost). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per shape), for
+CPU: graphs for steps of up to `max_tokens` tokens (a decode step, a verify of k + 1 of one
+sequence, a few sequences' decode steps), compiled with freezing (weights become constants of
+the graph), q/k/v and gate/up concatenated, and inductor's C++ micro-GEMM templates for every
+linear (`max_autotune` with the CPP backend, the ATen choices dropped where a template applies).
+On few rows a GEMM is bound by reading the weights, and the templates, fused with the norms and
+activations around them, stream them faster than oneDNN. Longer steps run eagerly on the
+oneDNN-packed linears (`packed_linear.py`). Where the two cross is the CPU's: on an AVX-512 VM
+oneDNN won from about 6 rows on, on an AVX2 one the graphs still won at 32 (README, forward
+cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at start
+(`PagedRunner.calibrate`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per shape), for
 steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
 batch whose sizes are dynamic, so a new batch size or context length does not recompile; what
 does recompile (a new branch of the attention metadata) is counted in `compiles`.
@@ -22,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 
-GRAPH_TOKENS = {"cpu": 5}  # device type -> most tokens a compiled forward takes (absent: no limit)
+GRAPH_TOKENS = {"cpu": 5}  # device type -> most tokens a compiled forward takes before calibration (absent: no limit)
 RECOMPILE_LIMIT = 64  # a worker builds 2 graphs; a test process compiles many models (Dynamo's default: 8)
 
 

@@ -3,6 +3,8 @@ new tokens (prefill chunks, verification windows, draft steps) together."""
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,10 @@ from splitspec.paged.attention import PagedMetadata, use_paged_attention
 from splitspec.paged.compiled import CompiledForward
 from splitspec.paged.kv_pool import KVPool
 from splitspec.paged.packed_linear import can_pack, pack_linears
+
+CALIBRATION_STEPS = (8, 16, 32, 64, 128)  # one-token rows per step, timed compiled and eager by calibrate()
+CALIBRATION_REPEATS = 3
+CALIBRATION_CONTEXT = 128  # tokens each row attends to: the attention's cost differs between the two paths
 
 
 @dataclass(slots=True)
@@ -53,6 +59,47 @@ class PagedRunner:
             return
         self.forward([Chunk(token_ids=[0, 0], start=0, slots=[0, 0], block_table=[0], num_logits=2),
                       Chunk(token_ids=[0, 0, 0], start=0, slots=[0, 0, 0], block_table=[0], num_logits=1)])
+
+    def calibrate(self, repeats: int = CALIBRATION_REPEATS) -> dict[int, tuple[float, float]]:
+        """Where the graphs take steps of a limited size (CPU), raise the limit to the longest step
+        of CALIBRATION_STEPS up to which the graphs beat the eager forward on packed weights, timed
+        here on steps of that many one-token rows over CALIBRATION_CONTEXT tokens each: the crossover is the CPU's (an AVX-512 VM ran
+        eager faster from 6 rows on; an AVX2 one ran the graphs faster at 64 rows, 79.6 against
+        110.4 ms). Stops at the first step the graphs lose. Returns {tokens: (graph ms, eager ms)}
+        for the steps timed. Reads and writes block 0 only (every row's table repeats it), as
+        warm_up does."""
+        compiled = self.compiled
+        if compiled is None or compiled.max_tokens is None:
+            return {}
+        timed: dict[int, tuple[float, float]] = {}
+        limit = compiled.max_tokens
+        blocks = -(-CALIBRATION_CONTEXT // self.pool.block_size)
+        row = Chunk(token_ids=[0], start=CALIBRATION_CONTEXT - 1, slots=[0], block_table=[0] * blocks, num_logits=1)
+        for tokens in CALIBRATION_STEPS:
+            if tokens <= limit:
+                continue
+            step = [row] * tokens
+            timed[tokens] = (self._step_ms(step, tokens, repeats), self._step_ms(step, 0, repeats))
+            if timed[tokens][0] > timed[tokens][1]:
+                break
+            limit = tokens
+        compiled.max_tokens = limit
+        return timed
+
+    def _step_ms(self, step: list[Chunk], graph_tokens: int, repeats: int) -> float:
+        """Median ms of `step` (after one unmeasured call) with the graphs taking up to `graph_tokens`."""
+        compiled = self.compiled
+        kept, compiled.max_tokens = compiled.max_tokens, graph_tokens
+        try:
+            self.forward(step)
+            times = []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.forward(step)
+                times.append(1000 * (time.perf_counter() - started))
+        finally:
+            compiled.max_tokens = kept
+        return statistics.median(times)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write of whole blocks (src, dst) before they are written."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from splitspec.cli import build_parser
+from entrypoints.cli import build_parser
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes"
 

@@ -14,7 +14,7 @@ import torch
 
 from tests.support import free_port, launch_up
 
-SPLITSPEC = [sys.executable, "-m", "splitspec.cli"]
+SPLITSPEC = [sys.executable, "-m", "entrypoints.cli"]
 
 
 def run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -115,7 +115,7 @@ def test_up_starts_a_local_pool(tiny_dirs):
                                  "--targets", "2", "--drafts", "2", "--threads", "1")
     try:
         commands = [open(f"/proc/{pid}/cmdline").read().split("\0") for pid in process_tree(process.pid) if alive(pid)]
-        roles = [c[3] for c in commands if len(c) > 3 and c[1:3] == ["-m", "splitspec.cli"]]
+        roles = [c[3] for c in commands if len(c) > 3 and c[1:3] == ["-m", "entrypoints.cli"]]
         assert sorted(roles) == ["coordinator", "draft", "draft", "target", "target"]
         coordinator = next(c for c in commands if "coordinator" in c)
         assert coordinator.count("--target") == 2 and coordinator.count("--draft") == 2

@@ -40,7 +40,7 @@ TIMEOUT = 30.0
 def spawn_coordinator(target: str, draft: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     process = spawn_logged(
-        [sys.executable, "-m", "splitspec.cli", "coordinator", "--target", target, "--draft", draft, "--port",
+        [sys.executable, "-m", "entrypoints.cli", "coordinator", "--target", target, "--draft", draft, "--port",
          str(port), "--host", "127.0.0.1", "--log-level", "warning", "--max-k", "8"], "coordinator")
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(address) as channel:

@@ -72,7 +72,7 @@ def test_cli_search_on_the_real_target_writes_json_and_plot(tmp_path):
         prompts.write_text('{"prompt": "Once upon a time"}\n{"prompt": "Tom had a red ball"}\n')
     output = tmp_path / "best.json"
     done = subprocess.run(
-        [sys.executable, "-m", "splitspec.cli", "search-skip", "--model", str(root / "tinystories-260k"),
+        [sys.executable, "-m", "entrypoints.cli", "search-skip", "--model", str(root / "tinystories-260k"),
          "--prompts", str(prompts), "--trials", "6", "--num-prompts", "2", "--max-tokens", "24",
          "--output", str(output), "--plot", "--no-progress"],
         capture_output=True, text=True, timeout=240)
@@ -89,7 +89,7 @@ def test_cli_refuses_a_bad_max_skip_in_one_line(tiny_dirs, tmp_path):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "hi"}\n')
     done = subprocess.run(
-        [sys.executable, "-m", "splitspec.cli", "search-skip", "--model", str(tiny_dirs["target"]), "--prompts",
+        [sys.executable, "-m", "entrypoints.cli", "search-skip", "--model", str(tiny_dirs["target"]), "--prompts",
          str(prompts), "--max-skip", "2", "--no-progress"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

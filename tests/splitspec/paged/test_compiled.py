@@ -9,9 +9,10 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry
 
+from splitspec.paged.block_manager import BlockManager
 from splitspec.paged.cache import CacheConfig, build_paged_cache
 from splitspec.paged.compiled import GRAPH_TOKENS, export_compiles, prefer_cpp_templates
-from splitspec.paged.runner import Chunk
+from splitspec.paged.runner import CALIBRATION_STEPS, Chunk
 
 TOLERANCE = 1e-4
 
@@ -97,6 +98,46 @@ def test_cpu_compiles_short_steps_and_runs_longer_ones_eagerly(fresh):
     assert GRAPH_TOKENS["cpu"] == 5 and runner.compiled.max_tokens == 5
     assert runner.compiles == 2, runner.compiles
     assert graph_calls == [1, 5, 2], graph_calls  # the prefills (9, 14, 24, 7, 6 tokens) and the batch of 6: eager
+
+
+def test_calibration_raises_the_step_limit_to_the_last_step_the_graphs_win(fresh):
+    """On a real model: the limit ends at the longest step the graphs ran no slower than eager,
+    the steps are timed in order up to the first the graphs lose, no graph is added, and the
+    forward still gives the eager logits on steps the raised limit now sends to the graphs."""
+    batches = [[(3, 1)] * 12, [(0, 7), (9, 5)]]
+    (_, eager), (runner, _) = run_both(fresh("target"), batches)
+    timed = runner.calibrate(repeats=1)
+    steps = list(timed)
+    assert steps == [s for s in CALIBRATION_STEPS if s > GRAPH_TOKENS["cpu"]][: len(steps)] and steps
+    won = [tokens for tokens, (graph_ms, eager_ms) in timed.items() if graph_ms <= eager_ms]
+    assert won == steps[: len(won)], timed  # timing stops at the first loss
+    assert runner.compiled.max_tokens == (won[-1] if won else GRAPH_TOKENS["cpu"])
+    assert runner.compiles == 2, f"calibration compiled {runner.compiles - 2} more graphs"
+
+    blocks = BlockManager(256, 4)  # the batches again from empty blocks, each context prefilled anew
+    generator = torch.Generator().manual_seed(0)
+    graph_calls: list[int] = []
+    graphs = runner.compiled.function
+    runner.compiled.function = lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
+    again = []
+    for number, shapes in enumerate(batches):
+        prefills, chunks = chunks_of(blocks, generator, shapes, f"b{number}-")
+        if prefills:
+            runner.forward(prefills)
+        again.append(runner.forward(chunks))
+    worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, again) for a, b in zip(batch_e, batch_c))
+    assert worst <= TOLERANCE, f"after calibration the forward differs from eager by {worst}"
+    assert (12 in graph_calls) == (runner.compiled.max_tokens >= 12), (graph_calls, runner.compiled.max_tokens)
+
+
+def test_calibration_keeps_the_default_where_the_graphs_lose_and_stops_at_the_first_loss(fresh):
+    _, runner = build_paged_cache(fresh("target"), CacheConfig(num_blocks=64, block_size=4), compile=True)
+    scripted = {8: (2.0, 1.0)}  # tokens -> (graph ms, eager ms); graph_tokens 0 is the eager run
+    runner._step_ms = lambda step, graph_tokens, repeats: scripted[len(step)][0 if graph_tokens else 1]
+    assert runner.calibrate() == {8: (2.0, 1.0)} and runner.compiled.max_tokens == GRAPH_TOKENS["cpu"]
+    scripted.update({8: (1.0, 2.0), 16: (1.0, 1.0), 32: (3.0, 2.0), 64: (1.0, 2.0)})
+    assert list(runner.calibrate()) == [8, 16, 32] and runner.compiled.max_tokens == 16
+    assert runner.calibrate() == {32: (3.0, 2.0)} and runner.compiled.max_tokens == 16  # from the limit it has
 
 
 def test_eager_runner_compiles_nothing(tiny):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitspec.bench import BenchSettings, add_bounds, run_bench, table
+from entrypoints.bench import BenchSettings, add_bounds, run_bench, table
 from tests.support import start_stack
 
 

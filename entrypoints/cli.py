@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-log = logging.getLogger("splitspec.cli")
+log = logging.getLogger("entrypoints.cli")
 
 
 def _add_model_args(parser: argparse.ArgumentParser, default_port: int) -> None:
@@ -422,7 +422,7 @@ def _cores_flag(cores: list[int]) -> list[str]:
 
 
 def _up(args: argparse.Namespace) -> int:
-    python = [sys.executable, "-m", "splitspec.cli"]
+    python = [sys.executable, "-m", "entrypoints.cli"]
     common = ["--device", args.device, "--dtype", args.dtype, "--host", "127.0.0.1", "--log-level", args.log_level]
     if args.threads:
         common += ["--threads", str(args.threads)]
@@ -639,7 +639,7 @@ async def _stats(args: argparse.Namespace) -> int:
 async def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from splitspec.bench import BenchSettings, run_bench, table
+    from entrypoints.bench import BenchSettings, run_bench, table
 
     with open(args.prompts, encoding="utf-8") as handle:
         prompts = [json.loads(line) for line in handle if line.strip()]
