@@ -52,10 +52,17 @@ class PackedLinear(torch.nn.Module):
 
 def can_pack(model: Any) -> bool:
     """Whether `model`'s linears can run on packed weights: on the CPU, float32 or bfloat16, with
-    oneDNN in this torch build."""
+    oneDNN in this torch build, and for bfloat16 a CPU whose oneDNN has a bfloat16 path (AVX-512
+    BW/VL/DQ or AVX-NE-CONVERT: on an AVX2-only CPU the reorder raises, and the linears stay plain)."""
     parameter = next(model.parameters())
     return (parameter.device.type == "cpu" and parameter.dtype in PACKED_DTYPES
-            and torch.backends.mkldnn.is_available())
+            and torch.backends.mkldnn.is_available()
+            and (parameter.dtype != torch.bfloat16 or bfloat16_packs()))
+
+
+def bfloat16_packs() -> bool:
+    """Whether this CPU's oneDNN packs bfloat16 weights."""
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def pack_linears(model: torch.nn.Module, keep_dense: bool = False) -> int:

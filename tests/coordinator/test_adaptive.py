@@ -20,8 +20,8 @@ def costs(rounds: dict[int, float], sequences: int = 1) -> CostModel:
 
 
 def rounds(target_alone: float, base: float, per_token: float) -> dict[int, float]:
-    """Round seconds for k = 0 and, on a line, for every other EXPLORE length."""
-    return {k: target_alone if k == 0 else base + per_token * k for k in EXPLORE}
+    """Round seconds for k = 0 and, on a line, for k = 1 .. 4."""
+    return {k: target_alone if k == 0 else base + per_token * k for k in range(5)}
 
 
 def drive(model: CostModel, estimate: AcceptanceEstimate, seconds: dict[int, float], rounds: int,
@@ -61,7 +61,7 @@ def test_cheap_rounds_and_high_acceptance_climb_to_a_long_proposal():
 
 def test_a_line_read_past_its_points_is_not_trusted():
     """T(2) = T(4) within noise: the line is flat, but k = 10 is not chosen off it."""
-    model = costs({0: 0.030, 2: 0.069, 4: 0.069})
+    model = costs({0: 0.030, 1: 0.069, 2: 0.069, 4: 0.069})
     assert choose_k(sure(0.7), model, 1, 16) == 5
     assert model.round_seconds(1, 3) == pytest.approx(0.069)
 
@@ -100,12 +100,19 @@ def test_unmeasured_lengths_are_read_off_the_line_through_measured_ones():
 
 
 def test_exploration_measures_each_listed_length_before_choosing():
+    """The shortest proposal and the target alone are measured first; a longer proposal only once
+    the one before it has won (one past the longest measured), so a batch where speculation
+    loses never pays for a long one."""
+    assert EXPLORE == (1, 0)
     model, window = CostModel(), MEASURE_ROUNDS
     chosen = drive(model, sure(0.9), {k: 0.030 + 0.001 * k for k in range(9)}, len(EXPLORE) * window)
     assert chosen == [k for k in EXPLORE for _ in range(window)]
     assert set(model.buckets[1].seconds) == set(EXPLORE)
-    assert choose_k(sure(0.9), model, 1, 8) == 5  # then goodput decides, one past the longest measured
-    assert choose_k(sure(0.9), model, 1, 3) == 3  # capped at max_k
+    assert choose_k(sure(0.9), model, 1, 8) == 2  # then goodput decides, one past the longest measured
+    assert choose_k(sure(0.9), model, 1, 1) == 1  # capped at max_k
+    dear = CostModel()
+    drive(dear, sure(0.9), {0: 0.010, 1: 0.040}, len(EXPLORE) * window + 3 * DECIDE_ROUNDS)
+    assert set(dear.buckets[1].seconds) == {0, 1}  # k = 1 lost to the target alone: nothing longer was tried
 
 
 def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
@@ -129,9 +136,8 @@ def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
 
 def test_the_choice_is_made_again_by_goodput():
     """Measured, k = 4 is fastest; then acceptance drops and, at the next decision, k = 0 wins."""
-    model = CostModel()
     seconds = rounds(0.030, 0.030, 0.001)
-    drive(model, sure(0.9), seconds, len(EXPLORE) * MEASURE_ROUNDS)
+    model = costs(seconds)
     assert drive(model, sure(0.9), seconds, DECIDE_ROUNDS, max_k=4) == [4] * DECIDE_ROUNDS
     assert drive(model, sure(0.01), seconds, 1, max_k=4) == [0]
 
@@ -143,9 +149,9 @@ def test_a_length_unseen_for_long_is_measured_again():
     seconds = {0: 0.030, 2: 0.031, 4: 0.032}
     chosen = drive(model, sure(0.9), seconds, int(REFRESH_SECONDS / 0.032) + DECIDE_ROUNDS + 2 * window,
                    max_k=4, clock=0.0)
-    refreshed = chosen.index(2)  # k = 4 ran alone until the others went stale
+    refreshed = chosen.index(EXPLORE[0])  # k = 4 ran alone until the explored lengths went stale
     assert set(chosen[:refreshed]) == {4} and refreshed * 0.032 >= REFRESH_SECONDS
-    assert chosen[refreshed:refreshed + 2 * window] == [k for k in (2, 0) for _ in range(window)]
+    assert chosen[refreshed:refreshed + 2 * window] == [k for k in EXPLORE for _ in range(window)]
     assert not any(model.stale(1, k, refreshed * 0.032 + 2 * window * 0.031) for k in EXPLORE)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from splitspec.models import load_model
-from splitspec.paged.packed_linear import PackedLinear, can_pack, pack_linears
+from splitspec.paged.packed_linear import PackedLinear, bfloat16_packs, can_pack, pack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
 
@@ -24,6 +24,8 @@ def test_packed_linear_matches_nn_linear(shape, bias):
     assert (got - expected).abs().max().item() <= 1e-5
 
 
+@pytest.mark.skipif(not bfloat16_packs(), reason="this CPU's oneDNN has no bfloat16 path (AVX-512 BW/VL/DQ or "
+                                                 "AVX-NE-CONVERT); test_bfloat16_stays_plain_where_it_cannot_pack covers it")
 def test_packed_linear_in_bfloat16():
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 32).to(torch.bfloat16)
@@ -31,6 +33,18 @@ def test_packed_linear_in_bfloat16():
     with torch.inference_mode():
         expected, got = linear(x).float(), PackedLinear(linear)(x).float()
     assert got.dtype == torch.float32 and (got - expected).abs().max().item() <= 0.05 * expected.abs().max().item()
+
+
+def test_bfloat16_stays_plain_where_it_cannot_pack(tiny_dirs, monkeypatch):
+    """On a CPU without oneDNN's bfloat16 path a bfloat16 model is not packed (the reorder would
+    raise and stop the worker); float32 packs still."""
+    import splitspec.paged.packed_linear as packed_linear
+
+    monkeypatch.setattr(packed_linear, "bfloat16_packs", lambda: False)
+    assert not can_pack(load_model(str(tiny_dirs["target"]), device="cpu", dtype="bfloat16").model)
+    assert can_pack(load_model(str(tiny_dirs["target"]), device="cpu", dtype="float32").model)
+    monkeypatch.setattr(packed_linear, "bfloat16_packs", lambda: True)
+    assert can_pack(load_model(str(tiny_dirs["target"]), device="cpu", dtype="bfloat16").model)
 
 
 def test_pack_linears_replaces_plain_linears_and_keeps_the_logits(tiny_dirs):
