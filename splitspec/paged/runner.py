@@ -63,18 +63,21 @@ class PagedRunner:
     def calibrate(self, repeats: int = CALIBRATION_REPEATS) -> dict[int, tuple[float, float]]:
         """Where the graphs take steps of a limited size (CPU), raise the limit to the longest step
         of CALIBRATION_STEPS up to which the graphs beat the eager forward on packed weights, timed
-        here on steps of that many one-token rows over CALIBRATION_CONTEXT tokens each: the crossover is the CPU's (an AVX-512 VM ran
-        eager faster from 6 rows on; an AVX2 one ran the graphs faster at 64 rows, 79.6 against
-        110.4 ms). Stops at the first step the graphs lose. Returns {tokens: (graph ms, eager ms)}
-        for the steps timed. Reads and writes block 0 only (every row's table repeats it), as
-        warm_up does."""
+        here on steps of that many one-token rows over CALIBRATION_CONTEXT tokens each (fewer
+        where the model has fewer positions). The crossover is the CPU's: an AVX-512 VM ran eager
+        faster from 6 rows on, an AVX2 one ran the graphs faster at 32 rows (79.6 against 110.4
+        ms). Stops at the first step the graphs lose. Returns {tokens: (graph ms, eager ms)} for
+        the steps timed. Reads and writes block 0 only (every row's table repeats it), as warm_up
+        does."""
         compiled = self.compiled
         if compiled is None or compiled.max_tokens is None:
             return {}
         timed: dict[int, tuple[float, float]] = {}
         limit = compiled.max_tokens
-        blocks = -(-CALIBRATION_CONTEXT // self.pool.block_size)
-        row = Chunk(token_ids=[0], start=CALIBRATION_CONTEXT - 1, slots=[0], block_table=[0] * blocks, num_logits=1)
+        context = min(CALIBRATION_CONTEXT, getattr(self.model.config, "max_position_embeddings", None) or
+                      CALIBRATION_CONTEXT)
+        blocks = -(-context // self.pool.block_size)
+        row = Chunk(token_ids=[0], start=context - 1, slots=[0], block_table=[0] * blocks, num_logits=1)
         for tokens in CALIBRATION_STEPS:
             if tokens <= limit:
                 continue

@@ -35,6 +35,24 @@ def chunks_of(blocks, generator, shapes: list[tuple[int, int]], tag: str) -> tup
 BATCH_GRAPH_TOKENS = 64  # the limit the batch-graph test sets (on the CPU the graphs take 5 tokens)
 
 
+def count_graph_calls(runner, graph_calls: list[int]) -> None:
+    """From now on, the token count of each forward that reaches `runner`'s graphs goes to `graph_calls`."""
+    graphs = runner.compiled.function
+    runner.compiled.function = lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
+
+
+def run_batches(runner, blocks, batches: list[list[tuple[int, int]]]) -> list[list[torch.Tensor]]:
+    """Each batch's logits, its contexts prefilled first by the same runner (same tokens every call)."""
+    generator = torch.Generator().manual_seed(0)
+    outputs = []
+    for number, shapes in enumerate(batches):
+        prefills, chunks = chunks_of(blocks, generator, shapes, f"b{number}-")
+        if prefills:
+            runner.forward(prefills)
+        outputs.append(runner.forward(chunks))
+    return outputs
+
+
 def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int] | None = None,
              graph_tokens: int | None = None):
     """Each batch of (context, new) shapes through an eager runner on the model's own linears and
@@ -48,16 +66,8 @@ def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int
         if compile and graph_tokens is not None:
             runner.compiled.max_tokens = graph_tokens
         if compile and graph_calls is not None:
-            graphs = runner.compiled.function
-            runner.compiled.function = lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
-        generator = torch.Generator().manual_seed(0)
-        outputs = []
-        for number, shapes in enumerate(batches):
-            prefills, chunks = chunks_of(blocks, generator, shapes, f"b{number}-")
-            if prefills:
-                runner.forward(prefills)
-            outputs.append(runner.forward(chunks))
-        runs.append((runner, outputs))
+            count_graph_calls(runner, graph_calls)
+        runs.append((runner, run_batches(runner, blocks, batches)))
     return runs
 
 
@@ -114,17 +124,9 @@ def test_calibration_raises_the_step_limit_to_the_last_step_the_graphs_win(fresh
     assert runner.compiled.max_tokens == (won[-1] if won else GRAPH_TOKENS["cpu"])
     assert runner.compiles == 2, f"calibration compiled {runner.compiles - 2} more graphs"
 
-    blocks = BlockManager(256, 4)  # the batches again from empty blocks, each context prefilled anew
-    generator = torch.Generator().manual_seed(0)
     graph_calls: list[int] = []
-    graphs = runner.compiled.function
-    runner.compiled.function = lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
-    again = []
-    for number, shapes in enumerate(batches):
-        prefills, chunks = chunks_of(blocks, generator, shapes, f"b{number}-")
-        if prefills:
-            runner.forward(prefills)
-        again.append(runner.forward(chunks))
+    count_graph_calls(runner, graph_calls)
+    again = run_batches(runner, BlockManager(256, 4), batches)  # from empty blocks, each context prefilled anew
     worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, again) for a, b in zip(batch_e, batch_c))
     assert worst <= TOLERANCE, f"after calibration the forward differs from eager by {worst}"
     assert (12 in graph_calls) == (runner.compiled.max_tokens >= 12), (graph_calls, runner.compiled.max_tokens)
@@ -138,6 +140,23 @@ def test_calibration_keeps_the_default_where_the_graphs_lose_and_stops_at_the_fi
     scripted.update({8: (1.0, 2.0), 16: (1.0, 1.0), 32: (3.0, 2.0), 64: (1.0, 2.0)})
     assert list(runner.calibrate()) == [8, 16, 32] and runner.compiled.max_tokens == 16
     assert runner.calibrate() == {32: (3.0, 2.0)} and runner.compiled.max_tokens == 16  # from the limit it has
+
+
+def test_calibration_stays_within_the_model_positions(fresh):
+    """A draft with 40 positions is calibrated on steps that attend to at most 40 tokens (a model
+    with learned position embeddings has no row past them)."""
+    from splitspec.paged.kv_pool import KVPool
+    from splitspec.paged.runner import PagedRunner
+
+    loaded = fresh("draft_short")
+    positions = loaded.model.config.max_position_embeddings
+    assert positions < 128
+    runner = PagedRunner(loaded.model, KVPool(loaded.model.config, 16, 4, loaded.dtype, loaded.device), compile=True)
+    steps: list[list[Chunk]] = []
+    runner.forward = lambda chunks: steps.append(chunks) or []
+    runner.calibrate(repeats=1)
+    assert steps and all(chunk.start + len(chunk.token_ids) <= positions for step in steps for chunk in step)
+    assert all(len(chunk.block_table) * 4 >= chunk.start + 1 for step in steps for chunk in step)
 
 
 def test_eager_runner_compiles_nothing(tiny):
