@@ -10,8 +10,8 @@ activations around them, stream them faster than oneDNN. Longer steps run eagerl
 oneDNN-packed linears (`packed_linear.py`). Where the two cross is the CPU's: on an AVX-512 VM
 oneDNN won from about 6 rows on, on an AVX2 one the graphs still won at 32 (README, forward
 cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at start
-(`PagedRunner.calibrate`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per shape), for
-steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
+(`PagedRunner.calibrate`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per
+shape), for steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
 batch whose sizes are dynamic, so a new batch size or context length does not recompile; what
 does recompile (a new branch of the attention metadata) is counted in `compiles`.
 """
