@@ -56,6 +56,7 @@ SAMPLES = 64            # rounds per sequence of the bucket that a round time is
 TRIM = 0.1              # the share of rounds dropped at each end before averaging
 SPECULATION_MARGIN = 0.05  # the goodput a proposal must gain over the target alone: less is within noise
 AUTONOMOUS_CHUNK = 8    # target-only rounds the target runs by itself when k = 0 wins, before k is chosen again
+EXTEND_AHEAD = 2        # ... chosen again this many rounds before the chunk ends: k = 0 again extends it in time
 
 
 def batch_bucket(sequences: int) -> int:

@@ -82,6 +82,12 @@ class VerifySession:
                               next=verify_request("", proposal, num_tokens + accepted + 1))
         await self._write(plan)
 
+    async def extend(self, num_tokens: int, rounds: int) -> None:
+        """Plan for the target-only round in flight (sent with `num_tokens`): after its verdict, go
+        on by yourself for `rounds` more rounds."""
+        await self._write(target_pb2.VerifyRequest(seq_id=self.seq_id, num_tokens=num_tokens,
+                                                   autonomous_rounds=rounds, extends_autonomy=True))
+
     async def _within(self, timeout: float, answer: Any) -> target_pb2.VerifyResponse:
         try:
             async with asyncio.timeout(timeout):  # no wrapper task: the write goes out in this step

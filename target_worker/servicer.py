@@ -6,6 +6,8 @@ once, before the verdict is written back, so a round whose draft guessed right c
 round trip between verdict and next verify. A target-only round may carry a budget of
 autonomous rounds: the target then decodes that sequence by itself, one chained round after
 another, so every sequence decoding this way is in each step's batch (no round trip splits it).
+A plan with `extends_autonomy` raises that budget before it runs out, so a sequence that goes on
+decoding target-only never waits a round trip between two chunks.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
     async def Verify(self, request: target_pb2.VerifyRequest, context: grpc.aio.ServicerContext) -> target_pb2.VerifyResponse:
         if request.branches:
             raise InvalidArgument("branches", "a plan of branches is only accepted on VerifyStream")
+        if request.extends_autonomy:
+            raise InvalidArgument("extends_autonomy", "a plan is only accepted on VerifyStream")
         if request.autonomous_rounds:
             raise InvalidArgument("autonomous_rounds", "autonomous rounds are only run on VerifyStream")
         return await self._finish_verify(self._start_verify(request))
@@ -102,9 +106,10 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                 else:
                     verifying, chained = chained, None
                 response = await self._finish_verify(verifying)
-                following, how = _matching_branch(verifying.request, response, plans), "plan"
+                plan = _take_plan(verifying.request, plans)
+                following, how = _matching_branch(verifying.request, response, plan), "plan"
                 if following is None and rounds.empty():  # no request waits: an autonomous round may go on
-                    following, how = _autonomous_round(verifying.request, response), "autonomous"
+                    following, how = _autonomous_round(verifying.request, response, plan), "autonomous"
                 if following is not None:  # the next round starts before this verdict is written back
                     chained = self._start_verify(following)
                     response.chained = True
@@ -171,7 +176,7 @@ async def _read_stream(request_iterator: AsyncIterator[target_pb2.VerifyRequest]
     """Rounds go to the queue in order; plans are filed under the round they are for."""
     try:
         async for request in request_iterator:
-            if request.branches:
+            if request.branches or request.extends_autonomy:
                 plans[request.num_tokens] = request
             else:
                 rounds.put_nowait(request)
@@ -179,22 +184,34 @@ async def _read_stream(request_iterator: AsyncIterator[target_pb2.VerifyRequest]
         rounds.put_nowait(None)
 
 
-def _autonomous_round(request: target_pb2.VerifyRequest,
-                      response: target_pb2.VerifyResponse) -> target_pb2.VerifyRequest | None:
-    """The next target-only round of a sequence decoding by itself, while its budget lasts."""
-    if request.autonomous_rounds < 1 or response.preempted:
-        return None
-    return target_pb2.VerifyRequest(seq_id=request.seq_id, num_tokens=response.num_tokens,
-                                    autonomous_rounds=request.autonomous_rounds - 1)
-
-
-def _matching_branch(request: target_pb2.VerifyRequest, response: target_pb2.VerifyResponse,
-                     plans: dict[int, target_pb2.VerifyRequest]) -> target_pb2.VerifyRequest | None:
-    """The next round's request if this round's plan has a branch for its verdict. Plans for this
-    round and earlier ones are used up either way."""
+def _take_plan(request: target_pb2.VerifyRequest,
+               plans: dict[int, target_pb2.VerifyRequest]) -> target_pb2.VerifyRequest | None:
+    """This round's plan, if one came. Plans for this round and earlier ones are used up either way."""
     plan = plans.pop(request.num_tokens, None) if request.num_tokens else None
     for stale in [n for n in plans if n < request.num_tokens]:
         del plans[stale]
+    return plan
+
+
+def _autonomous_round(request: target_pb2.VerifyRequest, response: target_pb2.VerifyResponse,
+                      plan: target_pb2.VerifyRequest | None) -> target_pb2.VerifyRequest | None:
+    """The next target-only round of a sequence decoding by itself, while its budget (raised by
+    an `extends_autonomy` plan) lasts."""
+    budget = request.autonomous_rounds
+    if plan is not None and plan.extends_autonomy:
+        if request.draft_token_ids or plan.draft_token_ids or plan.branches:
+            raise InvalidArgument("extends_autonomy", "only a target-only round goes on by itself, "
+                                  "and the plan that extends it carries no proposal or branches")
+        budget = max(budget, plan.autonomous_rounds)
+    if budget < 1 or response.preempted:
+        return None
+    return target_pb2.VerifyRequest(seq_id=request.seq_id, num_tokens=response.num_tokens,
+                                    autonomous_rounds=budget - 1)
+
+
+def _matching_branch(request: target_pb2.VerifyRequest, response: target_pb2.VerifyResponse,
+                     plan: target_pb2.VerifyRequest | None) -> target_pb2.VerifyRequest | None:
+    """The next round's request if this round's plan has a branch for its verdict."""
     held = matching_branch(plan.branches, response) if plan is not None and not response.preempted else None
     if held is None:
         return None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitspec.v1 import common_pb2 as splitspec_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitspec/v1/target.proto\x12\x0csplitspec.v1\x1a\x19splitspec/v1/common.proto\"\xe2\x01\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitspec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x1b\n\x13num_lookahead_slots\x18\x05 \x01(\x05\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12 \n\x13num_prompt_logprobs\x18\x07 \x01(\x05H\x00\x88\x01\x01\x42\x16\n\x14_num_prompt_logprobs\"\xb7\x01\n\x0fPrefillResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12-\n\x08logprobs\x18\x04 \x01(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\x12\x34\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\"\xf7\x01\n\rVerifyRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64raft_token_ids\x18\x02 \x03(\x05\x12)\n\x0b\x64raft_probs\x18\x03 \x01(\x0b\x32\x14.splitspec.v1.Tensor\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x35\n\x12\x64raft_sparse_probs\x18\x05 \x01(\x0b\x32\x19.splitspec.v1.SparseProbs\x12,\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x1a.splitspec.v1.VerifyBranch\x12\x19\n\x11\x61utonomous_rounds\x18\x07 \x01(\x05\"a\n\x0cVerifyBranch\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12)\n\x04next\x18\x03 \x01(\x0b\x32\x1b.splitspec.v1.VerifyRequest\"\xe1\x01\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x10\n\x08is_bonus\x18\x03 \x01(\x08\x12\x18\n\x10\x61\x63\x63\x65ptance_probs\x18\x04 \x03(\x02\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\tpreempted\x18\x06 \x01(\x08\x12\x14\n\x0cstep_seconds\x18\x07 \x01(\x02\x12\x0f\n\x07\x63hained\x18\x08 \x01(\x08\x12-\n\x08logprobs\x18\t \x03(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xbe\x03\n\x0cTargetWorker\x12\x46\n\x07Prefill\x12\x1c.splitspec.v1.PrefillRequest\x1a\x1d.splitspec.v1.PrefillResponse\x12\x43\n\x06Verify\x12\x1b.splitspec.v1.VerifyRequest\x1a\x1c.splitspec.v1.VerifyResponse\x12M\n\x0cVerifyStream\x12\x1b.splitspec.v1.VerifyRequest\x1a\x1c.splitspec.v1.VerifyResponse(\x01\x30\x01\x12\x46\n\x07Release\x12\x1c.splitspec.v1.ReleaseRequest\x1a\x1d.splitspec.v1.ReleaseResponse\x12G\n\x0cGetModelInfo\x12\x1e.splitspec.v1.ModelInfoRequest\x1a\x17.splitspec.v1.ModelInfo\x12\x41\n\x08GetStats\x12\x1a.splitspec.v1.StatsRequest\x1a\x19.splitspec.v1.WorkerStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19splitspec/v1/target.proto\x12\x0csplitspec.v1\x1a\x19splitspec/v1/common.proto\"\xe2\x01\n\x0ePrefillRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12.\n\x08sampling\x18\x03 \x01(\x0b\x32\x1c.splitspec.v1.SamplingParams\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x1b\n\x13num_lookahead_slots\x18\x05 \x01(\x05\x12\x0e\n\x06resume\x18\x06 \x01(\x08\x12 \n\x13num_prompt_logprobs\x18\x07 \x01(\x05H\x00\x88\x01\x01\x42\x16\n\x14_num_prompt_logprobs\"\xb7\x01\n\x0fPrefillResponse\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x12\n\nnum_tokens\x18\x02 \x01(\x05\x12\x19\n\x11num_cached_tokens\x18\x03 \x01(\x05\x12-\n\x08logprobs\x18\x04 \x01(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\x12\x34\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\"\x91\x02\n\rVerifyRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\x12\x17\n\x0f\x64raft_token_ids\x18\x02 \x03(\x05\x12)\n\x0b\x64raft_probs\x18\x03 \x01(\x0b\x32\x14.splitspec.v1.Tensor\x12\x12\n\nnum_tokens\x18\x04 \x01(\x05\x12\x35\n\x12\x64raft_sparse_probs\x18\x05 \x01(\x0b\x32\x19.splitspec.v1.SparseProbs\x12,\n\x08\x62ranches\x18\x06 \x03(\x0b\x32\x1a.splitspec.v1.VerifyBranch\x12\x19\n\x11\x61utonomous_rounds\x18\x07 \x01(\x05\x12\x18\n\x10\x65xtends_autonomy\x18\x08 \x01(\x08\"a\n\x0cVerifyBranch\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12)\n\x04next\x18\x03 \x01(\x0b\x32\x1b.splitspec.v1.VerifyRequest\"\xe1\x01\n\x0eVerifyResponse\x12\x14\n\x0cnum_accepted\x18\x01 \x01(\x05\x12\x10\n\x08token_id\x18\x02 \x01(\x05\x12\x10\n\x08is_bonus\x18\x03 \x01(\x08\x12\x18\n\x10\x61\x63\x63\x65ptance_probs\x18\x04 \x03(\x02\x12\x12\n\nnum_tokens\x18\x05 \x01(\x05\x12\x11\n\tpreempted\x18\x06 \x01(\x08\x12\x14\n\x0cstep_seconds\x18\x07 \x01(\x02\x12\x0f\n\x07\x63hained\x18\x08 \x01(\x08\x12-\n\x08logprobs\x18\t \x03(\x0b\x32\x1b.splitspec.v1.TokenLogprobs\" \n\x0eReleaseRequest\x12\x0e\n\x06seq_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\x32\xbe\x03\n\x0cTargetWorker\x12\x46\n\x07Prefill\x12\x1c.splitspec.v1.PrefillRequest\x1a\x1d.splitspec.v1.PrefillResponse\x12\x43\n\x06Verify\x12\x1b.splitspec.v1.VerifyRequest\x1a\x1c.splitspec.v1.VerifyResponse\x12M\n\x0cVerifyStream\x12\x1b.splitspec.v1.VerifyRequest\x1a\x1c.splitspec.v1.VerifyResponse(\x01\x30\x01\x12\x46\n\x07Release\x12\x1c.splitspec.v1.ReleaseRequest\x1a\x1d.splitspec.v1.ReleaseResponse\x12G\n\x0cGetModelInfo\x12\x1e.splitspec.v1.ModelInfoRequest\x1a\x17.splitspec.v1.ModelInfo\x12\x41\n\x08GetStats\x12\x1a.splitspec.v1.StatsRequest\x1a\x19.splitspec.v1.WorkerStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,15 +37,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_start=300
   _globals['_PREFILLRESPONSE']._serialized_end=483
   _globals['_VERIFYREQUEST']._serialized_start=486
-  _globals['_VERIFYREQUEST']._serialized_end=733
-  _globals['_VERIFYBRANCH']._serialized_start=735
-  _globals['_VERIFYBRANCH']._serialized_end=832
-  _globals['_VERIFYRESPONSE']._serialized_start=835
-  _globals['_VERIFYRESPONSE']._serialized_end=1060
-  _globals['_RELEASEREQUEST']._serialized_start=1062
-  _globals['_RELEASEREQUEST']._serialized_end=1094
-  _globals['_RELEASERESPONSE']._serialized_start=1096
-  _globals['_RELEASERESPONSE']._serialized_end=1131
-  _globals['_TARGETWORKER']._serialized_start=1134
-  _globals['_TARGETWORKER']._serialized_end=1580
+  _globals['_VERIFYREQUEST']._serialized_end=759
+  _globals['_VERIFYBRANCH']._serialized_start=761
+  _globals['_VERIFYBRANCH']._serialized_end=858
+  _globals['_VERIFYRESPONSE']._serialized_start=861
+  _globals['_VERIFYRESPONSE']._serialized_end=1086
+  _globals['_RELEASEREQUEST']._serialized_start=1088
+  _globals['_RELEASEREQUEST']._serialized_end=1120
+  _globals['_RELEASERESPONSE']._serialized_start=1122
+  _globals['_RELEASERESPONSE']._serialized_end=1157
+  _globals['_TARGETWORKER']._serialized_start=1160
+  _globals['_TARGETWORKER']._serialized_end=1606
 # @@protoc_insertion_point(module_scope)

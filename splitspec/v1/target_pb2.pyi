@@ -40,7 +40,7 @@ class PrefillResponse(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., num_tokens: _Optional[int] = ..., num_cached_tokens: _Optional[int] = ..., logprobs: _Optional[_Union[_common_pb2.TokenLogprobs, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[_common_pb2.TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens", "draft_sparse_probs", "branches", "autonomous_rounds")
+    __slots__ = ("seq_id", "draft_token_ids", "draft_probs", "num_tokens", "draft_sparse_probs", "branches", "autonomous_rounds", "extends_autonomy")
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class VerifyRequest(_message.Message):
     DRAFT_SPARSE_PROBS_FIELD_NUMBER: _ClassVar[int]
     BRANCHES_FIELD_NUMBER: _ClassVar[int]
     AUTONOMOUS_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    EXTENDS_AUTONOMY_FIELD_NUMBER: _ClassVar[int]
     seq_id: str
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
     draft_probs: _common_pb2.Tensor
@@ -55,7 +56,8 @@ class VerifyRequest(_message.Message):
     draft_sparse_probs: _common_pb2.SparseProbs
     branches: _containers.RepeatedCompositeFieldContainer[VerifyBranch]
     autonomous_rounds: int
-    def __init__(self, seq_id: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., draft_sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ..., branches: _Optional[_Iterable[_Union[VerifyBranch, _Mapping]]] = ..., autonomous_rounds: _Optional[int] = ...) -> None: ...
+    extends_autonomy: bool
+    def __init__(self, seq_id: _Optional[str] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., num_tokens: _Optional[int] = ..., draft_sparse_probs: _Optional[_Union[_common_pb2.SparseProbs, _Mapping]] = ..., branches: _Optional[_Iterable[_Union[VerifyBranch, _Mapping]]] = ..., autonomous_rounds: _Optional[int] = ..., extends_autonomy: _Optional[bool] = ...) -> None: ...
 
 class VerifyBranch(_message.Message):
     __slots__ = ("num_accepted", "token_id", "next")

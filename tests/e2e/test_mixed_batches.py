@@ -83,8 +83,9 @@ async def test_auto_k_decodes_autonomous_chunks_when_the_target_alone_is_fastest
         for prompt, result in zip(texts, results):
             assert result["token_ids"] == reference(target, target.tokenizer(prompt).input_ids, MAX_TOKENS, False)
             assert result["last"].spec.rounds == 0  # no proposal was worth its round
-        # each request: one round sent per chunk, the chunk's rounds chained on the target
-        sent_per_request = -(-(MAX_TOKENS - 1) // (AUTONOMOUS_CHUNK + 1))
-        assert chained(stack, "autonomous") == len(texts) * (MAX_TOKENS - 1 - sent_per_request)
+        # each request sends its first round; the chunks after it are extensions planned while the
+        # chunk before them ran, chained on the target (one that arrived late: a round sent instead)
+        sent_per_chunk = -(-(MAX_TOKENS - 1) // (AUTONOMOUS_CHUNK + 1))
+        assert len(texts) * (MAX_TOKENS - 1 - sent_per_chunk) < chained(stack, "autonomous") <= len(texts) * (MAX_TOKENS - 2)
     finally:
         await stack.stop()

@@ -1,7 +1,8 @@
 """The target's VerifyStream plans, against a real target server on the tiny model: a verdict that
 matches a planned branch starts that branch's round on the target at once; any other plan is
 ignored; a malformed plan is refused with INVALID_ARGUMENT naming its field. A target-only round
-with autonomous rounds goes on by itself, giving the tokens that rounds sent one by one give."""
+with autonomous rounds goes on by itself, giving the tokens that rounds sent one by one give, and a
+plan that extends its budget in time makes it go on further."""
 
 from __future__ import annotations
 
@@ -148,6 +149,45 @@ async def test_a_request_on_the_stream_ends_autonomous_rounds(stub):
     last = await call.read()  # the request's own verdict
     assert not last.chained and last.num_tokens > answers[-1].num_tokens
     call.cancel()
+
+
+def extension(seq_id: str, num_tokens: int, rounds: int) -> target_pb2.VerifyRequest:
+    return target_pb2.VerifyRequest(seq_id=seq_id, num_tokens=num_tokens, autonomous_rounds=rounds,
+                                    extends_autonomy=True)
+
+
+async def test_an_extension_plan_raises_the_autonomous_budget_of_its_round(stub):
+    sent = await sent_rounds(stub, "sent", [[]] * 6)
+    call = stub.VerifyStream()
+    num_tokens = await prefill(stub, "extended")
+    await call.write(extension("extended", num_tokens + 1, 3))  # for the second round: three more after it
+    await call.write(extension("extended", num_tokens - 1, 20))  # for a round long past: ignored
+    request = verify("extended", [], num_tokens)
+    request.autonomous_rounds = 1
+    await call.write(request)
+    answers = [await call.read() for _ in range(5)]  # 1 + 1 sent, 3 from the plan
+    assert [a.chained for a in answers] == [True, True, True, True, False]
+    assert [verdict(a) for a in answers] == [verdict(r) for r in sent[:5]]
+    await call.write(verify("extended", [], answers[-1].num_tokens))  # nothing went on behind the caller's back
+    assert verdict(await call.read()) == verdict(sent[5])
+    call.cancel()
+
+
+async def test_malformed_extension_plans_name_their_field(stub):
+    num_tokens = await prefill(stub, "bad")
+    with pytest.raises(grpc.aio.AioRpcError) as unary:
+        await stub.Verify(extension("bad", num_tokens, 3))
+    assert unary.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unary.value.details().startswith("extends_autonomy:")
+    call = stub.VerifyStream()
+    bad = extension("bad", num_tokens, 3)
+    bad.draft_token_ids.append(1)
+    await call.write(bad)
+    await call.write(verify("bad", [], num_tokens))
+    with pytest.raises(grpc.aio.AioRpcError) as streamed:
+        await call.read()
+    assert streamed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert streamed.value.details().startswith("extends_autonomy:")
 
 
 @pytest.mark.parametrize("draft,rounds,message", [([], -1, "must be >= 0"), ([1, 2], 3, "only a target-only round")])
