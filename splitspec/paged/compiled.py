@@ -8,8 +8,9 @@ linear (`max_autotune` with the CPP backend, the ATen choices dropped where a te
 On few rows a GEMM is bound by reading the weights, and the templates, fused with the norms and
 activations around them, stream them faster than oneDNN. Longer steps run eagerly on the
 oneDNN-packed linears (`packed_linear.py`). Where the two cross is the CPU's: on an AVX-512 VM
-oneDNN won from about 6 rows on, on an AVX2 one the graphs still won at 32 (README, forward
-cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at start
+oneDNN won from about 6 rows on until the micro-GEMMs were held to 6-row register blocks
+(`prefer_short_register_blocks`), the graphs then won up to 32; on an AVX2 one the graphs won at
+32 (README, forward cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at start
 (`PagedRunner.calibrate`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per
 shape), for steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
 batch whose sizes are dynamic, so a new batch size or context length does not recompile; what
@@ -18,6 +19,7 @@ does recompile (a new branch of the attention metadata) is counted in `compiles`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -47,7 +49,54 @@ def inductor_patches(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         return {"triton.cudagraphs": True}
     return {"freezing": True, "cpp.weight_prepack": True, "cpp.enable_concat_linear": True,
-            "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+            "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+            "post_grad_custom_post_pass": _source_key()}
+
+
+SHORT_REGISTER_BLOCK = (6, 32, 1)  # rows x columns x k of inductor's float32 AVX-512 micro-GEMM
+
+
+def prefer_short_register_blocks() -> None:
+    """Inductor's float32 AVX-512 micro-GEMM kernels limited to SHORT_REGISTER_BLOCK (it offers
+    8 x 48, 8 x 32 and 16 x 16, and takes 8 x 32 for these models). Its 8-row kernel ran 7 and
+    more rows 2.3-2.8x slower than 6 (a 512 x 4096 linear on one AMD EPYC core, weights in cache:
+    791 us for 7 rows and 867 for 8 against 279 for 6; oneDNN 745 for 8): the graphs lost to the
+    eager packed linears from 8 rows on, and a verify of 4 sequences x 2 tokens cost 2.5x a decode
+    step of 4. With 6 x 32: 348 us for 7 rows, 382 for 8, 750 for 16 (8 x 32: 1660), 1437 for 32
+    (3301). Six rows of two AVX-512 vectors hold 12 accumulators; AVX2 machines keep inductor's
+    own choices (4-8 rows of 8-float vectors)."""
+    from torch._inductor.codegen import cpp_micro_gemm
+    from torch._inductor.cpu_vec_isa import VecAVX512
+
+    fp32_vec = cpp_micro_gemm.CppMicroGemmFP32Vec
+    configs = cpp_micro_gemm.micro_gemm_configs[fp32_vec]
+    short = cpp_micro_gemm.generate_gemm_config(VecAVX512, [SHORT_REGISTER_BLOCK], input_dtype=torch.float)
+    if configs[: len(short)] == short:
+        return
+    others = [c for c in configs if not (c.vec_isa_cls is VecAVX512 and c.input_dtype == torch.float
+                                         and c.input2_dtype == torch.float and c.output_dtype == torch.float)]
+    cpp_micro_gemm.micro_gemm_configs[fp32_vec] = short + others
+
+
+class _SourceKey:
+    """A post-grad pass that changes nothing: its uuid, this file's hash, enters inductor's cache
+    keys, which do not see the choices made here (the choice filter, the register blocks), so a
+    graph compiled before a change to them is never loaded from the cache."""
+
+    def __call__(self, graph: torch.fx.graph.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        return get_hash_for_files((__file__,)).hex()
+
+
+@functools.cache
+def _source_key() -> Any:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return type("SourceKey", (_SourceKey, CustomGraphPass), {})()
 
 
 def prefer_cpp_templates(choices: list[Any]) -> list[Any]:
@@ -78,6 +127,7 @@ class CompiledForward:
     overrides: dict[str, Any] = field(default_factory=dict)  # inductor settings over the device's (A/B runs)
     compiles: int = 0                    # graphs inductor compiled (recompiles and graph breaks included)
     function: Callable = field(init=False)
+    patches: dict[str, Any] = field(init=False)  # the inductor settings of every call: the device's, then `overrides`
     max_tokens: int | None = field(init=False)  # longest step the graphs take (None: any)
 
     def __post_init__(self) -> None:
@@ -88,6 +138,7 @@ class CompiledForward:
         self.function = torch.compile(self.model, backend=self._compile_graph, dynamic=True, isolate_recompiles=True,
                                       options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         self.max_tokens = GRAPH_TOKENS.get(self.device.type)
+        self.patches = {**inductor_patches(self.device), **self.overrides}
 
     def takes(self, tokens: int) -> bool:
         """Whether a step of `tokens` new tokens runs through the graphs (else eagerly)."""
@@ -99,6 +150,7 @@ class CompiledForward:
         self.compiles += 1
         if self.device.type == "cpu":
             _register_choice_filter()
+            prefer_short_register_blocks()
         return compile_fx(graph, example_inputs)
 
     def __call__(self, dynamic_dims: tuple[tuple[torch.Tensor, tuple[int, ...]], ...] = (), **inputs: Any) -> Any:
@@ -113,6 +165,6 @@ class CompiledForward:
 
         for tensor, dims in dynamic_dims:
             torch._dynamo.mark_dynamic(tensor, dims)
-        with inductor_config.patch({**inductor_patches(self.device), **self.overrides}), dynamo_config.patch(
+        with inductor_config.patch(self.patches), dynamo_config.patch(
                 specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
             return self.function(**inputs)

@@ -99,6 +99,21 @@ def test_unmeasured_lengths_are_read_off_the_line_through_measured_ones():
     assert CostModel().round_seconds(1, 0) is None
 
 
+def test_one_measured_proposal_length_prices_longer_ones_by_its_cost_over_the_target_alone():
+    """Only k = 1 and k = 0 measured: k = 2 is priced at T(1) + (T(1) - T(0)), so where k = 1 lost
+    to the target alone (concurrency 4 on a CPU: 24.5 against 13.1 ms) a longer proposal is not
+    chosen for looking as cheap as k = 1; where k = 1 costs little more, k = 2 is tried next."""
+    dear = costs({0: 0.0131, 1: 0.0245}, sequences=4)
+    assert dear.round_seconds(4, 2) == pytest.approx(0.0359)
+    acceptance = AcceptanceEstimate(prior=0.6, weight=1e9)
+    acceptance.proposed, acceptance.accepted = [1e9, 1e9], [0.78e9, 0.55e9]
+    assert choose_k(acceptance, dear, 4, 8) == 0
+    cheap = costs({0: 0.0096, 1: 0.0117})
+    assert cheap.round_seconds(1, 2) == pytest.approx(0.0138)
+    assert choose_k(acceptance, cheap, 1, 8) == 2
+    assert costs({1: 0.02}).round_seconds(1, 3) == pytest.approx(0.02)  # no k = 0 to compare: flat
+
+
 def test_exploration_measures_each_listed_length_before_choosing():
     """The shortest proposal and the target alone are measured first; a longer proposal only once
     the one before it has won (one past the longest measured), so a batch where speculation

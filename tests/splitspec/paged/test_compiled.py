@@ -11,7 +11,13 @@ from prometheus_client import CollectorRegistry
 
 from splitspec.paged.block_manager import BlockManager
 from splitspec.paged.cache import CacheConfig, build_paged_cache
-from splitspec.paged.compiled import GRAPH_TOKENS, export_compiles, prefer_cpp_templates
+from splitspec.paged.compiled import (
+    GRAPH_TOKENS,
+    SHORT_REGISTER_BLOCK,
+    export_compiles,
+    prefer_cpp_templates,
+    prefer_short_register_blocks,
+)
 from splitspec.paged.runner import CALIBRATION_STEPS, Chunk
 
 TOLERANCE = 1e-4
@@ -173,6 +179,44 @@ def test_gemm_choices_narrow_to_generated_kernels():
     aten, template = object.__new__(ExternKernelCaller), object()
     assert prefer_cpp_templates([template, aten]) == [template]
     assert prefer_cpp_templates([aten]) == [aten]
+
+
+def test_avx512_float32_gemms_use_short_register_blocks_and_others_keep_theirs():
+    """Inductor's float32 AVX-512 micro-GEMM keeps only the short register block; the other ISAs
+    and dtypes keep inductor's own list; a second call changes nothing."""
+    from torch._inductor.codegen import cpp_micro_gemm
+    from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512
+
+    fp32_vec = cpp_micro_gemm.CppMicroGemmFP32Vec
+    before = list(cpp_micro_gemm.micro_gemm_configs[fp32_vec])
+    try:
+        prefer_short_register_blocks()
+        after = list(cpp_micro_gemm.micro_gemm_configs[fp32_vec])
+        prefer_short_register_blocks()
+        assert cpp_micro_gemm.micro_gemm_configs[fp32_vec] == after
+
+        def blocks(configs, isa, dtype):
+            return [tuple(c.register_blocking) for c in configs if c.vec_isa_cls is isa and c.input_dtype == dtype
+                    and c.input2_dtype == dtype and c.output_dtype == dtype]
+
+        assert blocks(before, VecAVX512, torch.float) and blocks(before, VecAVX512, torch.float) != [SHORT_REGISTER_BLOCK]
+        assert blocks(after, VecAVX512, torch.float) == [SHORT_REGISTER_BLOCK]
+        assert blocks(after, VecAVX2, torch.float) == blocks(before, VecAVX2, torch.float)
+        assert [c for c in after if c.input_dtype != torch.float] == [c for c in before if c.input_dtype != torch.float]
+    finally:
+        cpp_micro_gemm.micro_gemm_configs[fp32_vec] = before
+
+
+def test_cache_keys_follow_this_projects_compile_choices():
+    """The settings every CPU compile runs with carry a pass whose uuid is compiled.py's hash, so
+    inductor's cache keys change with the choices made there."""
+    import hashlib
+
+    import splitspec.paged.compiled as compiled
+
+    key = compiled.inductor_patches(torch.device("cpu"))["post_grad_custom_post_pass"]
+    with open(compiled.__file__, "rb") as source:
+        assert key.uuid() == hashlib.sha256(source.read()).hexdigest()
 
 
 def test_models_of_one_class_each_run_their_own_graphs(fresh):
