@@ -183,7 +183,8 @@ def test_gemm_choices_narrow_to_generated_kernels():
 
 def test_avx512_float32_gemms_use_short_register_blocks_and_others_keep_theirs():
     """Inductor's float32 AVX-512 micro-GEMM keeps only the short register block; the other ISAs
-    and dtypes keep inductor's own list; a second call changes nothing."""
+    and dtypes keep the list they had (inductor's, unless a compile in this process already
+    narrowed it); a second call changes nothing."""
     from torch._inductor.codegen import cpp_micro_gemm
     from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512
 
@@ -199,7 +200,6 @@ def test_avx512_float32_gemms_use_short_register_blocks_and_others_keep_theirs()
             return [tuple(c.register_blocking) for c in configs if c.vec_isa_cls is isa and c.input_dtype == dtype
                     and c.input2_dtype == dtype and c.output_dtype == dtype]
 
-        assert blocks(before, VecAVX512, torch.float) and blocks(before, VecAVX512, torch.float) != [SHORT_REGISTER_BLOCK]
         assert blocks(after, VecAVX512, torch.float) == [SHORT_REGISTER_BLOCK]
         assert blocks(after, VecAVX2, torch.float) == blocks(before, VecAVX2, torch.float)
         assert [c for c in after if c.input_dtype != torch.float] == [c for c in before if c.input_dtype != torch.float]
