@@ -65,6 +65,7 @@ def prefer_short_register_blocks() -> None:
     step of 4. With 6 x 32: 348 us for 7 rows, 382 for 8, 750 for 16 (8 x 32: 1660), 1437 for 32
     (3301). Six rows of two AVX-512 vectors hold 12 accumulators; AVX2 machines keep inductor's
     own choices (4-8 rows of 8-float vectors)."""
+    import torch._inductor.select_algorithm  # noqa: F401 - loads inductor in an order its modules import cleanly
     from torch._inductor.codegen import cpp_micro_gemm
     from torch._inductor.cpu_vec_isa import VecAVX512
 

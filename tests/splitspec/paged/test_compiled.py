@@ -185,6 +185,7 @@ def test_avx512_float32_gemms_use_short_register_blocks_and_others_keep_theirs()
     """Inductor's float32 AVX-512 micro-GEMM keeps only the short register block; the other ISAs
     and dtypes keep the list they had (inductor's, unless a compile in this process already
     narrowed it); a second call changes nothing."""
+    import torch._inductor.select_algorithm  # noqa: F401 - inductor's modules import cleanly from here
     from torch._inductor.codegen import cpp_micro_gemm
     from torch._inductor.cpu_vec_isa import VecAVX2, VecAVX512
 
