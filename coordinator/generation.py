@@ -211,7 +211,8 @@ class Generation:
         sequence goes on decoding with no round trip between chunks, so no step runs without it
         (without this, each chunk's end cost a step: 0.9x target only at concurrency 4-32)."""
         verifier = self.targeting.verifier
-        if self.autonomy > EXTEND_AHEAD or self.request.k != AUTO_K or self.drafting.session is None or verifier is None:
+        if (self.autonomy > EXTEND_AHEAD or self.request.k != AUTO_K or self.drafting.session is None
+                or verifier is None):
             return
         rounds = min(AUTONOMOUS_CHUNK, self.request.max_tokens - len(self.generated) - 1)
         if rounds <= self.autonomy or self._round_k() != 0:

@@ -186,10 +186,15 @@ async def _read_stream(request_iterator: AsyncIterator[target_pb2.VerifyRequest]
 
 def _take_plan(request: target_pb2.VerifyRequest,
                plans: dict[int, target_pb2.VerifyRequest]) -> target_pb2.VerifyRequest | None:
-    """This round's plan, if one came. Plans for this round and earlier ones are used up either way."""
+    """This round's plan, if one came. Plans for this round and earlier ones are used up either way.
+    An `extends_autonomy` plan is refused, naming the field, unless it and its round are target-only."""
     plan = plans.pop(request.num_tokens, None) if request.num_tokens else None
     for stale in [n for n in plans if n < request.num_tokens]:
         del plans[stale]
+    if plan is not None and plan.extends_autonomy and (
+            request.draft_token_ids or plan.draft_token_ids or plan.branches):
+        raise InvalidArgument("extends_autonomy", "only a target-only round goes on by itself, "
+                              "and the plan that extends it carries no proposal or branches")
     return plan
 
 
@@ -199,9 +204,6 @@ def _autonomous_round(request: target_pb2.VerifyRequest, response: target_pb2.Ve
     an `extends_autonomy` plan) lasts."""
     budget = request.autonomous_rounds
     if plan is not None and plan.extends_autonomy:
-        if request.draft_token_ids or plan.draft_token_ids or plan.branches:
-            raise InvalidArgument("extends_autonomy", "only a target-only round goes on by itself, "
-                                  "and the plan that extends it carries no proposal or branches")
         budget = max(budget, plan.autonomous_rounds)
     if budget < 1 or response.preempted:
         return None

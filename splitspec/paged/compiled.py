@@ -10,8 +10,8 @@ activations around them, stream them faster than oneDNN. Longer steps run eagerl
 oneDNN-packed linears (`packed_linear.py`). Where the two cross is the CPU's: on an AVX-512 VM
 oneDNN won from about 6 rows on until the micro-GEMMs were held to 6-row register blocks
 (`prefer_short_register_blocks`), the graphs then won up to 32; on an AVX2 one the graphs won at
-32 (README, forward cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at start
-(`PagedRunner.calibrate`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per
+32 (README, forward cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at
+start (`PagedRunner.calibrate`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per
 shape), for steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
 batch whose sizes are dynamic, so a new batch size or context length does not recompile; what
 does recompile (a new branch of the attention metadata) is counted in `compiles`.
@@ -79,25 +79,22 @@ def prefer_short_register_blocks() -> None:
     cpp_micro_gemm.micro_gemm_configs[fp32_vec] = short + others
 
 
-class _SourceKey:
-    """A post-grad pass that changes nothing: its uuid, this file's hash, enters inductor's cache
-    keys, which do not see the choices made here (the choice filter, the register blocks), so a
-    graph compiled before a change to them is never loaded from the cache."""
-
-    def __call__(self, graph: torch.fx.graph.Graph) -> None:
-        return None
-
-    def uuid(self) -> str:
-        from torch._inductor.custom_graph_pass import get_hash_for_files
-
-        return get_hash_for_files((__file__,)).hex()
-
-
 @functools.cache
 def _source_key() -> Any:
-    from torch._inductor.custom_graph_pass import CustomGraphPass
+    """A post-grad pass that changes nothing: its uuid, this file's hash, enters inductor's cache
+    keys, which do not see the choices made here (the choice filter, the register blocks), so a
+    graph compiled before a change to them is never loaded from the cache. Built on first use:
+    importing inductor is not work for import time."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-    return type("SourceKey", (_SourceKey, CustomGraphPass), {})()
+    class SourceKey(CustomGraphPass):
+        def __call__(self, graph: torch.fx.graph.Graph) -> None:
+            return None
+
+        def uuid(self) -> str:
+            return get_hash_for_files((__file__,)).hex()
+
+    return SourceKey()
 
 
 def prefer_cpp_templates(choices: list[Any]) -> list[Any]:

@@ -66,8 +66,8 @@ class PagedRunner:
         here on steps of that many one-token rows over CALIBRATION_CONTEXT tokens each (fewer
         where the model has fewer positions). The crossover is the CPU's: an AVX-512 VM ran eager
         faster from 6 rows on with inductor's 8-row micro-GEMMs and from 64 with 6-row ones, an
-        AVX2 one ran the graphs faster at 32 rows (79.6 against 110.4 ms). Stops at the first step the graphs lose. Returns {tokens: (graph ms, eager ms)} for
-        the steps timed. Reads and writes block 0 only (every row's table repeats it), as warm_up
+        AVX2 one ran the graphs faster at 32 rows (79.6 against 110.4 ms). Stops at the first step
+        the graphs lose. Returns {tokens: (graph ms, eager ms)} for the steps timed. Reads and writes block 0 only (every row's table repeats it), as warm_up
         does."""
         compiled = self.compiled
         if compiled is None or compiled.max_tokens is None:
