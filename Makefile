@@ -9,6 +9,8 @@ TORCH ?= torch==2.13.0
 TORCH_INDEX ?=
 PORT ?= 50051
 HTTP_PORT ?= 8000
+# pytest processes: one per core, at most 4 (the tests are CPU-bound, one torch thread each)
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 PROMPT ?= Once upon a time
 MODEL_DIR ?= $(SPLITSPEC_MODEL_DIR)
 ifneq ($(strip $(MODEL_DIR)),)
@@ -42,7 +44,7 @@ run: install
 	if [ -z "$(RUN_ONCE)" ]; then echo "--- serving: playground and OpenAI API at http://127.0.0.1:$(HTTP_PORT), gRPC at 127.0.0.1:$(PORT) (Ctrl-C stops)"; wait $$up; fi
 
 test: install browser
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup
 
 # Debian's Chromium for the playground's browser test (Playwright drives it; no browser download).
 browser:

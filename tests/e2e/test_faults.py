@@ -49,6 +49,15 @@ def pinned(pool) -> str:
     return next(e.address for e in pool.endpoints.values() if e.pinned)
 
 
+async def pinned_draft(pool, timeout: float = 10.0) -> str:
+    """The draft a request is pinned to: it pins one after sending its first token, so a client
+    that has read that token can be there first (seen with two test processes on two cores)."""
+    deadline = time.monotonic() + timeout
+    while not any(e.pinned for e in pool.endpoints.values()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    return pinned(pool)
+
+
 def failovers(running, kind: str) -> float:
     return running.registry.get_sample_value("splitspec:worker_failovers_total", {"kind": kind}) or 0.0
 
@@ -89,7 +98,7 @@ async def test_draft_killed_mid_stream(tiny, tiny_dirs, expected, spare, overlap
         pool = running.state.drafts
 
         async def fault() -> None:
-            kill(drafts, pinned(pool))
+            kill(drafts, await pinned_draft(pool))
 
         started = time.monotonic()
         tokens = await run_with_fault(stub, fault)

@@ -48,6 +48,7 @@ async def test_tiny_models_match_target_alone(tiny, draft_name):
         await stack.stop()
 
 
+@pytest.mark.xdist_group("compiled_stack")  # one worker compiles the shared stack
 async def test_compiled_workers_match_target_alone(tiny, compiled_stack):
     """Both workers compiled (torch.compile, two graphs each): greedy output is still exactly the
     eager target's `generate`, speculative and target-only, one request and four at once."""

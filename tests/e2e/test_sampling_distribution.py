@@ -140,6 +140,7 @@ async def test_penalised_tokens_follow_the_target_distribution(tiny):
     assert_follows(results, tiny["target"], (1, 2), params=PENALISED)
 
 
+@pytest.mark.xdist_group("compiled_stack")  # one worker compiles the shared stack
 async def test_compiled_tokens_follow_the_target_distribution(tiny, compiled_stack):
     """Both workers compiled (its draft is draft_noisy): the plain case's check."""
     results, _ = await sample_many(tiny["target"], tiny["draft_noisy"], 2, 4, stack=compiled_stack)
