@@ -1,5 +1,6 @@
 """Interleaved A/B of compile settings on one model: the forward cost of each variant (inductor
 settings over the worker's own, `"pack": false` for nn.Linear weights instead of oneDNN-packed ones,
+`"batch_gemms": "onednn"` for the batch graph's linears on oneDNN instead of the C++ templates,
 and how many tokens its graphs take), measured round-robin in one
 process so that a noisy machine slows every variant alike. Prints the median ms per forward and
 the interquartile spread, per (batch, new tokens) shape.
@@ -49,7 +50,8 @@ def main() -> None:
         pack = overrides.pop("pack", True)
         loaded = load_model(args.model, device="cpu", dtype="float32")
         runner = PagedRunner(loaded.model, KVPool(loaded.model.config, blocks, 16, loaded.dtype, loaded.device), pack=pack)
-        runner.compiled = CompiledForward(runner.model, runner.device, overrides=overrides)
+        batch_gemms = overrides.pop("batch_gemms", "templates")
+        runner.compiled = CompiledForward(runner.model, runner.device, overrides=overrides, batch_gemms=batch_gemms)
         if name in graph_tokens:
             runner.compiled.max_tokens = graph_tokens[name]
         runner.warm_up()

@@ -34,17 +34,6 @@ def copy_bandwidth(megabytes: int = 1024, repeats: int = 5) -> float:
     return 2 * source.numel() * 4 / best
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of distinct parameter storage (a tied embedding counts once)."""
-    seen, total = set(), 0
-    for parameter in model.parameters():
-        key = parameter.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += parameter.untyped_storage().nbytes()
-    return total
-
-
 def measure(runner, batch: int, tokens: int, context: int, repeats: int, block_size: int) -> list[float]:
     from splitspec.paged.runner import Chunk
 
@@ -101,6 +90,8 @@ def main() -> None:
 
     batches, token_counts = [int(x) for x in args.batch.split(",")], [int(x) for x in args.tokens.split(",")]
     loaded = load_model(args.model, device="cpu", dtype=args.dtype)
+    from splitspec.paged.runner import weight_bytes
+
     nbytes = weight_bytes(loaded.model)  # before the runner packs the linears into oneDNN buffers
     blocks = max(batches) * -(-(args.context + max(token_counts)) // 16) + 1
     started = time.perf_counter()
@@ -123,7 +114,8 @@ def main() -> None:
     print(f"\n{args.model}: {mode}, {args.threads} thread(s), {args.dtype}, context {args.context}, "
           f"start (compile included) {compile_seconds:.0f} s, measurement {time.perf_counter() - started:.0f} s, "
           f"graphs compiled {runner.compiles}, graph step limit "
-          f"{runner.compiled.max_tokens if runner.compiled is not None else '-'} tokens")
+          f"{runner.compiled.max_tokens if runner.compiled is not None else '-'} tokens, batch graph linears "
+          f"{runner.compiled.batch_gemms if runner.compiled is not None else '-'}")
     print(f"weights {nbytes / 1e6:.1f} MB, copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound_ms:.2f} ms "
           "per forward\n")
     print("| batch \\ tokens | " + " | ".join(str(t) for t in token_counts) + " |")

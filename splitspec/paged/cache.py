@@ -75,6 +75,12 @@ def build_paged_cache(
         log.info("forward compiled", extra={"graphs": runner.compiles, "seconds": round(time.perf_counter() - started, 1)})
         if calibrate:
             started = time.perf_counter()
+            gemms = runner.choose_batch_gemms()
+            if gemms:
+                log.info("batch graph linears chosen", extra={
+                    "batch_gemms": runner.compiled.batch_gemms, "seconds": round(time.perf_counter() - started, 1),
+                    "step_ms": {name: round(ms, 2) for name, ms in gemms.items()}})
+            started = time.perf_counter()
             timed = runner.calibrate()
             log.info("graph step limit calibrated", extra={
                 "max_tokens": runner.compiled.max_tokens, "seconds": round(time.perf_counter() - started, 1),

@@ -18,6 +18,7 @@ from splitspec.paged.packed_linear import can_pack, pack_linears
 CALIBRATION_STEPS = (8, 16, 32, 64, 128)  # one-token rows per step, timed compiled and eager by calibrate()
 CALIBRATION_REPEATS = 3
 CALIBRATION_CONTEXT = 128  # tokens each row attends to: the attention's cost differs between the two paths
+STREAMED_WEIGHT_BYTES = 32 * 2**20  # weights past this stream from memory each step: the batch GEMMs are timed
 
 
 @dataclass(slots=True)
@@ -38,6 +39,7 @@ class PagedRunner:
         self.model = model
         self.pool = pool
         self.device = next(model.parameters()).device
+        self.weight_bytes = weight_bytes(model)  # before packing moves the linears' weights out of the parameters
         if pack and can_pack(model):
             pack_linears(model, keep_dense=compile)
         use_paged_attention(model)
@@ -60,6 +62,31 @@ class PagedRunner:
         self.forward([Chunk(token_ids=[0, 0], start=0, slots=[0, 0], block_table=[0], num_logits=2),
                       Chunk(token_ids=[0, 0, 0], start=0, slots=[0, 0, 0], block_table=[0], num_logits=1)])
 
+    def choose_batch_gemms(self, repeats: int = CALIBRATION_REPEATS,
+                           min_weight_bytes: int = STREAMED_WEIGHT_BYTES) -> dict[str, float]:
+        """On the CPU, for a model whose weights do not stay in cache: time the padded batch graph
+        on a step of CALIBRATION_STEPS[0] one-token rows with its linears as C++ templates and as
+        oneDNN calls, and keep the faster (`CompiledForward.use_batch_gemms`). Returns {gemms: ms}
+        for those timed ({} when not timed). Compiles one more graph; the one kept serves from now."""
+        compiled = self.compiled
+        if compiled is None or self.device.type != "cpu" or self.weight_bytes < min_weight_bytes:
+            return {}
+        step = self._calibration_step(CALIBRATION_STEPS[0])
+        timed = {}
+        for gemms in ("templates", "onednn"):
+            compiled.use_batch_gemms(gemms)
+            timed[gemms] = self._step_ms(step, len(step), repeats)
+        compiled.use_batch_gemms(min(timed, key=timed.__getitem__))
+        return timed
+
+    def _calibration_step(self, tokens: int) -> list[Chunk]:
+        """`tokens` one-token rows over CALIBRATION_CONTEXT tokens each (fewer where the model has
+        fewer positions), all reading and writing block 0."""
+        context = min(CALIBRATION_CONTEXT, getattr(self.model.config, "max_position_embeddings", None) or
+                      CALIBRATION_CONTEXT)
+        blocks = -(-context // self.pool.block_size)
+        return [Chunk(token_ids=[0], start=context - 1, slots=[0], block_table=[0] * blocks, num_logits=1)] * tokens
+
     def calibrate(self, repeats: int = CALIBRATION_REPEATS) -> dict[int, tuple[float, float]]:
         """Where the graphs take steps of a limited size (CPU), raise the limit to the longest step
         of CALIBRATION_STEPS up to which the graphs beat the eager forward on packed weights, timed
@@ -74,14 +101,10 @@ class PagedRunner:
             return {}
         timed: dict[int, tuple[float, float]] = {}
         limit = compiled.max_tokens
-        context = min(CALIBRATION_CONTEXT, getattr(self.model.config, "max_position_embeddings", None) or
-                      CALIBRATION_CONTEXT)
-        blocks = -(-context // self.pool.block_size)
-        row = Chunk(token_ids=[0], start=context - 1, slots=[0], block_table=[0] * blocks, num_logits=1)
         for tokens in CALIBRATION_STEPS:
             if tokens <= limit:
                 continue
-            step = [row] * tokens
+            step = self._calibration_step(tokens)
             timed[tokens] = (self._step_ms(step, tokens, repeats), self._step_ms(step, 0, repeats))
             if timed[tokens][0] > timed[tokens][1]:
                 break
@@ -199,3 +222,9 @@ class PagedRunner:
         metadata.query_index = query_index.to(self.device)
         metadata.packed_index = packed_index.to(self.device)
         return query_positions
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of distinct parameter storage (a tied embedding counts once)."""
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())

@@ -6,6 +6,7 @@ the limit raised, as CUDA has none."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -43,8 +44,14 @@ BATCH_GRAPH_TOKENS = 64  # the limit the batch-graph test sets (on the CPU the g
 
 def count_graph_calls(runner, graph_calls: list[int]) -> None:
     """From now on, the token count of each forward that reaches `runner`'s graphs goes to `graph_calls`."""
-    graphs = runner.compiled.function
-    runner.compiled.function = lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
+    compiled = runner.compiled
+
+    def counted(graphs):
+        return lambda **inputs: graph_calls.append(inputs["input_ids"].shape[1]) or graphs(**inputs)
+
+    compiled.function = counted(compiled.function)
+    if compiled.batch_function is not None:
+        compiled.batch_function = counted(compiled.batch_function)
 
 
 def run_batches(runner, blocks, batches: list[list[tuple[int, int]]]) -> list[list[torch.Tensor]]:
@@ -60,7 +67,7 @@ def run_batches(runner, blocks, batches: list[list[tuple[int, int]]]) -> list[li
 
 
 def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int] | None = None,
-             graph_tokens: int | None = None):
+             graph_tokens: int | None = None, batch_gemms: str = "templates"):
     """Each batch of (context, new) shapes through an eager runner on the model's own linears and
     a compiled runner (packed linears) on identical pools: contexts are prefilled first by the
     same runner, then the batch.
@@ -71,13 +78,18 @@ def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int
                                            pack=compile)
         if compile and graph_tokens is not None:
             runner.compiled.max_tokens = graph_tokens
+        if compile and batch_gemms != runner.compiled.batch_gemms:
+            runner.compiled.use_batch_gemms(batch_gemms)
         if compile and graph_calls is not None:
             count_graph_calls(runner, graph_calls)
         runs.append((runner, run_batches(runner, blocks, batches)))
     return runs
 
 
-def test_compiled_logits_match_eager_on_every_shape(fresh):
+@pytest.mark.parametrize("batch_gemms", ["templates", "onednn"])
+def test_compiled_logits_match_eager_on_every_shape(fresh, batch_gemms):
+    """With either kind of linears in the batch graph (onednn: a third graph, as the templates'
+    batch graph was compiled when the runner warmed up)."""
     batches = [
         [(0, 7)],                       # a prefill
         [(9, 1)],                       # one decode step
@@ -89,11 +101,12 @@ def test_compiled_logits_match_eager_on_every_shape(fresh):
         [(5, BATCH_GRAPH_TOKENS - 3), (8, 3)],  # a batch of exactly as many tokens as they take
     ]
     graph_calls: list[int] = []
-    (_, eager), (runner, compiled) = run_both(fresh("target"), batches, graph_calls, BATCH_GRAPH_TOKENS)
+    (_, eager), (runner, compiled) = run_both(fresh("target"), batches, graph_calls, BATCH_GRAPH_TOKENS, batch_gemms)
     worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, compiled)
                 for a, b in zip(batch_e, batch_c))
     assert worst <= TOLERANCE, f"compiled logits differ from eager by {worst}"
-    assert runner.compiles == 2, f"{runner.compiles} graphs: one token, and one padded dynamic batch graph"
+    graphs = 2 if batch_gemms == "templates" else 3
+    assert runner.compiles == graphs, f"{runner.compiles} graphs: one token, and one padded dynamic batch graph"
     limit = BATCH_GRAPH_TOKENS
     steps = [sum(new for _, new in shapes) for shapes in batches]
     prefills = [sum(context for context, _ in shapes) for shapes in batches if any(c for c, _ in shapes)]
@@ -101,7 +114,7 @@ def test_compiled_logits_match_eager_on_every_shape(fresh):
 
     registry = CollectorRegistry()
     export_compiles(registry, lambda: runner.compiles)
-    assert registry.get_sample_value("splitspec:compiled_graphs") == 2
+    assert registry.get_sample_value("splitspec:compiled_graphs") == graphs
 
 
 def test_cpu_compiles_short_steps_and_runs_longer_ones_eagerly(fresh):
@@ -146,6 +159,29 @@ def test_calibration_keeps_the_default_where_the_graphs_lose_and_stops_at_the_fi
     scripted.update({8: (1.0, 2.0), 16: (1.0, 1.0), 32: (3.0, 2.0), 64: (1.0, 2.0)})
     assert list(runner.calibrate()) == [8, 16, 32] and runner.compiled.max_tokens == 16
     assert runner.calibrate() == {32: (3.0, 2.0)} and runner.compiled.max_tokens == 16  # from the limit it has
+
+
+def test_batch_gemms_keep_the_faster_and_only_for_weights_that_stream_from_memory(fresh):
+    """Both kinds of batch-graph linears are timed on one step and the faster kept; a model whose
+    weights stay in cache (these tiny ones, below the default bound) is not timed."""
+    _, runner = build_paged_cache(fresh("target"), CacheConfig(num_blocks=64, block_size=4), compile=True)
+    steps: list[tuple[str, int]] = []
+    scripted = {"templates": 2.0, "onednn": 1.0}
+
+    def step_ms(step, graph_tokens, repeats):
+        steps.append((runner.compiled.batch_gemms, len(step)))
+        return scripted[runner.compiled.batch_gemms]
+
+    runner._step_ms = step_ms
+    assert runner.choose_batch_gemms() == {} and steps == [] and runner.compiled.batch_function is None
+    assert runner.choose_batch_gemms(min_weight_bytes=0) == scripted
+    assert steps == [("templates", CALIBRATION_STEPS[0]), ("onednn", CALIBRATION_STEPS[0])]
+    assert runner.compiled.batch_gemms == "onednn" and runner.compiled.batch_function is not None
+    scripted.update(templates=1.0, onednn=3.0)
+    runner.choose_batch_gemms(min_weight_bytes=0)
+    assert runner.compiled.batch_gemms == "templates" and runner.compiled.batch_function is None
+    with pytest.raises(ValueError, match="batch_gemms"):
+        runner.compiled.use_batch_gemms("mkl")
 
 
 def test_calibration_stays_within_the_model_positions(fresh):
