@@ -153,6 +153,8 @@ class CompiledForward:
         times both)."""
         if gemms not in ("templates", "onednn"):
             raise ValueError(f"batch_gemms: expected templates or onednn, got {gemms!r}")
+        if gemms == self.batch_gemms and (gemms == "templates" or self.batch_function is not None):
+            return  # keeps the graph it has (a new torch.compile would build it again)
         self.batch_gemms = gemms
         self.batch_function = self._compile(self._compile_onednn_batch) if gemms == "onednn" else None
 

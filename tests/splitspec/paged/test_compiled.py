@@ -168,8 +168,11 @@ def test_batch_gemms_keep_the_faster_and_only_for_weights_that_stream_from_memor
     steps: list[tuple[str, int]] = []
     scripted = {"templates": 2.0, "onednn": 1.0}
 
+    timed_graphs = []
+
     def step_ms(step, graph_tokens, repeats):
         steps.append((runner.compiled.batch_gemms, len(step)))
+        timed_graphs.append(runner.compiled.batch_function)
         return scripted[runner.compiled.batch_gemms]
 
     runner._step_ms = step_ms
@@ -177,6 +180,7 @@ def test_batch_gemms_keep_the_faster_and_only_for_weights_that_stream_from_memor
     assert runner.choose_batch_gemms(min_weight_bytes=0) == scripted
     assert steps == [("templates", CALIBRATION_STEPS[0]), ("onednn", CALIBRATION_STEPS[0])]
     assert runner.compiled.batch_gemms == "onednn" and runner.compiled.batch_function is not None
+    assert runner.compiled.batch_function is timed_graphs[-1]  # the graph timed is the one kept, not built anew
     scripted.update(templates=1.0, onednn=3.0)
     runner.choose_batch_gemms(min_weight_bytes=0)
     assert runner.compiled.batch_gemms == "templates" and runner.compiled.batch_function is None
