@@ -11,7 +11,8 @@ oneDNN-packed linears (`packed_linear.py`). Where the two cross is the CPU's: on
 oneDNN won from about 6 rows on until the micro-GEMMs were held to 6-row register blocks
 (`prefer_short_register_blocks`), the graphs then won up to 32; on an AVX2 one the graphs won at
 32 (README, forward cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at
-start (`PagedRunner.calibrate`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per
+start (`PagedRunner.calibrate`). A model whose weights stream from memory may take oneDNN's GEMM
+for the batch graph's linears instead, where that measures faster (`use_batch_gemms`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per
 shape), for steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
 batch whose sizes are dynamic, so a new batch size or context length does not recompile; what
 does recompile (a new branch of the attention metadata) is counted in `compiles`.
@@ -149,8 +150,8 @@ class CompiledForward:
         graph comes with) or "onednn" (oneDNN's packed GEMM called from the graph; a graph of its
         own, compiled on its first call). Which is faster is the CPU's and the model's: on one
         with AMX (Xeon 4th gen) oneDNN ran a 48M target's batches of 4-32 rows 15-30% faster, the
-        templates a 1.5M draft's (its weights stay in cache) 5-35% faster (`PagedRunner.calibrate`
-        times both)."""
+        templates a 1.5M draft's (its weights stay in cache) 5-35% faster
+        (`PagedRunner.choose_batch_gemms` times both at start)."""
         if gemms not in ("templates", "onednn"):
             raise ValueError(f"batch_gemms: expected templates or onednn, got {gemms!r}")
         if gemms == self.batch_gemms and (gemms == "templates" or self.batch_function is not None):
@@ -197,4 +198,3 @@ class CompiledForward:
         with inductor_config.patch(self.patches), dynamo_config.patch(
                 specialize_float=True, recompile_limit=RECOMPILE_LIMIT):
             return function(**inputs)
-
