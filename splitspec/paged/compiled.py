@@ -12,10 +12,11 @@ oneDNN won from about 6 rows on until the micro-GEMMs were held to 6-row registe
 (`prefer_short_register_blocks`), the graphs then won up to 32; on an AVX2 one the graphs won at
 32 (README, forward cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at
 start (`PagedRunner.calibrate`). A model whose weights stream from memory may take oneDNN's GEMM
-for the batch graph's linears instead, where that measures faster (`use_batch_gemms`). CUDA: CUDA graphs (inductor's cudagraph trees record one graph per
-shape), for steps of any size. Two graphs serve every compiled step: one token of one sequence, and a padded
-batch whose sizes are dynamic, so a new batch size or context length does not recompile; what
-does recompile (a new branch of the attention metadata) is counted in `compiles`.
+for the batch graph's linears instead, where that measures faster (`use_batch_gemms`). CUDA: CUDA
+graphs (inductor's cudagraph trees record one graph per shape), for steps of any size. Two
+graphs serve every compiled step: one token of one sequence, and a padded batch whose sizes are
+dynamic, so a new batch size or context length does not recompile; what does recompile (a new
+branch of the attention metadata) is counted in `compiles`.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class CompiledForward:
         self.function = self._compile(self._compile_graph)
         self.max_tokens = GRAPH_TOKENS.get(self.device.type)
         self.patches = {**inductor_patches(self.device), **self.overrides}
-        self.use_batch_gemms(self.batch_gemms)
+        gemms, self.batch_gemms = self.batch_gemms, "templates"  # the graphs built so far
+        self.use_batch_gemms(gemms)
 
     def _compile(self, backend: Callable) -> Callable:
         return torch.compile(self.model, backend=backend, dynamic=True, isolate_recompiles=True,
@@ -154,7 +156,7 @@ class CompiledForward:
         (`PagedRunner.choose_batch_gemms` times both at start)."""
         if gemms not in ("templates", "onednn"):
             raise ValueError(f"batch_gemms: expected templates or onednn, got {gemms!r}")
-        if gemms == self.batch_gemms and (gemms == "templates" or self.batch_function is not None):
+        if gemms == self.batch_gemms:
             return  # keeps the graph it has (a new torch.compile would build it again)
         self.batch_gemms = gemms
         self.batch_function = self._compile(self._compile_onednn_batch) if gemms == "onednn" else None

@@ -81,7 +81,8 @@ class PagedRunner:
 
     def _calibration_step(self, tokens: int) -> list[Chunk]:
         """`tokens` one-token rows over CALIBRATION_CONTEXT tokens each (fewer where the model has
-        fewer positions), all reading and writing block 0."""
+        fewer positions), all reading and writing block 0 (every row's table repeats it), as
+        warm_up does."""
         context = min(CALIBRATION_CONTEXT, getattr(self.model.config, "max_position_embeddings", None) or
                       CALIBRATION_CONTEXT)
         blocks = -(-context // self.pool.block_size)
@@ -90,12 +91,10 @@ class PagedRunner:
     def calibrate(self, repeats: int = CALIBRATION_REPEATS) -> dict[int, tuple[float, float]]:
         """Where the graphs take steps of a limited size (CPU), raise the limit to the longest step
         of CALIBRATION_STEPS up to which the graphs beat the eager forward on packed weights, timed
-        here on steps of that many one-token rows over CALIBRATION_CONTEXT tokens each (fewer
-        where the model has fewer positions). The crossover is the CPU's: an AVX-512 VM ran eager
-        faster from 6 rows on with inductor's 8-row micro-GEMMs and from 64 with 6-row ones, an
-        AVX2 one ran the graphs faster at 32 rows (79.6 against 110.4 ms). Stops at the first step
-        the graphs lose. Returns {tokens: (graph ms, eager ms)} for the steps timed. Reads and writes block 0 only (every row's table repeats it), as warm_up
-        does."""
+        here on `_calibration_step`s of that many rows. The crossover is the CPU's: an AVX-512 VM
+        ran eager faster from 6 rows on with inductor's 8-row micro-GEMMs and from 64 with 6-row
+        ones, an AVX2 one ran the graphs faster at 32 rows (79.6 against 110.4 ms). Stops at the
+        first step the graphs lose. Returns {tokens: (graph ms, eager ms)} for the steps timed."""
         compiled = self.compiled
         if compiled is None or compiled.max_tokens is None:
             return {}

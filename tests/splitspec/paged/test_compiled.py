@@ -166,9 +166,8 @@ def test_batch_gemms_keep_the_faster_and_only_for_weights_that_stream_from_memor
     weights stay in cache (these tiny ones, below the default bound) is not timed."""
     _, runner = build_paged_cache(fresh("target"), CacheConfig(num_blocks=64, block_size=4), compile=True)
     steps: list[tuple[str, int]] = []
-    scripted = {"templates": 2.0, "onednn": 1.0}
-
     timed_graphs = []
+    scripted = {"templates": 2.0, "onednn": 1.0}
 
     def step_ms(step, graph_tokens, repeats):
         steps.append((runner.compiled.batch_gemms, len(step)))
