@@ -619,7 +619,8 @@ async def _stats(args: argparse.Namespace) -> int:
     if args.json:
         fields = MessageToDict(stats, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
         fields.update(preemptions=stats.preemptions, steps=stats.steps,  # int64: numbers, not strings
-                      steps_by_batch_sequences=list(stats.steps_by_batch_sequences))
+                      steps_by_batch_sequences=list(stats.steps_by_batch_sequences),
+                      held_steps=stats.held_steps, late_arrivals=stats.late_arrivals)
         print(json.dumps({"worker": kind, **fields}))
         return 0
     print(f"{kind} worker {args.worker}")
@@ -633,6 +634,11 @@ async def _stats(args: argparse.Namespace) -> int:
     histogram = ", ".join(f"{n}: {count}" for n, count in enumerate(stats.steps_by_batch_sequences) if n and count)
     if histogram:
         print(f"  steps by batch {histogram} (sequences: steps)")
+    if stats.steps:
+        print(f"  step time      {stats.step_seconds:.1f} s in steps, {stats.forward_seconds:.1f} s of it in forward passes")
+    if stats.held_steps:
+        print(f"  holds          {stats.held_steps} batches held {stats.hold_seconds:.2f} s for expected rounds "
+              f"(gap {stats.expected_gap_seconds * 1000:.1f} ms), {stats.late_arrivals} came late")
     return 0
 
 

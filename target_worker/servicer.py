@@ -96,13 +96,14 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
         reader = asyncio.get_running_loop().create_task(_read_stream(request_iterator, rounds, plans))
         reader.add_done_callback(_retrieve)
         chained: _Verifying | None = None
+        verifying: _Verifying | None = None
         try:
             while True:
                 if chained is None:
                     request = await rounds.get()
                     if request is None:
                         return
-                    verifying = self._start_verify(request)
+                    verifying = self._start_verify(request, stream=True)
                 else:
                     verifying, chained = chained, None
                 response = await self._finish_verify(verifying)
@@ -111,16 +112,21 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                 if following is None and rounds.empty():  # no request waits: an autonomous round may go on
                     following, how = _autonomous_round(verifying.request, response, plan), "autonomous"
                 if following is not None:  # the next round starts before this verdict is written back
-                    chained = self._start_verify(following)
+                    chained = self._start_verify(following, stream=True, chained=True)
                     response.chained = True
                     self.metrics.chained_rounds.labels(how).inc()
                 yield response
         finally:
             reader.cancel()
+            if verifying is not None:
+                self.steps.forget(verifying.request.seq_id)
             if chained is not None:
                 chained.outcome.cancel()
 
-    def _start_verify(self, request: target_pb2.VerifyRequest) -> _Verifying:
+    def _start_verify(self, request: target_pb2.VerifyRequest, stream: bool = False,
+                      chained: bool = False) -> _Verifying:
+        """Queue a round. `stream`: its stream answers the verdict with the next round, and the
+        next batch is held for it; `chained`: this worker started the round itself."""
         if request.autonomous_rounds < 0:
             raise InvalidArgument("autonomous_rounds", f"must be >= 0, got {request.autonomous_rounds}")
         if request.autonomous_rounds and request.draft_token_ids:
@@ -133,7 +139,9 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             draft_probs=probs,
             expected_num_tokens=request.num_tokens,
         )
-        return _Verifying(request, self.steps.post(item, follows=request.autonomous_rounds > 0), time.perf_counter())
+        outcome = self.steps.post(item, follows=request.autonomous_rounds > 0, caller=request.seq_id if stream else None,
+                                  chained=chained)
+        return _Verifying(request, outcome, time.perf_counter())
 
     async def _finish_verify(self, verifying: _Verifying) -> target_pb2.VerifyResponse:
         outcome = await self._outcome("verify", verifying.outcome, verifying.start)
@@ -162,7 +170,8 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
 
     async def GetStats(self, request: common_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> common_pb2.WorkerStats:
         engine = self.engine
-        return worker_stats(engine.blocks, engine.stats, len(engine.sequences), len(self.steps.pending))
+        return worker_stats(engine.blocks, engine.stats, len(engine.sequences), len(self.steps.pending),
+                            self.steps.arrivals)
 
 
 def _retrieve(task: asyncio.Task) -> None:

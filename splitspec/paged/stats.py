@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from splitspec.paged.arrivals import Arrivals
 from splitspec.paged.block_manager import BlockManager
 from splitspec.v1 import common_pb2
 
@@ -50,8 +51,10 @@ class EngineStats:
         self.steps_by_batch[sequences] += 1
 
 
-def worker_stats(blocks: BlockManager | None, stats: EngineStats, running: int, waiting: int) -> common_pb2.WorkerStats:
-    """`blocks` None: a worker without a KV pool (n-gram drafting); the pool fields stay 0."""
+def worker_stats(blocks: BlockManager | None, stats: EngineStats, running: int, waiting: int,
+                 arrivals: Arrivals | None = None) -> common_pb2.WorkerStats:
+    """`blocks` None: a worker without a KV pool (n-gram drafting); the pool fields stay 0.
+    `arrivals`: the step loop's holds for expected sequences (a target's)."""
     steps = max(stats.steps, 1)
     reply = common_pb2.WorkerStats(
         running_sequences=running,
@@ -65,6 +68,9 @@ def worker_stats(blocks: BlockManager | None, stats: EngineStats, running: int, 
         step_seconds=stats.step_seconds,
         forward_seconds=stats.forward_seconds,
     )
+    if arrivals is not None:
+        reply.held_steps, reply.hold_seconds, reply.late_arrivals = arrivals.holds, arrivals.hold_seconds, arrivals.late
+        reply.expected_gap_seconds = arrivals.gap(quick=False) or 0.0
     if blocks is not None:
         pool = blocks.stats()
         reply.block_size = blocks.block_size

@@ -3,6 +3,10 @@
 `step(items)` runs on the model thread and returns (outcomes, waiting): an outcome (a result
 or an exception) for every item it finished, and the items it could not run yet (admission
 control); those are offered again next step, ahead of newer arrivals.
+
+An item posted for a `caller` (a sequence's verify stream) makes that caller expected once its
+outcome is out; the next batch is held for expected callers (`Arrivals`), so sequences whose
+rounds cross the network stay in one batch.
 """
 
 from __future__ import annotations
@@ -14,15 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, TypeVar
 
+from splitspec.paged.arrivals import Arrivals
+
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
-# Event-loop turns between a step's outcomes and the next batch when a caller said it answers its
-# outcome with the next item at once (an autonomous round): it then joins the next step instead of
-# items that came in during the step running alone. Without them four autonomously decoding
-# sequences ran in alternating batches of 1 and 3. Other steps start at once, as before: with the
-# turns on every step, speculative rounds measured 58-62 tok/s at concurrency 1 where one run
-# without them gave 71 (not reproduced since: run-to-run spread on this VM is that large).
-FOLLOW_UP_TICKS = 2
+STEP_COST_SMOOTHING = 0.2  # weight of the newest step in the step-cost average (the longest hold)
 
 
 @dataclass(slots=True, eq=False)
@@ -30,6 +30,7 @@ class Pending(Generic[Item]):
     item: Item
     future: asyncio.Future
     follows: bool = False  # the caller posts its next item as soon as this one's outcome is in
+    caller: str | None = None  # who posts the next item after this one's outcome (None: nobody says)
 
 
 StepFn = Callable[[list[Any]], tuple[dict[int, Any], list[Any]]]
@@ -45,6 +46,8 @@ class StepLoop:
     steps: int = 0
     running_since: float | None = None  # monotonic start of the step in flight
     last_step_at: float = field(default_factory=time.monotonic)
+    step_cost: float = 0.0  # seconds, a moving average over recent steps
+    arrivals: Arrivals = field(default_factory=Arrivals)
 
     def stalled_for(self) -> float:
         """Seconds without a finished step while there is work (0 when idle or progressing)."""
@@ -67,19 +70,51 @@ class StepLoop:
         """Queue `item` for the next step and wait for its outcome."""
         return await self.post(item)
 
-    def post(self, item: Any, follows: bool = False) -> asyncio.Future:
-        """Queue `item` without waiting (clean-up from a `finally` of a cancelled call). `follows`:
-        the caller answers the outcome with its next item at once; the next batch waits for it."""
+    def post(self, item: Any, follows: bool = False, caller: str | None = None,
+             chained: bool = False) -> asyncio.Future:
+        """Queue `item` without waiting (clean-up from a `finally` of a cancelled call). `caller`:
+        who will post its next item after this outcome; the next batch is held for it. `follows`:
+        the next item will be posted at once, in this process; `chained`: this item was (its gap
+        is timed apart from those of items that crossed the network)."""
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
-        self.pending.append(Pending(item, future, follows))
+        if caller is not None:
+            self.arrivals.arrived(caller, time.monotonic(), quick=chained)
+        self.pending.append(Pending(item, future, follows, caller))
         self.wake.set()
         return future
+
+    def forget(self, caller: str) -> None:
+        """`caller` posts nothing more: no batch is held for it."""
+        self.arrivals.forget(caller)
+
+    async def _hold_for_expected(self) -> None:
+        """Hold the next batch while expected callers are likely to join it (at most a step)."""
+        started = time.monotonic()
+        held = False
+        while self.pending:
+            present = {entry.caller for entry in self.pending if entry.caller is not None}
+            now = time.monotonic()
+            until = self.arrivals.hold_until(present, len(self.pending), now, self.step_cost,
+                                             self.step_cost - (now - started))
+            if until is None:
+                break
+            held = True
+            self.wake.clear()
+            try:
+                await asyncio.wait_for(self.wake.wait(), max(until - now, 0.0))
+            except TimeoutError:
+                self.arrivals.give_up({entry.caller for entry in self.pending if entry.caller is not None})
+                break
+        if held:
+            self.arrivals.holds += 1
+            self.arrivals.hold_seconds += time.monotonic() - started
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self.wake.wait()
+            await self._hold_for_expected()
             self.wake.clear()
             batch = [entry for entry in self.pending if not entry.future.done()]  # drop cancelled callers
             self.pending = []
@@ -92,11 +127,16 @@ class StepLoop:
                 log.exception("step failed")
                 outcomes, waiting = {i: exc for i in range(len(batch))}, []
             self.steps += 1
-            self.last_step_at, self.running_since = time.monotonic(), None
+            now = time.monotonic()
+            elapsed = now - self.running_since
+            self.step_cost += (elapsed - self.step_cost) * (1.0 if self.steps == 1 else STEP_COST_SMOOTHING)
+            self.last_step_at, self.running_since = now, None
             waiting_ids = {id(item) for item in waiting}
             kept = []
             for index, entry in enumerate(batch):
                 if index in outcomes:
+                    if entry.caller is not None and not isinstance(outcomes[index], BaseException):
+                        self.arrivals.expect(entry.caller, entry.follows, now)
                     _resolve(entry.future, outcomes[index])
                 elif id(entry.item) in waiting_ids:
                     kept.append(entry)
@@ -105,9 +145,6 @@ class StepLoop:
             self.pending = kept + self.pending
             if outcomes and self.pending:
                 self.wake.set()  # progress was made: the waiting items may fit now
-            if any(entry.follows for entry in batch):
-                for _ in range(FOLLOW_UP_TICKS):
-                    await asyncio.sleep(0)  # those callers queue their next items before the next batch forms
 
 
 def _consume(future: asyncio.Future) -> None:

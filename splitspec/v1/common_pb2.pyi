@@ -122,7 +122,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("block_size", "blocks_total", "blocks_used", "blocks_free", "utilization", "running_sequences", "waiting_requests", "preemptions", "prefix_cache_hit_rate", "steps", "mean_batch_sequences", "max_batch_sequences", "mean_batch_tokens", "steps_by_batch_sequences", "step_seconds", "forward_seconds")
+    __slots__ = ("block_size", "blocks_total", "blocks_used", "blocks_free", "utilization", "running_sequences", "waiting_requests", "preemptions", "prefix_cache_hit_rate", "steps", "mean_batch_sequences", "max_batch_sequences", "mean_batch_tokens", "steps_by_batch_sequences", "step_seconds", "forward_seconds", "held_steps", "hold_seconds", "late_arrivals", "expected_gap_seconds")
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +139,10 @@ class WorkerStats(_message.Message):
     STEPS_BY_BATCH_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HELD_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LATE_ARRIVALS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_GAP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     block_size: int
     blocks_total: int
     blocks_used: int
@@ -155,4 +159,8 @@ class WorkerStats(_message.Message):
     steps_by_batch_sequences: _containers.RepeatedScalarFieldContainer[int]
     step_seconds: float
     forward_seconds: float
-    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., utilization: _Optional[float] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., steps: _Optional[int] = ..., mean_batch_sequences: _Optional[float] = ..., max_batch_sequences: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ..., steps_by_batch_sequences: _Optional[_Iterable[int]] = ..., step_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ...) -> None: ...
+    held_steps: int
+    hold_seconds: float
+    late_arrivals: int
+    expected_gap_seconds: float
+    def __init__(self, block_size: _Optional[int] = ..., blocks_total: _Optional[int] = ..., blocks_used: _Optional[int] = ..., blocks_free: _Optional[int] = ..., utilization: _Optional[float] = ..., running_sequences: _Optional[int] = ..., waiting_requests: _Optional[int] = ..., preemptions: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., steps: _Optional[int] = ..., mean_batch_sequences: _Optional[float] = ..., max_batch_sequences: _Optional[int] = ..., mean_batch_tokens: _Optional[float] = ..., steps_by_batch_sequences: _Optional[_Iterable[int]] = ..., step_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ..., held_steps: _Optional[int] = ..., hold_seconds: _Optional[float] = ..., late_arrivals: _Optional[int] = ..., expected_gap_seconds: _Optional[float] = ...) -> None: ...
