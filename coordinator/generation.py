@@ -269,13 +269,13 @@ class Generation:
     def _speculate(self, proposal: draft_pb2.DraftResponse | None, verifying: asyncio.Task) -> asyncio.Task | None:
         """Overlap: while the target verifies `proposal`, the draft drafts the round after it for
         each likely verdict (accepted count, and the recovered or bonus token that follows), and
-        the target gets them as a plan. Only while this request is alone on its draft: otherwise
-        the draft already works on another request's proposal during this verify, and branches
-        would only delay it."""
+        the target gets them as a plan. At every concurrency: the target's step loop holds its
+        batches whole, so every sequence on a draft is verified at the same time and the draft is
+        idle meanwhile."""
         drafting = self.drafting
         if not self.backend.overlap or proposal is None or not proposal.token_ids or drafting.session is None:
             return None
-        if drafting.endpoint is None or drafting.endpoint.pinned > 1:  # other requests keep this draft busy: no idle time to use
+        if drafting.endpoint is None:
             return None
         produced = len(proposal.token_ids) + 1  # the longest verdict: all accepted and the bonus token
         k = self.request.k if self.request.k != AUTO_K else self._auto_k()
