@@ -29,7 +29,7 @@ STEP_COST_SMOOTHING = 0.2  # weight of the newest step in the step-cost average 
 class Pending(Generic[Item]):
     item: Item
     future: asyncio.Future
-    follows: bool = False  # the caller posts its next item as soon as this one's outcome is in
+    follows: bool | Callable[[], bool] = False  # the caller posts its next item as soon as this one's outcome is in (asked then)
     caller: str | None = None  # who posts the next item after this one's outcome (None: nobody says)
 
 
@@ -70,12 +70,13 @@ class StepLoop:
         """Queue `item` for the next step and wait for its outcome."""
         return await self.post(item)
 
-    def post(self, item: Any, follows: bool = False, caller: str | None = None,
+    def post(self, item: Any, follows: bool | Callable[[], bool] = False, caller: str | None = None,
              chained: bool = False) -> asyncio.Future:
         """Queue `item` without waiting (clean-up from a `finally` of a cancelled call). `caller`:
         who will post its next item after this outcome; the next batch is held for it. `follows`:
-        the next item will be posted at once, in this process; `chained`: this item was (its gap
-        is timed apart from those of items that crossed the network)."""
+        the next item will be posted at once, in this process (a callable is asked when the
+        outcome is in: a plan may have come meanwhile); `chained`: this item was (its gap is timed
+        apart from those of items that crossed the network)."""
         future = asyncio.get_running_loop().create_future()
         future.add_done_callback(_consume)
         if caller is not None:
@@ -136,7 +137,8 @@ class StepLoop:
             for index, entry in enumerate(batch):
                 if index in outcomes:
                     if entry.caller is not None and not isinstance(outcomes[index], BaseException):
-                        self.arrivals.expect(entry.caller, entry.follows, now)
+                        follows = entry.follows() if callable(entry.follows) else entry.follows
+                        self.arrivals.expect(entry.caller, follows, now)
                     _resolve(entry.future, outcomes[index])
                 elif id(entry.item) in waiting_ids:
                     kept.append(entry)
