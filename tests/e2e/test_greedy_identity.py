@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+from coordinator.generation import OVERLAP_MAX_BRANCHES
 from splitspec.v1 import coordinator_pb2
 from tests.support import collect, start_stack
 
@@ -163,6 +164,32 @@ async def test_overlap_speculates_beside_other_requests_on_its_draft(tiny):
         speculated = sum(registry.get_sample_value("splitspec:overlap_speculations_total", {"outcome": outcome}) or 0
                          for outcome in ("held", "chained", "missed"))
         assert speculated > 3 * len(prompts)
+    finally:
+        await stack.stop()
+
+
+async def test_overlap_stops_when_the_branches_of_all_requests_on_the_draft_outgrow_a_pass(tiny):
+    """Beyond OVERLAP_MAX_BRANCHES branches per drafting pass over the draft's requests, drafting
+    them would outlast the verify: no branches then, and the same output."""
+    stack = await start_stack(tiny["target"], tiny["draft_same"], k=3, overlap=True)
+    registry = stack.coordinator.registry
+
+    def speculations() -> float:
+        return sum(registry.get_sample_value("splitspec:overlap_speculations_total", {"outcome": outcome}) or 0
+                   for outcome in ("held", "chained", "missed"))
+    try:
+        target, prompt = tiny["target"], "busy draft"
+        expected = reference(target, target.tokenizer(prompt).input_ids, 30, stop_at_eos=False)
+        request = coordinator_pb2.GenerateRequest(prompt=prompt, max_tokens=30, temperature=0.0, k=3, ignore_eos=True)
+        (draft,) = stack.coordinator.state.drafts.endpoints.values()
+        others = OVERLAP_MAX_BRANCHES // ((3 + 1) * 3)  # with this request: one too many
+        draft.pinned += others  # as if that many other requests were pinned to it
+        assert (await collect(stack.stub, request))["token_ids"] == expected
+        assert speculations() == 0
+        draft.pinned -= 1  # now they fit
+        assert (await collect(stack.stub, request))["token_ids"] == expected
+        assert speculations() > 3
+        draft.pinned -= others - 1
     finally:
         await stack.stop()
 
