@@ -88,7 +88,7 @@ async def sample_many(target, draft, k: int, max_tokens: int, overlap: bool = Fa
                 logit_bias=dict(params.logit_bias)))
 
         results = []
-        batch = 1 if overlap else 50  # overlap speculates only for a request alone on its draft
+        batch = 1 if overlap else 50  # overlap drafts branches for a few requests per draft only (OVERLAP_MAX_BRANCHES)
         for start in range(0, N, batch):
             results += await asyncio.gather(*(one(seed) for seed in range(start, min(N, start + batch))))
         held = stack.coordinator.registry.get_sample_value("splitspec:overlap_speculations_total",
