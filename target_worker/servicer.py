@@ -103,7 +103,7 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                     request = await rounds.get()
                     if request is None:
                         return
-                    verifying = self._start_verify(request, stream=True, plans=plans)
+                    verifying = self._start_verify(request, plans=plans)
                 else:
                     verifying, chained = chained, None
                 response = await self._finish_verify(verifying)
@@ -112,7 +112,7 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
                 if following is None and rounds.empty():  # no request waits: an autonomous round may go on
                     following, how = _autonomous_round(verifying.request, response, plan), "autonomous"
                 if following is not None:  # the next round starts before this verdict is written back
-                    chained = self._start_verify(following, stream=True, chained=True, plans=plans)
+                    chained = self._start_verify(following, chained=True, plans=plans)
                     response.chained = True
                     self.metrics.chained_rounds.labels(how).inc()
                 yield response
@@ -123,12 +123,12 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
             if chained is not None:
                 chained.outcome.cancel()
 
-    def _start_verify(self, request: target_pb2.VerifyRequest, stream: bool = False, chained: bool = False,
+    def _start_verify(self, request: target_pb2.VerifyRequest, chained: bool = False,
                       plans: dict[int, target_pb2.VerifyRequest] | None = None) -> _Verifying:
-        """Queue a round. `stream`: its stream answers the verdict with the next round, and the
-        next batch is held for it, as for a round this worker starts itself when an autonomous
-        budget or a plan (in `plans` when the verdict is in) says it may; `chained`: this worker
-        started this round itself."""
+        """Queue a round. `plans` (a VerifyStream's): its stream answers the verdict with the next
+        round, and the next batch is held for it, as for a round this worker starts itself when
+        an autonomous budget or a plan (in `plans` when the verdict is in) says it may;
+        `chained`: this worker started this round itself."""
         if request.autonomous_rounds < 0:
             raise InvalidArgument("autonomous_rounds", f"must be >= 0, got {request.autonomous_rounds}")
         if request.autonomous_rounds and request.draft_token_ids:
@@ -146,7 +146,8 @@ class TargetServicer(target_pb2_grpc.TargetWorkerServicer):
         def follows() -> bool:
             return autonomous or (plans is not None and num_tokens in plans)
 
-        outcome = self.steps.post(item, follows=follows, caller=request.seq_id if stream else None, chained=chained)
+        outcome = self.steps.post(item, follows=follows, caller=request.seq_id if plans is not None else None,
+                                  chained=chained)
         return _Verifying(request, outcome, time.perf_counter())
 
     async def _finish_verify(self, verifying: _Verifying) -> target_pb2.VerifyResponse:

@@ -47,7 +47,7 @@ class Arrivals:
             self.gaps[quick].append(now - entry.since)
 
     def forget(self, key: str) -> None:
-        """The caller is gone (its stream ended, its sequence was released)."""
+        """The caller is gone (its stream ended)."""
         self.expected.pop(key, None)
 
     def gap(self, quick: bool) -> float | None:
@@ -65,11 +65,12 @@ class Arrivals:
         outweigh the wait of those present: j * step_cost > num_present * (due_j - now). Never
         past `limit` seconds from now. Four sequences whose rounds all cross the network then
         share each step; one late sequence among three chained rounds joins the next step."""
+        gaps = {quick: self.gap(quick) for quick in (False, True)}
         dues = []
         for key, entry in self.expected.items():
             if key in present or not entry.held:
                 continue
-            gap = self.gap(entry.quick)
+            gap = gaps[entry.quick]
             due = entry.since + (limit if gap is None else gap)
             if now < due <= now + limit:
                 dues.append(due)

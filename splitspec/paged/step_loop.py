@@ -89,12 +89,15 @@ class StepLoop:
         """`caller` posts nothing more: no batch is held for it."""
         self.arrivals.forget(caller)
 
+    def _present_callers(self) -> set[str]:
+        return {entry.caller for entry in self.pending if entry.caller is not None}
+
     async def _hold_for_expected(self) -> None:
         """Hold the next batch while expected callers are likely to join it (at most a step)."""
         started = time.monotonic()
         held = False
         while self.pending:
-            present = {entry.caller for entry in self.pending if entry.caller is not None}
+            present = self._present_callers()
             now = time.monotonic()
             until = self.arrivals.hold_until(present, len(self.pending), now, self.step_cost,
                                              self.step_cost - (now - started))
@@ -105,7 +108,7 @@ class StepLoop:
             try:
                 await asyncio.wait_for(self.wake.wait(), max(until - now, 0.0))
             except TimeoutError:
-                self.arrivals.give_up({entry.caller for entry in self.pending if entry.caller is not None})
+                self.arrivals.give_up(self._present_callers())
                 break
         if held:
             self.arrivals.holds += 1
