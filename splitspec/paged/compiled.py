@@ -48,9 +48,14 @@ def export_compiles(registry: Any, counter: Callable[[], int]) -> None:
 
 
 def inductor_patches(device: torch.device) -> dict[str, Any]:
+    """The inductor settings of a device's graphs. On the CPU, `cpp_wrapper`: each graph's calls
+    (a forward of the pair's target makes ~110 of them: 49 linears, 12 attentions, fused
+    kernels) from generated C++, not Python; 5-6% off a padded batch step (4 x 1 tokens: 23.0
+    against 21.8 ms; 16 x 1: 38.5 against 36.2), 2% off one token (17.05 against 16.75), 5-10%
+    off the draft's, for ~10 s more compile per graph (README, forward cost)."""
     if device.type == "cuda":
         return {"triton.cudagraphs": True}
-    return {"freezing": True, "cpp.weight_prepack": True, "cpp.enable_concat_linear": True,
+    return {"freezing": True, "cpp.weight_prepack": True, "cpp.enable_concat_linear": True, "cpp_wrapper": True,
             "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
             "post_grad_custom_post_pass": _source_key()}
 
