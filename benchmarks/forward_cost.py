@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--no-pack", action="store_true", help="nn.Linear weights, not oneDNN-packed ones")
+    parser.add_argument("--no-paged-kernel", action="store_true",
+                        help="attention over gathered contexts (SDPA), not the CPU paged kernel")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the graphs' default step limit (the workers measure it at start)")
     parser.add_argument("--json", default=None)
@@ -96,7 +98,8 @@ def main() -> None:
     blocks = max(batches) * -(-(args.context + max(token_counts)) // 16) + 1
     started = time.perf_counter()
     _, runner = build_paged_cache(loaded, CacheConfig(num_blocks=blocks), compile=not args.enforce_eager,
-                                     pack=not args.no_pack, calibrate=not args.no_calibrate)
+                                     pack=not args.no_pack, calibrate=not args.no_calibrate,
+                                     paged_kernel=not args.no_paged_kernel)
     compile_seconds, started = time.perf_counter() - started, time.perf_counter()
     rows = []
     for batch in batches:
@@ -115,7 +118,8 @@ def main() -> None:
           f"start (compile included) {compile_seconds:.0f} s, measurement {time.perf_counter() - started:.0f} s, "
           f"graphs compiled {runner.compiles}, graph step limit "
           f"{runner.compiled.max_tokens if runner.compiled is not None else '-'} tokens, batch graph linears "
-          f"{runner.compiled.batch_gemms if runner.compiled is not None else '-'}")
+          f"{runner.compiled.batch_gemms if runner.compiled is not None else '-'}, attention "
+          f"{'paged kernel' if runner.paged_kernel else 'gathered contexts'}")
     print(f"weights {nbytes / 1e6:.1f} MB, copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound_ms:.2f} ms "
           "per forward\n")
     print("| batch \\ tokens | " + " | ".join(str(t) for t in token_counts) + " |")

@@ -2,7 +2,9 @@
 
 The model keeps its own projections, RoPE and MLPs; only the attention step changes: the new
 tokens' K/V are written into the pool at their slots, and each sequence's queries attend to the
-keys its block table points at (causally, by absolute position). A batch packs many sequences'
+keys its block table points at (causally, by absolute position): on the CPU through the paged
+kernel (`kernels.py`), which reads the blocks where they lie; elsewhere by gathering each
+context and running SDPA. A batch packs many sequences'
 new tokens into one row of T tokens; each may have a different length and context.
 Each layer's own attention settings are honoured: a sliding window (Mistral, Qwen2/3 with
 `use_sliding_window`, Gemma2/3's local layers) masks keys more than `sliding_window - 1`
@@ -20,6 +22,7 @@ from typing import Any
 import torch
 from torch.nn.functional import scaled_dot_product_attention
 
+from splitspec.paged.kernels import paged_attention as kernel_attention
 from splitspec.paged.kv_pool import KVPool
 
 ATTENTION_NAME = "splitspec_paged"
@@ -38,6 +41,8 @@ class PagedMetadata:
                                               # None for one sequence with one new token
     query_positions: torch.Tensor | None = None  # [B, max_q] absolute position of each query
     window_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # sliding window -> its mask
+    token_seq: torch.Tensor | None = None  # [T] row of block_tables of each new token: the CPU kernel
+    token_pos: torch.Tensor | None = None  # [T] absolute position of each new token (with token_seq)
 
     def mask_for(self, sliding_window: int | None) -> torch.Tensor | None:
         """The causal mask, narrowed to `sliding_window` keys per query where that excludes any."""
@@ -116,6 +121,12 @@ def paged_attention(
     _, _, kv_heads, head_dim = k_cache.shape
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, key[0].transpose(0, 1).to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, paged.slot_mapping, value[0].transpose(0, 1).to(v_cache.dtype))
+    if paged.token_seq is not None:  # the CPU kernel reads each sequence's blocks where they lie
+        assert paged.block_tables is not None and paged.token_pos is not None
+        out = kernel_attention(query[0].transpose(0, 1).to(k_cache.dtype), k_cache, v_cache, paged.block_tables,
+                               paged.token_seq, paged.token_pos, head_dim ** -0.5 if scaling is None else scaling,
+                               kwargs.get("sliding_window"), kwargs.get("softcap"))  # [T, heads, head_dim]
+        return out.to(query.dtype).unsqueeze(0), None
     keys, values = _context(k_cache, paged), _context(v_cache, paged)
     heads = query.shape[1]
     if paged.query_index is None:  # one sequence: the packed row is its batch row

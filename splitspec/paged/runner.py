@@ -12,6 +12,7 @@ import torch
 
 from splitspec.paged.attention import PagedMetadata, use_paged_attention
 from splitspec.paged.compiled import CompiledForward
+from splitspec.paged.kernels import cpu_paged_attention
 from splitspec.paged.kv_pool import KVPool
 from splitspec.paged.packed_linear import can_pack, pack_linears
 
@@ -33,12 +34,16 @@ class Chunk:
 
 
 class PagedRunner:
-    def __init__(self, model: Any, pool: KVPool, compile: bool = False, pack: bool = True) -> None:
+    def __init__(self, model: Any, pool: KVPool, compile: bool = False, pack: bool = True,
+                 paged_kernel: bool = True) -> None:
         """`compile`: run the forward through torch.compile (`CompiledForward`); else eagerly.
-        `pack`: on the CPU, pack the model's linears for oneDNN first (`pack_linears`), in place."""
+        `pack`: on the CPU, pack the model's linears for oneDNN first (`pack_linears`), in place.
+        `paged_kernel`: on the CPU, attention through the paged kernel where it builds
+        (`kernels.py`); else (and on other devices) each context is gathered for SDPA."""
         self.model = model
         self.pool = pool
         self.device = next(model.parameters()).device
+        self.paged_kernel = paged_kernel and self.device.type == "cpu" and cpu_paged_attention()
         self.weight_bytes = weight_bytes(model)  # before packing moves the linears' weights out of the parameters
         if pack and can_pack(model):
             pack_linears(model, keep_dense=compile)
@@ -137,35 +142,23 @@ class PagedRunner:
         total, max_q = sum(lengths), max(lengths)
         compiled = self.compiled is not None and self.compiled.takes(total)
         max_blocks = max(max(len(c.block_table) for c in chunks), 2 if compiled else 1)
-        # Compiled, every key of the gathered blocks is a column of the mask (no slice whose size
-        # could equal the blocks' and split the graph), and a batch of two or more tokens takes the
-        # general layout with no dimension of size 1 (padding rows), so that one dynamic graph
-        # serves all of them; one token of one sequence is the other graph.
-        max_context = (max_blocks * self.pool.block_size if compiled
-                       else max(c.start + length for c, length in zip(chunks, lengths)))
         positions = [torch.arange(c.start, c.start + length) for c, length in zip(chunks, lengths)]
+        padded = compiled and total > 1
+        rows = max(len(chunks), 2) if padded else len(chunks)  # a padded step has no size 1
+        tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
+        tables += [[0] * max_blocks] * (rows - len(chunks))
         metadata = PagedMetadata(
             pool=self.pool,
             slot_mapping=torch.tensor([s for c in chunks for s in c.slots], dtype=torch.long, device=device),
-            max_context=max_context,
+            max_context=max(c.start + length for c, length in zip(chunks, lengths)),
         )
-        padded = compiled and total > 1
-        rows, width = (max(len(chunks), 2), max(max_q, 2)) if padded else (len(chunks), max_q)
-        tables = [c.block_table + [0] * (max_blocks - len(c.block_table)) for c in chunks]
-        tables += [[0] * max_blocks] * (rows - len(chunks))
-        first = chunks[0].block_table
-        if not compiled and len(chunks) == 1 and first == list(range(first[0], first[0] + len(first))):
-            metadata.block_range = (first[0], len(first))  # one sequence on consecutive blocks: a view, no gather
-        else:
+        if self.paged_kernel:
             metadata.block_tables = torch.tensor(tables, dtype=torch.long, device=device)
-        if rows == 1:  # one sequence: its queries are the packed row as they are
-            query_positions = positions[0].view(1, -1)
+            metadata.token_seq = torch.tensor([b for b, length in enumerate(lengths) for _ in range(length)],
+                                              dtype=torch.long, device=device)
+            metadata.token_pos = torch.cat(positions).to(device)
         else:
-            query_positions = self._pack(metadata, positions, total, rows, width)
-        metadata.query_positions = query_positions.to(device)
-        if width > 1 or rows > 1 or compiled:  # eager, one token of one sequence sees all its keys: no mask
-            mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
-            metadata.mask = mask.unsqueeze(1).to(device)
+            self._gather(metadata, chunks, positions, tables, max_q, compiled, padded)
         logit_rows: list[int] = []
         offset = 0
         for chunk, length in zip(chunks, lengths):
@@ -192,11 +185,43 @@ class PagedRunner:
         logits = out.logits[0, :wanted].float().cpu()
         return list(torch.split(logits, [c.num_logits for c in chunks]))
 
+    def _gather(self, metadata: PagedMetadata, chunks: list[Chunk], positions: list[torch.Tensor],
+                tables: list[list[int]], max_q: int, compiled: bool, padded: bool) -> None:
+        """`metadata` for attention over gathered contexts: a batch of queries padded to
+        [rows, width], a mask over the keys, or one sequence's consecutive blocks as a view."""
+        device, rows, total = self.device, len(tables), len(metadata.slot_mapping)
+        # Compiled, every key of the gathered blocks is a column of the mask (no slice whose size
+        # could equal the blocks' and split the graph), and a batch of two or more tokens takes the
+        # general layout with no dimension of size 1 (padding rows), so that one dynamic graph
+        # serves all of them; one token of one sequence is the other graph.
+        if compiled:
+            metadata.max_context = len(tables[0]) * self.pool.block_size
+        max_context = metadata.max_context
+        width = max(max_q, 2) if padded else max_q
+        first = chunks[0].block_table
+        if not compiled and len(chunks) == 1 and first == list(range(first[0], first[0] + len(first))):
+            metadata.block_range = (first[0], len(first))  # one sequence on consecutive blocks: a view, no gather
+        else:
+            metadata.block_tables = torch.tensor(tables, dtype=torch.long, device=device)
+        if rows == 1:  # one sequence: its queries are the packed row as they are
+            query_positions = positions[0].view(1, -1)
+        else:
+            query_positions = self._pack(metadata, positions, total, rows, width)
+        metadata.query_positions = query_positions.to(device)
+        if width > 1 or rows > 1 or compiled:  # eager, one token of one sequence sees all its keys: no mask
+            mask = torch.arange(max_context).view(1, 1, -1) <= query_positions.unsqueeze(-1)
+            metadata.mask = mask.unsqueeze(1).to(device)
+
     @staticmethod
     def _dynamic_dims(metadata: PagedMetadata, input_ids: torch.Tensor, position_ids: torch.Tensor,
                       logits_to_keep: torch.Tensor, padded: bool) -> tuple[tuple[torch.Tensor, tuple[int, ...]], ...]:
         """Every size that varies between steps: of a padded batch (none is 1), or of one token of
         one sequence (its blocks and keys)."""
+        if metadata.token_seq is not None:
+            if not padded:
+                return ((metadata.block_tables, (1,)),)
+            return ((input_ids, (1,)), (position_ids, (1,)), (logits_to_keep, (0,)), (metadata.slot_mapping, (0,)),
+                    (metadata.token_seq, (0,)), (metadata.token_pos, (0,)), (metadata.block_tables, (0, 1)))
         if not padded:
             return ((metadata.block_tables, (1,)), (metadata.mask, (3,)))
         return ((input_ids, (1,)), (position_ids, (1,)), (logits_to_keep, (0,)), (metadata.slot_mapping, (0,)),

@@ -1,5 +1,5 @@
 """Paged attention gives the dense reference's logits across block boundaries, in packed batches,
-with and without shared prefix blocks."""
+with and without shared prefix blocks: through the CPU paged kernel and through gathered contexts."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ from splitspec.paged.cache import CacheConfig, build_paged_cache
 from splitspec.paged.runner import Chunk
 
 TOLERANCE = 1e-4
+
+
+@pytest.fixture(params=[True, False], ids=["kernel", "gather"])
+def paged_kernel(request):
+    return request.param
 
 
 def dense(loaded, token_ids):
@@ -24,9 +29,10 @@ def prefill_chunk(blocks, seq_id, tokens, num_logits):
 
 
 @pytest.mark.parametrize("model_name", ["target", "draft_other"])
-def test_packed_prefill_and_extension_match_dense(tiny, model_name):
+def test_packed_prefill_and_extension_match_dense(tiny, model_name, paged_kernel):
     loaded = tiny[model_name]
-    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4))
+    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4), paged_kernel=paged_kernel)
+    assert runner.paged_kernel == paged_kernel  # the kernel builds on this CPU
     generator = torch.Generator().manual_seed(0)
     prompts = [[1] + torch.randint(3, 259, (n,), generator=generator).tolist() for n in (3, 10, 17, 30)]
     chunks = [prefill_chunk(blocks, f"s{i}", p, len(p))[1] for i, p in enumerate(prompts)]
@@ -42,10 +48,10 @@ def test_packed_prefill_and_extension_match_dense(tiny, model_name):
         assert (logits - reference).abs().max() <= TOLERANCE
 
 
-def test_single_token_steps_of_sequences_with_different_contexts(tiny):
+def test_single_token_steps_of_sequences_with_different_contexts(tiny, paged_kernel):
     """Decode steps of several sequences (one new token each) still mask each one's padding keys."""
     loaded = tiny["target"]
-    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4))
+    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4), paged_kernel=paged_kernel)
     prompts = [[1, 5, 6], [1] + list(range(30, 47)), [1, 9, 8, 7, 6, 5, 4]]
     runner.forward([prefill_chunk(blocks, f"s{i}", p, 1)[1] for i, p in enumerate(prompts)])
     chunks = []
@@ -56,9 +62,9 @@ def test_single_token_steps_of_sequences_with_different_contexts(tiny):
         assert (logits - dense(loaded, prompt + [100 + i])[-1:]).abs().max() <= TOLERANCE
 
 
-def test_shared_prefix_blocks_give_dense_logits(tiny):
+def test_shared_prefix_blocks_give_dense_logits(tiny, paged_kernel):
     loaded = tiny["target"]
-    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4))
+    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4), paged_kernel=paged_kernel)
     stem = [1] + list(range(100, 122))  # 23 tokens: 5 full blocks
     first = stem + [7, 8]
     _, chunk = prefill_chunk(blocks, "a", first, len(first))
@@ -81,11 +87,11 @@ def test_shared_prefix_blocks_give_dense_logits(tiny):
 
 
 @pytest.mark.parametrize("scatter", [False, True])
-def test_one_sequence_decodes_on_consecutive_or_scattered_blocks(tiny, scatter):
+def test_one_sequence_decodes_on_consecutive_or_scattered_blocks(tiny, scatter, paged_kernel):
     """A batch of one sequence attends through a view of consecutive blocks or a gather of scattered
     ones; single-token steps run without a mask. Both give the dense logits."""
     loaded = tiny["target"]
-    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4))
+    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=4), paged_kernel=paged_kernel)
     if scatter:  # interleave another sequence so that this one's blocks are not consecutive
         blocks.allocate("other", [1, 2, 3, 4, 5])
     tokens = [1, 20, 30, 40, 50, 60]
@@ -107,9 +113,9 @@ def test_one_sequence_decodes_on_consecutive_or_scattered_blocks(tiny, scatter):
 
 
 @pytest.mark.real_models
-def test_real_model_across_blocks(real):
+def test_real_model_across_blocks(real, paged_kernel):
     loaded = real["target"]
-    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=16))
+    blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=64, block_size=16), paged_kernel=paged_kernel)
     prompt = loaded.tokenizer("Once upon a time, there was a little girl named Lily. " * 4).input_ids
     _, chunk = prefill_chunk(blocks, "s", prompt, len(prompt))
     (logits,) = runner.forward([chunk])
