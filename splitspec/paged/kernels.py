@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ def cpu_paged_attention() -> bool:
     capability = torch.backends.cpu.get_cpu_capability()
     flags = ISA_FLAGS.get(capability, [])
     try:
+        _find_ninja()
         load(name=f"splitspec_paged_attention_{capability.lower()}", sources=[str(SOURCE)],
              extra_cflags=["-O3", *flags], is_python_module=False, verbose=False)
     except Exception as error:  # no compiler, or it failed: the gather + SDPA path serves
@@ -43,6 +45,16 @@ def cpu_paged_attention() -> bool:
     torch.library.register_fake("splitspec::paged_attention")(_fake_paged_attention)
     log.info("paged attention kernel loaded", extra={"isa": capability})
     return True
+
+
+def _find_ninja() -> None:
+    """The C++ extension loader runs `ninja` from PATH; the `ninja` package (a dependency) puts it
+    in this environment's bin directory, which is on PATH only in an activated environment."""
+    import ninja
+
+    path = os.environ.get("PATH", "")
+    if ninja.BIN_DIR not in path.split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path]) if path else ninja.BIN_DIR
 
 
 def _fake_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
