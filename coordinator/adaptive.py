@@ -26,9 +26,7 @@ A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses aga
 yet measured are explored first (EXPLORE: the shortest proposal and k = 0), and each again once
 unmeasured for REFRESH_SECONDS, so that a cost taken under other traffic or in a burst of
 prefills does not stick for the rest of a run; an exploring choice is held until MEASURE_ROUNDS
-rounds per sequence have been measured; a proposal is not explored while a smaller bucket has
-just found the target alone faster than a proposal it measured (speculation loses more as the
-batch grows; `CostModel.lost_below`). After a
+rounds per sequence have been measured. After a
 switch, rounds of the last choice are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK
 of them): a round that started before they can all have ended (SETTLE_MARGIN times the longest
 of them) shares steps with them and is not measured. Other k >= 1 are read off a line through the
@@ -85,8 +83,6 @@ class RoundTimes:
     samples: dict[int, deque] = field(default_factory=dict)  # k -> the last `window` round seconds
     seen_at: dict[int, float] = field(default_factory=dict)  # k -> time.perf_counter() when last measured
     choice: int | None = None                                # the k every request here runs
-    decided: int | None = None                               # the k goodput chose last (not an exploration)
-    decided_at: float = 0.0                                  # ... at this time.perf_counter()
     choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
     hold: int = 0                                            # ... before the bucket chooses again
     settled_at: float = 0.0                                  # rounds started before this share steps with the last choice's
@@ -162,17 +158,6 @@ class CostModel:
             return True
         return now - times.seen_at[k] > REFRESH_SECONDS
 
-    def lost_below(self, sequences: int, now: float) -> bool:
-        """Whether a smaller batch bucket chose the target alone, within REFRESH_SECONDS, over a
-        proposal measured there within REFRESH_SECONDS. A larger batch then does not explore a
-        proposal: each sequence's verify shares a dearer step as the batch grows, so speculation
-        only loses more (SmartSpec's finding; here fixed k = 1 ran 0.86x / 0.80x target only at
-        concurrency 16 / 32, and each exploration costs 8 rounds per sequence of it)."""
-        bucket = batch_bucket(sequences)
-        return any(smaller < bucket and times.decided == 0 and now - times.decided_at <= REFRESH_SECONDS
-                   and any(k >= 1 and now - seen <= REFRESH_SECONDS for k, seen in times.seen_at.items())
-                   for smaller, times in self.buckets.items())
-
 
 @dataclass(slots=True)
 class AcceptanceEstimate:
@@ -213,21 +198,18 @@ def expected_tokens(estimate: AcceptanceEstimate, k: int) -> float:
 
 def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int,
              now: float | None = None) -> int:
-    """The k of this batch bucket: its current choice while held, else a stale EXPLORE length
-    (no proposal where a smaller bucket found the target alone faster: `CostModel.lost_below`),
+    """The k of this batch bucket: its current choice while held, else a stale EXPLORE length,
     else the argmax over k in [0, max_k] of E(k) / T(k)."""
     times, bucket = costs.times(sequences), batch_bucket(sequences)
     if times.choice is None or times.choice_rounds >= times.hold:
         now = time.perf_counter() if now is None else now
-        lost_below = costs.lost_below(sequences, now)
         exploring = next((k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE)
-                          if costs.stale(sequences, k, now) and not (k >= 1 and lost_below)), None)
+                          if costs.stale(sequences, k, now)), None)
         if exploring is not None:
             times.samples.pop(exploring, None)  # measured afresh: the old rounds ran under other traffic
             times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1)
         else:
-            times.decided, times.decided_at = fastest_k(estimate, costs, sequences, max_k), now
-            times.switch(times.decided, DECIDE_ROUNDS * bucket, now, bucket > 1)
+            times.switch(fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket, now, bucket > 1)
         log.info("k chosen", extra={
             "bucket": bucket, "k": times.choice, "exploring": exploring is not None,
             "round_ms": {k: round(1000 * t, 2) for k, t in sorted(times.seconds.items())},

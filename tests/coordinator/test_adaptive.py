@@ -130,29 +130,6 @@ def test_exploration_measures_each_listed_length_before_choosing():
     assert set(dear.buckets[1].seconds) == {0, 1}  # k = 1 lost to the target alone: nothing longer was tried
 
 
-def test_a_larger_batch_does_not_explore_what_a_smaller_one_found_slower():
-    """Bucket 16 measured k = 1 and k = 0 and chose k = 0: bucket 32 runs k = 0 without exploring
-    k = 1, until bucket 16's finding is REFRESH_SECONDS old. Where bucket 16 chose a proposal,
-    bucket 32 explores as usual."""
-    enough = len(EXPLORE) * MEASURE_ROUNDS * 16 + 32  # both explored, and the settling rounds after a switch
-    lost = CostModel()
-    chosen = drive(lost, sure(0.6), {0: 0.020, 1: 0.045}, enough, sequences=16, clock=0.0)
-    decided_at = lost.buckets[16].decided_at
-    assert chosen[-1] == 0 and lost.buckets[16].decided == 0 and lost.lost_below(32, now=decided_at)
-    assert set(drive(lost, sure(0.6), {0: 0.030, 1: 0.040}, 200, sequences=32, clock=decided_at)) == {0}
-    assert 1 not in lost.buckets[32].seconds
-    assert not lost.lost_below(8, now=decided_at)  # a smaller batch than the one that lost still explores
-    later = decided_at + REFRESH_SECONDS + 1
-    assert not lost.lost_below(32, now=later)
-    assert EXPLORE[0] in drive(lost, sure(0.6), {0: 0.030, 1: 0.040}, (MEASURE_ROUNDS + DECIDE_ROUNDS) * 32,
-                               sequences=32, clock=later)  # once its own choice's hold is over
-    won = CostModel()
-    drive(won, sure(0.9), {0: 0.040, 1: 0.030}, enough, sequences=16, clock=0.0)
-    decided_at = won.buckets[16].decided_at
-    assert won.buckets[16].decided == 2 and not won.lost_below(32, now=decided_at)
-    assert choose_k(sure(0.9), won, 32, 8, now=decided_at) == EXPLORE[0]
-
-
 def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
     """Four requests in bucket 4 ask in turn: all get the bucket's choice. A round of another k
     is not measured, nor one that started while the last choice's rounds could still be in flight
