@@ -4,8 +4,8 @@ The model keeps its own projections, RoPE and MLPs; only the attention step chan
 tokens' K/V are written into the pool at their slots, and each sequence's queries attend to the
 keys its block table points at (causally, by absolute position): on the CPU through the paged
 kernel (`kernels.py`), which reads the blocks where they lie; elsewhere by gathering each
-context and running SDPA. A batch packs many sequences'
-new tokens into one row of T tokens; each may have a different length and context.
+context and running SDPA. A batch packs many sequences' new tokens into one row of T tokens;
+each may have a different length and context.
 Each layer's own attention settings are honoured: a sliding window (Mistral, Qwen2/3 with
 `use_sliding_window`, Gemma2/3's local layers) masks keys more than `sliding_window - 1`
 positions before the query, as transformers' `sliding_window_overlay` does (the pool still keeps
