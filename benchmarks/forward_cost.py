@@ -79,6 +79,8 @@ def main() -> None:
     parser.add_argument("--no-pack", action="store_true", help="nn.Linear weights, not oneDNN-packed ones")
     parser.add_argument("--no-paged-kernel", action="store_true",
                         help="attention over gathered contexts (SDPA), not the CPU paged kernel")
+    parser.add_argument("--no-gemm-kernel", action="store_true",
+                        help="the graphs' linears as inductor's templates or oneDNN, not the streamed linear kernel")
     parser.add_argument("--no-calibrate", action="store_true",
                         help="keep the graphs' default step limit (the workers measure it at start)")
     parser.add_argument("--json", default=None)
@@ -99,7 +101,8 @@ def main() -> None:
     started = time.perf_counter()
     _, runner = build_paged_cache(loaded, CacheConfig(num_blocks=blocks), compile=not args.enforce_eager,
                                      pack=not args.no_pack, calibrate=not args.no_calibrate,
-                                     paged_kernel=not args.no_paged_kernel)
+                                     paged_kernel=not args.no_paged_kernel,
+                                     gemm_kernel=not args.no_gemm_kernel)
     compile_seconds, started = time.perf_counter() - started, time.perf_counter()
     rows = []
     for batch in batches:
@@ -118,7 +121,8 @@ def main() -> None:
           f"start (compile included) {compile_seconds:.0f} s, measurement {time.perf_counter() - started:.0f} s, "
           f"graphs compiled {runner.compiles}, graph step limit "
           f"{runner.compiled.max_tokens if runner.compiled is not None else '-'} tokens, batch graph linears "
-          f"{runner.compiled.batch_gemms if runner.compiled is not None else '-'}, attention "
+          f"{'streamed kernel' if runner.gemm_kernel else runner.compiled.batch_gemms if runner.compiled is not None else '-'}"
+          ", attention "
           f"{'paged kernel' if runner.paged_kernel else 'gathered contexts'}")
     print(f"weights {nbytes / 1e6:.1f} MB, copy bandwidth {bandwidth / 1e9:.1f} GB/s -> bound {bound_ms:.2f} ms "
           "per forward\n")

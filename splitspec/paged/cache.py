@@ -58,18 +58,20 @@ def plan_num_blocks(loaded: LoadedModel, config: CacheConfig, shards: int = 1) -
 def build_paged_cache(
     loaded: LoadedModel, config: CacheConfig, shards: int = 1, runner_class: type[PagedRunner] = PagedRunner,
     compile: bool = False, pack: bool = True, calibrate: bool = False, paged_kernel: bool = True,
+    gemm_kernel: bool = True,
 ) -> tuple[BlockManager, PagedRunner]:
     """`shards` > 1: this rank's pool holds only its share of the KV heads (tensor parallelism);
     `compile`: the runner's forward goes through torch.compile; `pack`: its linears run on
     oneDNN-packed weights (CPU); `calibrate` (with `compile`): the longest step the graphs take is
     measured on this machine (`PagedRunner.calibrate`); `paged_kernel`: attention through the CPU
-    paged kernel where it builds (`kernels.py`)."""
+    paged kernel where it builds (`kernels.py`); `gemm_kernel`: the graphs' linears through the
+    streamed linear kernel where the runner takes it (`PagedRunner`)."""
     num_blocks = plan_num_blocks(loaded, config, shards)
     pool = KVPool(loaded.model.config, num_blocks, config.block_size, loaded.dtype, loaded.device, shards)
     log.info("kv cache allocated", extra={"num_blocks": num_blocks, "block_size": config.block_size,
                                           "bytes": num_blocks * bytes_per_block(loaded.model.config, config.block_size,
                                                                                 loaded.dtype)})
-    runner = runner_class(loaded.model, pool, compile, pack, paged_kernel)
+    runner = runner_class(loaded.model, pool, compile, pack, paged_kernel, gemm_kernel)
     if compile:
         started = time.perf_counter()
         runner.warm_up()

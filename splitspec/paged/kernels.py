@@ -1,11 +1,14 @@
-"""The CPU paged-attention kernel (`paged_attention.cpp`): attention of a step's new tokens over
-their sequences' blocks where they lie in the pool, with no gathered copy of the contexts.
+"""The CPU kernels: paged attention (`paged_attention.cpp`: attention of a step's new tokens over
+their sequences' blocks where they lie in the pool, with no gathered copy of the contexts) and
+the streamed linear (`streamed_linear.cpp`: the GEMM of a few rows on weights packed into
+sequential panels, for models whose weights stream from memory each step).
 
-Built on first use by torch's C++ extension loader (cached under `TORCH_EXTENSIONS_DIR`, by
-default ~/.cache/torch_extensions, one build per vector ISA), registered as
-`torch.ops.splitspec.paged_attention`, with a fake implementation so that torch.compile calls it
-from its graphs as an opaque op. Where it cannot be built (no C++ compiler), the paged attention
-gathers the contexts and runs SDPA, as on CUDA.
+Each is built on first use by torch's C++ extension loader (cached under `TORCH_EXTENSIONS_DIR`,
+by default ~/.cache/torch_extensions, one build per vector ISA), registered under
+`torch.ops.splitspec`, with fake implementations so that torch.compile calls them from its graphs
+as opaque ops. Where one cannot be built (no C++ compiler, no AVX2), its caller keeps the path it
+had: the paged attention gathers the contexts for SDPA, as on CUDA; the linears stay oneDNN's or
+inductor's.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_attention.cpp")
 ISA_FLAGS = {  # torch's CPU capability -> the flags its vectorized headers need
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512"],
     "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
@@ -30,20 +32,35 @@ ISA_FLAGS = {  # torch's CPU capability -> the flags its vectorized headers need
 def cpu_paged_attention() -> bool:
     """Whether `torch.ops.splitspec.paged_attention` runs on this CPU; builds and loads it on the
     first call (tens of seconds; then cached on disk)."""
+    if not _build("paged_attention"):
+        return False
+    torch.library.register_fake("splitspec::paged_attention")(_fake_paged_attention)
+    return True
+
+
+@functools.cache
+def cpu_streamed_linear() -> bool:
+    """Whether `torch.ops.splitspec.streamed_linear` runs on this CPU (AVX-512 or AVX2); builds and
+    loads it on the first call."""
+    if torch.backends.cpu.get_cpu_capability() not in ISA_FLAGS or not _build("streamed_linear"):
+        return False
+    torch.library.register_fake("splitspec::streamed_linear")(_fake_streamed_linear)
+    return True
+
+
+def _build(kernel: str) -> bool:
+    """Build (or load from the disk cache) `<kernel>.cpp` beside this file for this CPU's vector ISA."""
     from torch.utils.cpp_extension import load
 
     capability = torch.backends.cpu.get_cpu_capability()
-    flags = ISA_FLAGS.get(capability, [])
     try:
         _find_ninja()
-        load(name=f"splitspec_paged_attention_{capability.lower()}", sources=[str(SOURCE)],
-             extra_cflags=["-O3", *flags], is_python_module=False, verbose=False)
-    except Exception as error:  # no compiler, or it failed: the gather + SDPA path serves
-        log.warning("paged attention kernel not built; attention gathers each context",
-                    extra={"error": str(error)[:500]})
+        load(name=f"splitspec_{kernel}_{capability.lower()}", sources=[str(Path(__file__).with_name(f"{kernel}.cpp"))],
+             extra_cflags=["-O3", *ISA_FLAGS.get(capability, [])], is_python_module=False, verbose=False)
+    except Exception as error:  # no compiler, or it failed: the caller keeps its other path
+        log.warning("CPU kernel not built; its fallback serves", extra={"kernel": kernel, "error": str(error)[:500]})
         return False
-    torch.library.register_fake("splitspec::paged_attention")(_fake_paged_attention)
-    log.info("paged attention kernel loaded", extra={"isa": capability})
+    log.info("CPU kernel loaded", extra={"kernel": kernel, "isa": capability})
     return True
 
 
@@ -61,6 +78,23 @@ def _fake_paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_ca
                           block_tables: torch.Tensor, token_seq: torch.Tensor, token_pos: torch.Tensor,
                           scale: float, window: int, softcap: float) -> torch.Tensor:
     return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+def _fake_streamed_linear(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                          out_features: int) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+def streamed_linear(input: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None,
+                    out_features: int) -> torch.Tensor:
+    """input: [..., K] float32; packed: `pack_streamed_weight` of a [N, K] weight ([panels, K,
+    panel], this CPU's panel width); bias: [N] or None -> [..., N = out_features]."""
+    return torch.ops.splitspec.streamed_linear(input, packed, bias, out_features)
+
+
+def pack_streamed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight: [N, K] float32 -> the panels `streamed_linear` reads."""
+    return torch.ops.splitspec.pack_streamed_weight(weight.detach().contiguous())
 
 
 def paged_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,

@@ -12,7 +12,7 @@ import torch
 
 from splitspec.paged.attention import PagedMetadata, use_paged_attention
 from splitspec.paged.compiled import CompiledForward
-from splitspec.paged.kernels import cpu_paged_attention
+from splitspec.paged.kernels import cpu_paged_attention, cpu_streamed_linear
 from splitspec.paged.kv_pool import KVPool
 from splitspec.paged.packed_linear import can_pack, pack_linears
 
@@ -35,18 +35,24 @@ class Chunk:
 
 class PagedRunner:
     def __init__(self, model: Any, pool: KVPool, compile: bool = False, pack: bool = True,
-                 paged_kernel: bool = True) -> None:
+                 paged_kernel: bool = True, gemm_kernel: bool = True) -> None:
         """`compile`: run the forward through torch.compile (`CompiledForward`); else eagerly.
         `pack`: on the CPU, pack the model's linears for oneDNN first (`pack_linears`), in place.
         `paged_kernel`: on the CPU, attention through the paged kernel where it builds
-        (`kernels.py`); else (and on other devices) each context is gathered for SDPA."""
+        (`kernels.py`); else (and on other devices) each context is gathered for SDPA.
+        `gemm_kernel`: compiled, packed, on the CPU in float32, for a model whose weights stream
+        from memory each step (STREAMED_WEIGHT_BYTES): the graphs' linears through the streamed
+        linear kernel where it builds, not inductor's templates or oneDNN."""
         self.model = model
         self.pool = pool
         self.device = next(model.parameters()).device
         self.paged_kernel = paged_kernel and self.device.type == "cpu" and cpu_paged_attention()
         self.weight_bytes = weight_bytes(model)  # before packing moves the linears' weights out of the parameters
-        if pack and can_pack(model):
-            pack_linears(model, keep_dense=compile)
+        packs = pack and can_pack(model)
+        self.gemm_kernel = (gemm_kernel and compile and packs and next(model.parameters()).dtype == torch.float32
+                            and self.weight_bytes >= STREAMED_WEIGHT_BYTES and cpu_streamed_linear())
+        if packs:
+            pack_linears(model, keep_dense=compile, streamed=self.gemm_kernel)
         use_paged_attention(model)
         self.compiled = CompiledForward(model, self.device) if compile else None
 
@@ -74,8 +80,8 @@ class PagedRunner:
         oneDNN calls, and keep the faster (`CompiledForward.use_batch_gemms`). Returns {gemms: ms}
         for those timed ({} when not timed). Compiles one more graph; the one kept serves from now."""
         compiled = self.compiled
-        if compiled is None or self.device.type != "cpu" or self.weight_bytes < min_weight_bytes:
-            return {}
+        if compiled is None or self.device.type != "cpu" or self.weight_bytes < min_weight_bytes or self.gemm_kernel:
+            return {}  # (the streamed linear kernel: the graphs' linears are its, whichever is chosen)
         step = self._calibration_step(CALIBRATION_STEPS[0])
         timed = {}
         for gemms in ("templates", "onednn"):

@@ -19,6 +19,8 @@ from splitspec.paged.compiled import (
     prefer_cpp_templates,
     prefer_short_register_blocks,
 )
+from splitspec.paged import runner as runner_module
+from splitspec.paged.kernels import cpu_streamed_linear
 from splitspec.paged.runner import CALIBRATION_STEPS, Chunk
 
 TOLERANCE = 1e-4
@@ -68,17 +70,21 @@ def run_batches(runner, blocks, batches: list[list[tuple[int, int]]]) -> list[li
 
 def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int] | None = None,
              graph_tokens: int | None = None, batch_gemms: str = "templates"):
+    """`batch_gemms`: templates, onednn, or streamed (every graph's linears through the streamed
+    linear kernel; the caller lets the runner take it for these small weights)."""
     """Each batch of (context, new) shapes through an eager runner on the model's own linears and
     a compiled runner (packed linears) on identical pools: contexts are prefilled first by the
     same runner, then the batch.
     `graph_calls` collects the token count of each forward that reached the compiled graphs."""
     runs = []
     for compile in (False, True):
+        streamed = batch_gemms == "streamed"
         blocks, runner = build_paged_cache(loaded, CacheConfig(num_blocks=256, block_size=4), compile=compile,
-                                           pack=compile)
+                                           pack=compile, gemm_kernel=streamed)
+        assert runner.gemm_kernel == (compile and streamed)
         if compile and graph_tokens is not None:
             runner.compiled.max_tokens = graph_tokens
-        if compile and batch_gemms != runner.compiled.batch_gemms:
+        if compile and not streamed and batch_gemms != runner.compiled.batch_gemms:
             runner.compiled.use_batch_gemms(batch_gemms)
         if compile and graph_calls is not None:
             count_graph_calls(runner, graph_calls)
@@ -86,10 +92,15 @@ def run_both(loaded, batches: list[list[tuple[int, int]]], graph_calls: list[int
     return runs
 
 
-@pytest.mark.parametrize("batch_gemms", ["templates", "onednn"])
-def test_compiled_logits_match_eager_on_every_shape(fresh, batch_gemms):
-    """With either kind of linears in the batch graph (onednn: a third graph, as the templates'
-    batch graph was compiled when the runner warmed up)."""
+@pytest.mark.parametrize("batch_gemms", ["templates", "onednn", "streamed"])
+def test_compiled_logits_match_eager_on_every_shape(fresh, batch_gemms, monkeypatch):
+    """With each kind of linears in the batch graph (onednn: a third graph, as the templates'
+    batch graph was compiled when the runner warmed up; streamed: the kernel in both graphs, taken
+    here although these weights stay in cache)."""
+    if batch_gemms == "streamed":
+        if not cpu_streamed_linear():
+            pytest.skip("the streamed linear kernel does not build here (no C++ compiler or no AVX2)")
+        monkeypatch.setattr(runner_module, "STREAMED_WEIGHT_BYTES", 0)
     batches = [
         [(0, 7)],                       # a prefill
         [(9, 1)],                       # one decode step
@@ -105,7 +116,7 @@ def test_compiled_logits_match_eager_on_every_shape(fresh, batch_gemms):
     worst = max((a - b).abs().max().item() for batch_e, batch_c in zip(eager, compiled)
                 for a, b in zip(batch_e, batch_c))
     assert worst <= TOLERANCE, f"compiled logits differ from eager by {worst}"
-    graphs = 2 if batch_gemms == "templates" else 3
+    graphs = 3 if batch_gemms == "onednn" else 2
     assert runner.compiles == graphs, f"{runner.compiles} graphs: one token, and one padded dynamic batch graph"
     limit = BATCH_GRAPH_TOKENS
     steps = [sum(new for _, new in shapes) for shapes in batches]
@@ -175,6 +186,7 @@ def test_batch_gemms_keep_the_faster_and_only_for_weights_that_stream_from_memor
         return scripted[runner.compiled.batch_gemms]
 
     runner._step_ms = step_ms
+    assert not runner.gemm_kernel  # these weights stay in cache: the streamed linear is for those that stream
     assert runner.choose_batch_gemms() == {} and steps == [] and runner.compiled.batch_function is None
     assert runner.choose_batch_gemms(min_weight_bytes=0) == scripted
     assert steps == [("templates", CALIBRATION_STEPS[0]), ("onednn", CALIBRATION_STEPS[0])]
