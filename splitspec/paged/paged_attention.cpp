@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 namespace {
@@ -53,6 +54,36 @@ inline void axpy(float weight, const float* x, float* y, int64_t dim) {
   for (; d < dim; ++d) y[d] += weight * x[d];
 }
 
+// scores[0 .. n) -> their softmax, in place (after a soft-cap: cap * tanh(score / cap), where cap > 0).
+inline void softmax(float* scores, int64_t n, float cap) {
+  int64_t j = 0;
+  const int64_t whole = n - n % Vec::size();
+  if (cap > 0) {
+    const Vec c(cap), inverse(1.0f / cap);
+    for (; j < whole; j += Vec::size()) (c * (Vec::loadu(scores + j) * inverse).tanh()).store(scores + j);
+    for (; j < n; ++j) scores[j] = cap * std::tanh(scores[j] / cap);
+  }
+  Vec tops(-std::numeric_limits<float>::infinity());
+  for (j = 0; j < whole; j += Vec::size()) tops = at::vec::maximum(tops, Vec::loadu(scores + j));
+  float lanes[Vec::size()];
+  tops.store(lanes);
+  float top = *std::max_element(lanes, lanes + Vec::size());
+  for (; j < n; ++j) top = std::max(top, scores[j]);
+  Vec sums(0.0f);
+  const Vec shift(top);
+  for (j = 0; j < whole; j += Vec::size()) {
+    const Vec e = (Vec::loadu(scores + j) - shift).exp();
+    e.store(scores + j);
+    sums = sums + e;
+  }
+  sums.store(lanes);
+  float total = std::accumulate(lanes, lanes + Vec::size(), 0.0f);
+  for (; j < n; ++j) total += (scores[j] = std::exp(scores[j] - top));
+  const Vec scale(1.0f / total);
+  for (j = 0; j < whole; j += Vec::size()) (Vec::loadu(scores + j) * scale).store(scores + j);
+  for (; j < n; ++j) scores[j] /= total;
+}
+
 // Calls visit(position, slot) for positions first..last of a sequence, block by block.
 template <typename Visit>
 inline void for_each_slot(const int64_t* table, int64_t block_size, int64_t first, int64_t last, Visit visit) {
@@ -66,11 +97,12 @@ inline void for_each_slot(const int64_t* table, int64_t block_size, int64_t firs
 // One work item: every query row (token x head) of a run of consecutive tokens of one sequence.
 // Each position's keys (all kv heads: one contiguous row of the block) are loaded once for all of
 // them, and the blocks are read in order, front to back.
-template <typename scalar_t>
+// kDim: the head size where it is a compile-time constant (the loops over it unroll), else 0.
+template <typename scalar_t, int64_t kDim>
 void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
             const at::Tensor& block_tables, const at::Tensor& token_seq, const at::Tensor& token_pos, double scale,
             int64_t window, double softcap, at::Tensor& out) {
-  const int64_t tokens = query.size(0), heads = query.size(1), dim = query.size(2);
+  const int64_t tokens = query.size(0), heads = query.size(1), dim = kDim > 0 ? kDim : query.size(2);
   const int64_t block_size = key_cache.size(1), kv_heads = key_cache.size(2);
   const int64_t groups = heads / kv_heads, max_blocks = block_tables.size(1);
   const scalar_t* q = query.data_ptr<scalar_t>();
@@ -116,18 +148,7 @@ void attend(const at::Tensor& query, const at::Tensor& key_cache, const at::Tens
           if (lows[r] <= position && position <= highs[r])
             scores[r * count + position - first] = dot(scaled.data() + r * dim, k + offsets[r], dim);
       });
-      for (int64_t r = 0; r < rows; ++r) {
-        float* s = scores.data() + r * count;
-        const int64_t lo = lows[r] - first, hi = highs[r] - first;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t j = lo; j <= hi; ++j) {
-          if (cap > 0) s[j] = cap * std::tanh(s[j] / cap);
-          top = std::max(top, s[j]);
-        }
-        float total = 0.0f;
-        for (int64_t j = lo; j <= hi; ++j) total += (s[j] = std::exp(s[j] - top));
-        for (int64_t j = lo; j <= hi; ++j) s[j] /= total;
-      }
+      for (int64_t r = 0; r < rows; ++r) softmax(scores.data() + r * count + lows[r] - first, highs[r] - lows[r] + 1, cap);
       acc.assign(rows * dim, 0.0f);
       for_each_slot(table, block_size, first, last, [&](int64_t position, int64_t slot) {
         const float* v = as_floats(values + slot * slot_stride, row.data(), slot_stride);
@@ -162,7 +183,12 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   auto positions = token_pos.to(at::kLong).contiguous();
   auto out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention", [&] {
-    attend<scalar_t>(q, key_cache, value_cache, tables, seqs, positions, scale, window, softcap, out);
+    switch (q.size(2)) {
+      case 32: return attend<scalar_t, 32>(q, key_cache, value_cache, tables, seqs, positions, scale, window, softcap, out);
+      case 64: return attend<scalar_t, 64>(q, key_cache, value_cache, tables, seqs, positions, scale, window, softcap, out);
+      case 128: return attend<scalar_t, 128>(q, key_cache, value_cache, tables, seqs, positions, scale, window, softcap, out);
+      default: return attend<scalar_t, 0>(q, key_cache, value_cache, tables, seqs, positions, scale, window, softcap, out);
+    }
   });
   return out;
 }
