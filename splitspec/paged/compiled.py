@@ -12,7 +12,9 @@ oneDNN won from about 6 rows on until the micro-GEMMs were held to 6-row registe
 (`prefer_short_register_blocks`), the graphs then won up to 32; on an AVX2 one the graphs won at
 32 (README, forward cost). The limit starts at `GRAPH_TOKENS["cpu"]` and a worker measures it at
 start (`PagedRunner.calibrate`). A model whose weights stream from memory may take oneDNN's GEMM
-for the batch graph's linears instead, where that measures faster (`use_batch_gemms`). CUDA: CUDA
+for the batch graph's linears instead, where that measures faster (`use_batch_gemms`); in float32
+where the streamed linear kernel builds, its packed linears call that kernel in every graph
+instead (`PagedRunner`, `packed_linear.py`), and neither templates nor oneDNN run there. CUDA: CUDA
 graphs (inductor's cudagraph trees record one graph per shape), for steps of any size. Two
 graphs serve every compiled step: one token of one sequence, and a padded batch whose sizes are
 dynamic, so a new batch size or context length does not recompile; what does recompile (a new
