@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitspec.paged.kernels import cpu_paged_attention, paged_attention
+from splitspec.paged.kernels import cpu_paged_attention, paged_attention, parallel_threads
 
 pytestmark = pytest.mark.skipif(not cpu_paged_attention(), reason="the paged kernel does not build here (no C++ compiler)")
 
@@ -76,6 +76,21 @@ def test_kernel_in_bfloat16_matches_within_its_precision(dim):
     out = paged_attention(query, keys, values, padded, token_seq, token_pos, dim ** -0.5, None, None)
     expected = reference(query, keys, values, tables, lengths, new, dim ** -0.5)
     assert out.dtype == torch.bfloat16 and (out.double() - expected).abs().max() < 2e-2
+
+
+def test_kernel_splits_its_runs_over_torchs_threads():
+    """Built with OpenMP, so its at::parallel_for uses every torch thread, with the same result."""
+    query, keys, values, padded, token_seq, token_pos, *_ = case(seed=3)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = paged_attention(query, keys, values, padded, token_seq, token_pos, DIM ** -0.5, None, None)
+        torch.set_num_threads(2)
+        assert parallel_threads("paged_attention") == 2
+        shared = paged_attention(query, keys, values, padded, token_seq, token_pos, DIM ** -0.5, None, None)
+        assert torch.equal(shared, alone)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_kernel_runs_inside_a_compiled_graph():

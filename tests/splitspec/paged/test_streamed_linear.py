@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitspec.paged.kernels import cpu_streamed_linear, pack_streamed_weight, streamed_linear
+from splitspec.paged.kernels import cpu_streamed_linear, pack_streamed_weight, parallel_threads, streamed_linear
 from splitspec.paged.packed_linear import PackedLinear
 
 pytestmark = pytest.mark.skipif(not cpu_streamed_linear(),
@@ -45,6 +45,23 @@ def test_packing_pads_the_last_panel_with_zero_columns():
     panel = packed.shape[2]
     assert packed.shape == (1, 5, panel) and panel in (16, 32)  # two AVX2 or AVX-512 registers
     assert torch.equal(packed[0, :, :3], weight.T) and not packed[0, :, 3:].any()
+
+
+def test_panels_split_over_torchs_threads():
+    """Built with OpenMP, so at::parallel_for uses every torch thread (without it the kernel ran on
+    one thread whatever torch.set_num_threads said); panels are independent, so the result is the
+    same bit for bit."""
+    generator = torch.Generator().manual_seed(2)
+    x, weight = torch.randn(5, 96, generator=generator), torch.randn(300, 96, generator=generator)
+    packed, previous = pack_streamed_weight(weight), torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = streamed_linear(x, packed, None, 300)
+        torch.set_num_threads(2)
+        assert parallel_threads("streamed_linear") == 2
+        assert torch.equal(streamed_linear(x, packed, None, 300), alone)
+    finally:
+        torch.set_num_threads(previous)
 
 
 def test_bad_inputs_raise():
