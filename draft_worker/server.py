@@ -21,6 +21,7 @@ from splitspec.service import (
     RunningServer,
     ServerSecurity,
     message_limit,
+    off_thread,
     serve_until_signal,
     start_stepped_server,
 )
@@ -52,7 +53,8 @@ async def start_draft(
 ) -> RunningServer:
     """Serve an already loaded draft model (a separate model, or the target with layers skipped);
     `compile`: its forward runs through torch.compile, compiled before the server starts."""
-    blocks, runner = build_paged_cache(loaded, cache or CacheConfig(), compile=compile, calibrate=compile)
+    blocks, runner = await off_thread(build_paged_cache, loaded, cache or CacheConfig(), compile=compile,
+                                      calibrate=compile)
     engine = DraftEngine(loaded, blocks, runner, max_k=max_k)
     return await serve_engine(engine, loaded.vocab_size, port, host, watchdog_seconds, tls, reflection, model_nice)
 
@@ -94,7 +96,7 @@ async def serve_draft(config: DraftConfig) -> None:
         if config.method == "layerskip" and not config.skip_layers:
             raise InvalidArgument("--skip-layers", "layerskip needs the layers to skip (--skip-layers 1,3 or "
                                                    "--skip-layers-file best.json from splitspec search-skip)")
-        loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
+        loaded = await off_thread(load_model, config.model, config.device, config.dtype, config.max_model_len)
         if config.method == "layerskip":
             skip_layers(loaded.model, config.skip_layers)
             loaded.name = f"{config.model} skipping layers {','.join(map(str, config.skip_layers))}"

@@ -17,6 +17,7 @@ from splitspec.service import (
     RunningServer,
     ServerSecurity,
     message_limit,
+    off_thread,
     serve_until_signal,
     start_stepped_server,
 )
@@ -71,9 +72,9 @@ async def start_target(
         raise InvalidArgument("--max-batch-tokens", f"must be at least the context ({loaded.max_model_len}): "
                                                     "a whole prompt is prefilled in one step")
     if tensor_parallel_size > 1:
-        blocks, runner = build_paged_cache(loaded, cache, tensor_parallel_size, TensorParallelRunner)
+        blocks, runner = await off_thread(build_paged_cache, loaded, cache, tensor_parallel_size, TensorParallelRunner)
     else:
-        blocks, runner = build_paged_cache(loaded, cache, compile=compile, calibrate=compile)
+        blocks, runner = await off_thread(build_paged_cache, loaded, cache, compile=compile, calibrate=compile)
     engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
                           max_batch_tokens=max_batch_tokens, batching=batching)
     metrics = TargetMetrics()
@@ -91,7 +92,7 @@ async def serve_target(config: TargetConfig) -> None:
     if config.tensor_parallel_size > 1:
         await serve_tensor_parallel(config)
         return
-    loaded = load_model(config.model, config.device, config.dtype, config.max_model_len)
+    loaded = await off_thread(load_model, config.model, config.device, config.dtype, config.max_model_len)
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
                                  config.batching, watchdog_seconds=config.watchdog_seconds, tls=config.tls,
                                  reflection=config.reflection, model_nice=config.model_nice,
@@ -106,7 +107,7 @@ async def serve_tensor_parallel(config: TargetConfig) -> None:
     check_devices(config.device, size)
     check_shardable_checkpoint(config.model, size)
     device = rank_device(config.device, 0)
-    loaded = load_shard(config.model, device, config.dtype, config.max_model_len, 0, size)
+    loaded = await off_thread(load_shard, config.model, device, config.dtype, config.max_model_len, 0, size)
     num_blocks = plan_num_blocks(loaded, config.cache, size)
     spec = FollowerSpec(config.model, config.device, config.dtype, config.max_model_len, num_blocks,
                         config.cache.block_size, config.threads, free_address(), size)

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from splitspec.service import make_channel, model_thread, start_server
+from splitspec.service import make_channel, model_thread, off_thread, start_server
 
 
 def thread_nice() -> int:
@@ -66,3 +66,23 @@ def test_model_thread_runs_nice_levels_below_the_io_threads(nice):
         inside = executor.submit(thread_nice).result()
     assert inside == min(19, caller + nice)
     assert thread_nice() == caller  # only the model thread moved
+
+
+async def test_off_thread_runs_on_a_thread_that_has_exited_when_it_returns():
+    """Loading runs there, so that its OpenMP pool is gone before the model thread makes its own."""
+    ran_on: list[threading.Thread] = []
+
+    def load(a: int, b: int = 0) -> int:
+        ran_on.append(threading.current_thread())
+        return a + b
+
+    assert await off_thread(load, 2, b=3) == 5
+    assert ran_on[0] is not threading.current_thread() and not ran_on[0].is_alive()
+
+
+async def test_off_thread_hands_back_the_error():
+    def fail() -> None:
+        raise ValueError("no such checkpoint")
+
+    with pytest.raises(ValueError, match="no such checkpoint"):
+        await off_thread(fail)
