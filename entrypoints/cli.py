@@ -406,14 +406,19 @@ def _http_ok(port: int) -> bool:
 
 def _split_cores(with_draft: bool) -> tuple[list[int], list[int]]:
     """With two or more cores, drafts and targets get separate ones (a quarter, at least one, for
-    the drafts) so they never steal each other's core. Without a draft the target leaves one core
-    to the coordinator and gateway, as vLLM leaves one to its API server: a model thread that
-    shares its cores with them stalls at every parallel region they preempt (measured on 2 cores:
-    35.3 / 34.1 tok/s at concurrency 1 / 4 on both cores, 42.7 / 79.0 on one of its own)."""
+    the drafts) so they never steal each other's core. Without a draft the target leaves the first
+    core to the coordinator and gateway, as vLLM leaves one to its API server, except on two cores,
+    where it takes both and shares the first with them (32 requests x 128 tokens, one run: 73.6 /
+    239.2 / 512.4 / 650.1 tok/s at concurrency 1 / 4 / 16 / 32 against 51.7 / 190.4 / 426.0 /
+    538.6 with the target on one core of its own). Unmeasured on more cores: there one core is a
+    small share of the target's, and a thread preempted by the services stalls every parallel
+    region it is part of."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return [], []
-    split = max(1, len(cores) // 4) if with_draft else 1
+    if not with_draft:
+        return (cores if len(cores) == 2 else cores[1:]), cores[:1]
+    split = max(1, len(cores) // 4)
     return cores[split:], cores[:split]
 
 
