@@ -7,11 +7,12 @@
 // a logit soft-cap as the layer asks; grouped-query heads share each key and value load.
 #include <torch/extension.h>
 
+#include "parallel_threads.h"
+
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -194,23 +195,10 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   return out;
 }
 
-// The threads at::parallel_for runs this kernel's loops on with torch's current setting: 1 where
-// the build lacked OpenMP (the loop then runs on the calling thread alone).
-int64_t parallel_threads() {
-  std::atomic<int64_t> most{1};
-  at::parallel_for(0, 4 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    const int64_t used = at::get_thread_num() + 1;
-    int64_t seen = most.load();
-    while (used > seen && !most.compare_exchange_weak(seen, used)) {
-    }
-  });
-  return most.load();
-}
-
 }  // namespace
 
 TORCH_LIBRARY(splitspec, m) {
-  m.def("paged_attention_threads() -> int", &parallel_threads);
+  m.def("paged_attention_threads() -> int", &splitspec_kernels::parallel_threads);
   m.def("paged_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
         "Tensor token_seq, Tensor token_pos, float scale, int window, float softcap) -> Tensor");
 }

@@ -10,11 +10,12 @@
 // 4 to 32 rows (README, forward cost).
 #include <torch/extension.h>
 
+#include "parallel_threads.h"
+
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <array>
 #include <utility>
 
@@ -137,23 +138,10 @@ at::Tensor streamed_linear(const at::Tensor& input, const at::Tensor& packed, co
   return y.view(sizes);
 }
 
-// The threads at::parallel_for runs this kernel's loops on with torch's current setting: 1 where
-// the build lacked OpenMP (the loop then runs on the calling thread alone).
-int64_t parallel_threads() {
-  std::atomic<int64_t> most{1};
-  at::parallel_for(0, 4 * at::get_num_threads(), 1, [&](int64_t, int64_t) {
-    const int64_t used = at::get_thread_num() + 1;
-    int64_t seen = most.load();
-    while (used > seen && !most.compare_exchange_weak(seen, used)) {
-    }
-  });
-  return most.load();
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(splitspec, m) {
-  m.def("streamed_linear_threads() -> int", &parallel_threads);
+  m.def("streamed_linear_threads() -> int", &splitspec_kernels::parallel_threads);
   m.def("pack_streamed_weight(Tensor weight) -> Tensor");
   m.def("streamed_linear(Tensor input, Tensor packed, Tensor? bias, int out_features) -> Tensor");
 }
