@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -141,32 +142,11 @@ async def off_thread(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     and stops spinning between parallel regions, and every region then waits for its workers to
     wake: 64 streamed linears at 2 threads took 10.3 ms from the thread that loaded them, 15.4-16.5
     ms from a second thread, 9.8 ms from a second one once the loading thread had exited."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future = loop.create_future()
-
-    def run() -> None:
-        try:
-            result = fn(*args, **kwargs)
-        except BaseException as error:  # handed to the awaiting coroutine
-            loop.call_soon_threadsafe(_settle, done, None, error)
-        else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
-
-    thread = threading.Thread(target=run, name=getattr(fn, "__name__", "off-thread"), daemon=True)
-    thread.start()
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=getattr(fn, "__name__", "off-thread"))
     try:
-        return await done
+        return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args, **kwargs))
     finally:
-        await asyncio.to_thread(thread.join)
-
-
-def _settle(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
+        await asyncio.to_thread(executor.shutdown)  # its thread exits, and that thread's OpenMP pool with it
 
 
 def model_thread(name: str, nice: int = 0) -> ThreadPoolExecutor:
