@@ -23,7 +23,7 @@ outlier; per sequence, because at concurrency 4 the sequences finish and prefill
 window of 32 rounds was 8 tokens each, which one such burst filled (T(0) read 20 ms for 13).
 
 A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again. Lengths not
-yet measured are explored first (EXPLORE: the shortest proposal and k = 0), and each again once
+yet measured are explored first (EXPLORE: the two shortest proposals and k = 0), and each again once
 unmeasured for REFRESH_SECONDS, so that a cost taken under other traffic or in a burst of
 prefills does not stick for the rest of a run; an exploring choice is held until MEASURE_ROUNDS
 rounds per sequence have been measured. After a
@@ -32,9 +32,16 @@ of them): a round that started before they can all have ended (SETTLE_MARGIN tim
 of them) shares steps with them and is not measured. Other k >= 1 are read off a line through the
 bucket's measured points, up to one past the longest measured; a proposal must beat k = 0 by
 SPECULATION_MARGIN. Longer proposals are thus reached one at a time, each measured only once the
-one before it won: where speculation loses (a large batch), no round pays for a long proposal
-(exploring 2, 4 and 0 first gave 0.85-0.96x the tokens/s of exploring 1 and 0 at concurrency
-1-32, README). Exploration changes speed only, never the output.
+one before it won. Two proposal lengths are explored, not one, because k = 0 and k >= 1 may run
+on different cores (the target's steps of target-only rounds take the drafts' cores too,
+`target_worker.cores`): T(1) - T(0) is then no per-token cost, and only a line through two
+proposals says what a longer one costs (with k = 1 alone, k = 0 won at concurrency 1, 12.98
+against 22.33 ms for 1.73 tokens, where k = 3 then gave 23.5 ms for 2.6).
+
+Speculation pays less the larger the batch (SmartSpec): where a smaller bucket chose k = 0 over
+its measured proposals within REFRESH_SECONDS, a larger one runs k = 0 without exploring
+proposals, so that a large batch pays no exploration where a smaller one has just lost. Exploration
+changes speed only, never the output.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
-EXPLORE = (1, 0)  # draft lengths measured first in every bucket; longer ones one at a time as they win
+EXPLORE = (1, 2, 0)  # draft lengths measured first in every bucket; longer ones one at a time as they win
 REFRESH_SECONDS = 20.0  # after this long unmeasured in a bucket, a k is measured again
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
 SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
@@ -86,14 +93,18 @@ class RoundTimes:
     choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
     hold: int = 0                                            # ... before the bucket chooses again
     settled_at: float = 0.0                                  # rounds started before this share steps with the last choice's
+    exploring: bool = False                                  # `choice` is being measured, not chosen by goodput
+    chosen_at: float = float("-inf")                         # time.perf_counter() of the last choice by goodput
 
-    def switch(self, k: int, hold: int, now: float, shared: bool) -> None:
+    def switch(self, k: int, hold: int, now: float, shared: bool, exploring: bool = False) -> None:
         """Every request here runs `k` from now, for `hold` measured rounds. `shared`: several
         sequences share the steps, so rounds of the last choice are still in flight."""
         if shared and self.choice is not None and k != self.choice:
             last = self.seconds.get(self.choice, max(self.seconds.values(), default=0.0))
             self.settled_at = now + SETTLE_MARGIN * last * (AUTONOMOUS_CHUNK if self.choice == 0 else 1)
-        self.choice, self.hold, self.choice_rounds = k, hold, 0
+        self.choice, self.hold, self.choice_rounds, self.exploring = k, hold, 0, exploring
+        if not exploring:
+            self.chosen_at = now
 
     def line(self, k: int) -> float | None:
         """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points (slope >= 0).
@@ -151,6 +162,12 @@ class CostModel:
             return times.seconds[k]
         return times.line(k) if k >= 1 else None
 
+    def speculation_lost_below(self, sequences: int, now: float) -> bool:
+        """A smaller batch's bucket chose k = 0 by goodput within the last REFRESH_SECONDS."""
+        bucket = batch_bucket(sequences)
+        return any(smaller < bucket and times.choice == 0 and not times.exploring
+                   and now - times.chosen_at <= REFRESH_SECONDS for smaller, times in self.buckets.items())
+
     def stale(self, sequences: int, k: int, now: float) -> bool:
         """Never measured at this batch, or not for REFRESH_SECONDS."""
         times = self.times(sequences)
@@ -198,20 +215,23 @@ def expected_tokens(estimate: AcceptanceEstimate, k: int) -> float:
 
 def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int,
              now: float | None = None) -> int:
-    """The k of this batch bucket: its current choice while held, else a stale EXPLORE length,
-    else the argmax over k in [0, max_k] of E(k) / T(k)."""
+    """The k of this batch bucket: its current choice while held, else 0 where a smaller bucket
+    just chose 0, else a stale EXPLORE length, else the argmax over k in [0, max_k] of E(k) / T(k)."""
     times, bucket = costs.times(sequences), batch_bucket(sequences)
     if times.choice is None or times.choice_rounds >= times.hold:
         now = time.perf_counter() if now is None else now
-        exploring = next((k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE)
-                          if costs.stale(sequences, k, now)), None)
-        if exploring is not None:
+        lost_below = costs.speculation_lost_below(sequences, now)
+        exploring = None if lost_below else next(
+            (k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE) if costs.stale(sequences, k, now)), None)
+        if lost_below:
+            times.switch(0, DECIDE_ROUNDS * bucket, now, bucket > 1)
+        elif exploring is not None:
             times.samples.pop(exploring, None)  # measured afresh: the old rounds ran under other traffic
-            times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1)
+            times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1, exploring=True)
         else:
             times.switch(fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket, now, bucket > 1)
         log.info("k chosen", extra={
-            "bucket": bucket, "k": times.choice, "exploring": exploring is not None,
+            "bucket": bucket, "k": times.choice, "exploring": exploring is not None, "lost_below": lost_below,
             "round_ms": {k: round(1000 * t, 2) for k, t in sorted(times.seconds.items())},
             "acceptance": [round(estimate.rate(p), 3) for p in range(max_k)]})
     return min(times.choice, max_k)

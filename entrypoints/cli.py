@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 EXIT_USAGE = 2
@@ -55,6 +56,22 @@ def _pin(cores: str | None) -> None:
             os.sched_setaffinity(0, parse_cores(cores))
         except (ValueError, OSError) as exc:
             raise ValueError(f"--cpu-cores {cores!r}: {exc}") from exc
+
+
+def _verify_cores(args: argparse.Namespace) -> set[int] | None:
+    """--verify-cores, checked against the cores this worker may use (after --cpu-cores)."""
+    if not args.verify_cores:
+        return None
+    from target_worker.cores import CorePlan
+
+    if args.tensor_parallel_size > 1 or args.threads:
+        raise ValueError("--verify-cores sets the threads step by step: not with --tensor-parallel-size or --threads")
+    try:
+        cores = parse_cores(args.verify_cores)
+    except ValueError as exc:
+        raise ValueError(f"--verify-cores {args.verify_cores!r}: {exc}") from exc
+    CorePlan.for_this_process(cores)  # raises, naming the flag, unless they are some of the worker's cores
+    return cores
 
 
 def _k_value(text: str) -> int:
@@ -161,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--no-batching", action="store_true", help="one sequence per forward pass (baseline)")
     target.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="shard the model over N devices (N processes on a CPU)")
+    target.add_argument("--verify-cores", default=None, metavar="CORES",
+                        help="steps that verify proposals or prefill run on these of the worker's cores only, "
+                             "leaving the rest to drafts; steps of target-only rounds use them all (`up` sets it)")
 
     draft = sub.add_parser("draft", help="run a draft worker")
     _add_model_args(draft, 50053)
@@ -330,7 +350,7 @@ def _run_service(args: argparse.Namespace, name: str) -> None:
             raise ValueError(f"--tensor-parallel-size must be >= 1, got {args.tensor_parallel_size}")
         config = TargetConfig(**_worker_fields(args), cache=_cache_config(args), max_batch_tokens=args.max_batch_tokens,
                               batching=not args.no_batching, tensor_parallel_size=args.tensor_parallel_size,
-                              threads=args.threads)
+                              threads=args.threads, verify_cores=_verify_cores(args))
         run(lambda: serve_target(config))
     elif name == "draft":
         from draft_worker.server import DraftConfig, serve_draft
@@ -404,9 +424,21 @@ def _http_ok(port: int) -> bool:
         return False
 
 
-def _split_cores(with_draft: bool) -> tuple[list[int], list[int]]:
-    """With two or more cores, drafts and targets get separate ones (a quarter, at least one, for
-    the drafts) so they never steal each other's core. Without a draft the target leaves the first
+@dataclass(slots=True)
+class CoreSplit:
+    """`splitspec up`'s cores: the target's (`--cpu-cores`), the ones it keeps to while drafts work
+    beside it (`--verify-cores`; empty: always all of its own), and the others' (the drafts', or
+    without a draft the coordinator's and gateway's). Empty lists: nothing pinned."""
+    target: list[int]
+    verify: list[int]
+    others: list[int]
+
+
+def _split_cores(with_draft: bool) -> CoreSplit:
+    """With two or more cores, the drafts get their own (a quarter, at least one) for the steps that
+    verify their proposals, so drafting overlaps verification and neither steals the other's core;
+    the target's steps of target-only rounds (k = 0, chosen where speculation loses) take every core,
+    the drafts' included, as the target alone would. Without a draft the target leaves the first
     core to the coordinator and gateway, as vLLM leaves one to its API server, except on two cores,
     where it takes both and shares the first with them (32 requests x 128 tokens, one run: 73.6 /
     239.2 / 512.4 / 650.1 tok/s at concurrency 1 / 4 / 16 / 32 against 51.7 / 190.4 / 426.0 /
@@ -415,11 +447,11 @@ def _split_cores(with_draft: bool) -> tuple[list[int], list[int]]:
     region it is part of."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
-        return [], []
+        return CoreSplit([], [], [])
     if not with_draft:
-        return (cores if len(cores) == 2 else cores[1:]), cores[:1]
+        return CoreSplit(cores if len(cores) == 2 else cores[1:], [], cores[:1])
     split = max(1, len(cores) // 4)
-    return cores[split:], cores[:split]
+    return CoreSplit(cores, cores[split:], cores[:split])
 
 
 def _cores_flag(cores: list[int]) -> list[str]:
@@ -444,8 +476,12 @@ def _up(args: argparse.Namespace) -> int:
         args.draft = args.draft or args.target
     elif args.skip_layers or args.skip_layers_file:
         raise ValueError("--skip-layers needs --draft-method layerskip")
-    target_cores, other_cores = _split_cores(args.draft is not None)  # the drafts', or with none the services'
-    target_flag, draft_flag = _cores_flag(target_cores), _cores_flag(other_cores)
+    cores = _split_cores(args.draft is not None)
+    target_flag, draft_flag = _cores_flag(cores.target), _cores_flag(cores.others)
+    if cores.verify and args.tensor_parallel_size == 1 and not args.threads:
+        target_flag += ["--verify-cores", ",".join(map(str, cores.verify))]
+    elif cores.verify:  # a fixed thread count or several ranks: the target keeps to its own cores
+        target_flag = _cores_flag(cores.verify)
     commands: dict[str, list[str]] = {}
     # the workers compile their forward before they serve: wait for them as long as `up` does
     coordinator = [*python, "coordinator", "--port", str(args.port), "--k", args.k if args.draft else "0",
@@ -473,10 +509,10 @@ def _up(args: argparse.Namespace) -> int:
         if args.api_key:
             commands["gateway"] += ["--api-key", args.api_key]
     children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
-    if args.draft is None and other_cores:  # target only: coordinator and gateway keep to the core it left
+    if args.draft is None and cores.others:  # target only: coordinator and gateway keep to the core it left
         for name in ("coordinator", "gateway"):
             if name in children:
-                os.sched_setaffinity(children[name].pid, other_cores)
+                os.sched_setaffinity(children[name].pid, cores.others)
 
     stopping = False
 

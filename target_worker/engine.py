@@ -40,6 +40,7 @@ from splitspec.sampling import (
     token_logprobs,
 )
 from splitspec.v1 import common_pb2
+from target_worker.cores import CorePlan
 
 TARGET_STREAM = 1
 
@@ -130,6 +131,7 @@ class TargetEngine:
     max_num_seqs: int = 256
     max_batch_tokens: int = 4096
     batching: bool = True
+    cores: CorePlan | None = None  # all cores for target-only steps, the target's own beside busy drafts
     sequences: dict[str, TargetSequence] = field(default_factory=dict)
     suspended: dict[str, torch.Tensor] = field(default_factory=dict)  # preempted: generator state
     stats: EngineStats = field(default_factory=EngineStats)
@@ -299,6 +301,8 @@ class TargetEngine:
     def _run(self, planned: list[_Planned], outcomes: dict[int, Any]) -> None:
         constrained = [p for p in planned if p.sequence.matcher is not None and not getattr(p.item, "resume", False)]
         masking = self._mask_thread().submit(self._masks, constrained) if constrained else None
+        if self.cores is not None:
+            self.cores.use(drafts_busy=any(isinstance(p.item, PrefillItem) or p.item.draft_token_ids for p in planned))
         started = time.perf_counter()
         logits = self.runner.forward([p.chunk for p in planned])  # the grammar masks are computed meanwhile
         forward_seconds = time.perf_counter() - started

@@ -22,6 +22,7 @@ from splitspec.service import (
     start_stepped_server,
 )
 from splitspec.v1 import target_pb2, target_pb2_grpc
+from target_worker.cores import CorePlan
 from target_worker.engine import TargetEngine
 from target_worker.metrics import GrammarMaskCollector, TargetMetrics
 from target_worker.servicer import TargetServicer
@@ -47,6 +48,7 @@ class TargetConfig(WorkerConfig):
     batching: bool = True
     tensor_parallel_size: int = 1
     threads: int | None = None
+    verify_cores: set[int] | None = None  # see CorePlan: with drafts on the others, verify on these
 
 
 async def start_target(
@@ -62,10 +64,11 @@ async def start_target(
     reflection: bool = False,
     model_nice: int = 0,
     compile: bool = False,
+    cores: CorePlan | None = None,
 ) -> RunningServer:
     """Serve an already loaded model (used by the CLI and by in-process tests). `compile`: the
     forward runs through torch.compile, compiled before the server starts (not with tensor
-    parallelism, whose ranks run eagerly)."""
+    parallelism, whose ranks run eagerly). `cores`: the model thread's cores step by step."""
     cache = cache or CacheConfig()
     max_batch_tokens = max_batch_tokens or max(4096, loaded.max_model_len)
     if max_batch_tokens < loaded.max_model_len:
@@ -74,9 +77,13 @@ async def start_target(
     if tensor_parallel_size > 1:
         blocks, runner = await off_thread(build_paged_cache, loaded, cache, tensor_parallel_size, TensorParallelRunner)
     else:
+        if cores is not None:  # inductor's OpenMP regions follow torch's thread count step by step
+            import torch._inductor.config
+
+            torch._inductor.config.cpp.dynamic_threads = True
         blocks, runner = await off_thread(build_paged_cache, loaded, cache, compile=compile, calibrate=compile)
     engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
-                          max_batch_tokens=max_batch_tokens, batching=batching)
+                          max_batch_tokens=max_batch_tokens, batching=batching, cores=cores)
     metrics = TargetMetrics()
     export_compiles(metrics.registry, lambda: runner.compiles)
     metrics.registry.register(GrammarMaskCollector(engine.stats))
@@ -96,7 +103,8 @@ async def serve_target(config: TargetConfig) -> None:
     running = await start_target(loaded, config.port, config.host, config.cache, config.max_batch_tokens,
                                  config.batching, watchdog_seconds=config.watchdog_seconds, tls=config.tls,
                                  reflection=config.reflection, model_nice=config.model_nice,
-                                 compile=config.compiles(loaded))
+                                 compile=config.compiles(loaded),
+                                 cores=CorePlan.for_this_process(config.verify_cores) if config.verify_cores else None)
     log.info("target worker serving", extra={"port": running.port, "model": config.model})
     await serve_until_signal(running, config.grace, config.metrics_port)
 

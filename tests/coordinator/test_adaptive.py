@@ -7,7 +7,7 @@ import pytest
 from coordinator.adaptive import (
     AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_SECONDS, SAMPLES, SETTLE_MARGIN, SPECULATION_MARGIN,
     AcceptanceEstimate, CostModel,
-    batch_bucket, choose_k, expected_tokens,
+    batch_bucket, choose_k, expected_tokens, fastest_k,
 )
 
 
@@ -100,34 +100,35 @@ def test_unmeasured_lengths_are_read_off_the_line_through_measured_ones():
 
 
 def test_one_measured_proposal_length_prices_longer_ones_by_its_cost_over_the_target_alone():
-    """Only k = 1 and k = 0 measured: k = 2 is priced at T(1) + (T(1) - T(0)), so where k = 1 lost
-    to the target alone (concurrency 4 on a CPU: 24.5 against 13.1 ms) a longer proposal is not
-    chosen for looking as cheap as k = 1; where k = 1 costs little more, k = 2 is tried next."""
+    """Only k = 1 and k = 0 measured (say max_k = 1 explored them): k = 2 is priced at T(1) +
+    (T(1) - T(0)), so where k = 1 lost to the target alone (concurrency 4 on a CPU: 24.5 against
+    13.1 ms) a longer proposal is not chosen for looking as cheap as k = 1; where k = 1 costs
+    little more, k = 2 is tried next."""
     dear = costs({0: 0.0131, 1: 0.0245}, sequences=4)
     assert dear.round_seconds(4, 2) == pytest.approx(0.0359)
     acceptance = AcceptanceEstimate(prior=0.6, weight=1e9)
     acceptance.proposed, acceptance.accepted = [1e9, 1e9], [0.78e9, 0.55e9]
-    assert choose_k(acceptance, dear, 4, 8) == 0
+    assert fastest_k(acceptance, dear, 4, 8) == 0
     cheap = costs({0: 0.0096, 1: 0.0117})
     assert cheap.round_seconds(1, 2) == pytest.approx(0.0138)
-    assert choose_k(acceptance, cheap, 1, 8) == 2
+    assert fastest_k(acceptance, cheap, 1, 8) == 2
     assert costs({1: 0.02}).round_seconds(1, 3) == pytest.approx(0.02)  # no k = 0 to compare: flat
 
 
 def test_exploration_measures_each_listed_length_before_choosing():
-    """The shortest proposal and the target alone are measured first; a longer proposal only once
-    the one before it has won (one past the longest measured), so a batch where speculation
+    """The two shortest proposals and the target alone are measured first; a longer proposal only
+    once the one before it has won (one past the longest measured), so a batch where speculation
     loses never pays for a long one."""
-    assert EXPLORE == (1, 0)
+    assert EXPLORE == (1, 2, 0)
     model, window = CostModel(), MEASURE_ROUNDS
     chosen = drive(model, sure(0.9), {k: 0.030 + 0.001 * k for k in range(9)}, len(EXPLORE) * window)
     assert chosen == [k for k in EXPLORE for _ in range(window)]
     assert set(model.buckets[1].seconds) == set(EXPLORE)
-    assert choose_k(sure(0.9), model, 1, 8) == 2  # then goodput decides, one past the longest measured
+    assert choose_k(sure(0.9), model, 1, 8) == 3  # then goodput decides, one past the longest measured
     assert choose_k(sure(0.9), model, 1, 1) == 1  # capped at max_k
     dear = CostModel()
     drive(dear, sure(0.9), {0: 0.010, 1: 0.040}, len(EXPLORE) * window + 3 * DECIDE_ROUNDS)
-    assert set(dear.buckets[1].seconds) == {0, 1}  # k = 1 lost to the target alone: nothing longer was tried
+    assert set(dear.buckets[1].seconds) == {0, 1, 2}  # both lost to the target alone: nothing longer was tried
 
 
 def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
@@ -162,12 +163,13 @@ def test_a_length_unseen_for_long_is_measured_again():
     for k, seconds in rounds(0.030, 0.030, 0.0005).items():
         model.observe(1, k, seconds, now=0.0)
     seconds = {0: 0.030, 2: 0.031, 4: 0.032}
-    chosen = drive(model, sure(0.9), seconds, int(REFRESH_SECONDS / 0.032) + DECIDE_ROUNDS + 2 * window,
+    explored = len(EXPLORE) * window
+    chosen = drive(model, sure(0.9), seconds, int(REFRESH_SECONDS / 0.032) + DECIDE_ROUNDS + explored,
                    max_k=4, clock=0.0)
     refreshed = chosen.index(EXPLORE[0])  # k = 4 ran alone until the explored lengths went stale
     assert set(chosen[:refreshed]) == {4} and refreshed * 0.032 >= REFRESH_SECONDS
-    assert chosen[refreshed:refreshed + 2 * window] == [k for k in EXPLORE for _ in range(window)]
-    assert not any(model.stale(1, k, refreshed * 0.032 + 2 * window * 0.031) for k in EXPLORE)
+    assert chosen[refreshed:refreshed + explored] == [k for k in EXPLORE for _ in range(window)]
+    assert not any(model.stale(1, k, refreshed * 0.032 + explored * 0.031) for k in EXPLORE)
 
 
 def test_round_times_are_trimmed_means_of_the_last_rounds():
@@ -205,3 +207,41 @@ def test_pooled_acceptance_follows_the_traffic():
     for _ in range(500):
         estimate.observe(1, 1)  # then one it always does
     assert estimate.rate(0) > 0.95
+
+
+def test_two_explored_lengths_price_proposals_apart_from_the_target_alone():
+    """Where target-only rounds run on more cores than speculative ones (`target_worker.cores`), k = 1
+    costs far more than k = 0 and little less than k = 2: the line through k = 1 and 2 prices k = 3,
+    and speculation wins where k = 1 alone lost (concurrency 1: 12.98 ms for k = 0, 22.33 for k = 1
+    at 1.73 tokens; k = 3 then ran 23.5 ms for 2.6 tokens)."""
+    acceptance = sure(0.73)
+    model = costs({0: 0.01298, 1: 0.02233})
+    assert fastest_k(acceptance, model, 1, 8) == 0  # k = 2 priced at 31.7 ms off T(1) - T(0)
+    model.observe(1, 2, 0.0226)
+    assert model.round_seconds(1, 3) == pytest.approx(0.02287)
+    assert fastest_k(acceptance, model, 1, 8) == 3
+
+
+def test_a_larger_batch_runs_the_target_alone_where_a_smaller_one_just_chose_it():
+    """Bucket 4 chose k = 0 over its measured proposals: bucket 16 runs k = 0 at once, exploring no
+    proposal, until that choice is REFRESH_SECONDS old; bucket 2 explores as before."""
+    model, now = CostModel(), 1000.0
+    for k, seconds in {0: 0.014, 1: 0.029, 2: 0.031}.items():
+        model.observe(4, k, seconds, now=now)
+    assert choose_k(sure(0.6), model, 4, 8, now=now) == 0  # by goodput
+    assert not model.buckets[4].exploring
+    assert choose_k(sure(0.6), model, 16, 8, now=now + 1.0) == 0
+    assert not model.buckets[16].exploring and model.buckets[16].hold == DECIDE_ROUNDS * 16
+    assert choose_k(sure(0.6), model, 2, 8, now=now + 1.0) == EXPLORE[0]  # a smaller batch: its own
+    later = CostModel(buckets=dict(model.buckets))
+    later.buckets.pop(16)
+    assert choose_k(sure(0.6), later, 16, 8, now=now + REFRESH_SECONDS + 1.0) == EXPLORE[0]
+
+
+def test_an_exploring_k_of_0_tells_larger_batches_nothing():
+    """Bucket 4 measuring k = 0 (exploring) is no choice: bucket 16 explores its own proposals."""
+    model, now = CostModel(), 1000.0
+    model.observe(4, 1, 0.02, now=now)
+    model.observe(4, 2, 0.021, now=now)
+    assert choose_k(sure(0.6), model, 4, 8, now=now) == 0 and model.buckets[4].exploring
+    assert choose_k(sure(0.6), model, 16, 8, now=now) == EXPLORE[0]

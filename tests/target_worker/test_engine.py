@@ -151,3 +151,22 @@ def test_stats_time_the_steps_and_their_forward_passes(tiny):
     assert 0 < stats.forward_seconds < stats.step_seconds
     reply = worker_stats(engine.blocks, stats, 0, 0)
     assert reply.step_seconds == pytest.approx(stats.step_seconds) and reply.forward_seconds == pytest.approx(stats.forward_seconds)
+
+
+def test_steps_the_drafts_work_beside_keep_to_the_targets_own_cores(tiny):
+    """A step that verifies a proposal or prefills leaves the drafts their cores; a step of
+    target-only rounds alone takes every core (the core plan is told which, step by step)."""
+    told = []
+
+    class Plan:
+        def use(self, drafts_busy: bool) -> None:
+            told.append(drafts_busy)
+
+    engine = target_engine(tiny["target"])
+    engine.cores = Plan()
+    engine.step([PrefillItem("a", PROMPT, GREEDY), PrefillItem("b", PROMPT[:3], GREEDY)])
+    engine.step([VerifyItem("a", []), VerifyItem("b", [])])
+    engine.step([VerifyItem("a", [5, 6]), VerifyItem("b", [])])
+    engine.step([VerifyItem("a", []), PrefillItem("c", PROMPT, GREEDY)])
+    engine.step([ReleaseItem("c")])  # no forward pass: no plan
+    assert told == [True, False, True, True]
