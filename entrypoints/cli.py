@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--tensor-parallel-size", type=int, default=1,
                         help="shard the model over N devices (N processes on a CPU)")
     target.add_argument("--verify-cores", default=None, metavar="CORES",
-                        help="steps that verify proposals or prefill run on these of the worker's cores only, "
-                             "leaving the rest to drafts; steps of target-only rounds use them all (`up` sets it)")
+                        help="steps that verify proposals run on these of the worker's cores only, leaving the "
+                             "rest to drafts; other steps (target-only rounds, prefills) use them all (`up` sets it)")
 
     draft = sub.add_parser("draft", help="run a draft worker")
     _add_model_args(draft, 50053)
@@ -427,8 +427,8 @@ def _http_ok(port: int) -> bool:
 @dataclass(slots=True)
 class CoreSplit:
     """`splitspec up`'s cores: the target's (`--cpu-cores`), the ones it keeps to while drafts work
-    beside it (`--verify-cores`; empty: always all of its own), and the others' (the drafts', or
-    without a draft the coordinator's and gateway's). Empty lists: nothing pinned."""
+    beside it (`--verify-cores`; empty: always all of its own), and the others', where the drafts,
+    the coordinator and the gateway run. Empty lists: nothing pinned."""
     target: list[int]
     verify: list[int]
     others: list[int]
@@ -509,10 +509,9 @@ def _up(args: argparse.Namespace) -> int:
         if args.api_key:
             commands["gateway"] += ["--api-key", args.api_key]
     children = {name: subprocess.Popen(cmd) for name, cmd in commands.items()}
-    if args.draft is None and cores.others:  # target only: coordinator and gateway keep to the core it left
-        for name in ("coordinator", "gateway"):
-            if name in children:
-                os.sched_setaffinity(children[name].pid, cores.others)
+    for name in ("coordinator", "gateway") if cores.others else ():  # off the cores the target verifies on
+        if name in children:
+            os.sched_setaffinity(children[name].pid, cores.others)
 
     stopping = False
 

@@ -1,5 +1,5 @@
-"""The target's cores step by step: every core it may use for steps of target-only rounds, and only
-its own while a step verifies a proposal or prefills, when the drafts work beside it.
+"""The target's cores step by step: only its own while a step verifies a proposal (the drafts work
+beside it), every core it may use for the other steps (target-only rounds, prefills).
 
 On a 2-core machine the draft has one core and the target the other while they speculate (with
 overlap the draft proposes the next rounds during each verify). Where the coordinator's goodput

@@ -302,7 +302,7 @@ class TargetEngine:
         constrained = [p for p in planned if p.sequence.matcher is not None and not getattr(p.item, "resume", False)]
         masking = self._mask_thread().submit(self._masks, constrained) if constrained else None
         if self.cores is not None:
-            self.cores.use(drafts_busy=any(isinstance(p.item, PrefillItem) or p.item.draft_token_ids for p in planned))
+            self.cores.use(drafts_busy=any(isinstance(p.item, VerifyItem) and p.item.draft_token_ids for p in planned))
         started = time.perf_counter()
         logits = self.runner.forward([p.chunk for p in planned])  # the grammar masks are computed meanwhile
         forward_seconds = time.perf_counter() - started

@@ -154,8 +154,8 @@ def test_stats_time_the_steps_and_their_forward_passes(tiny):
 
 
 def test_steps_the_drafts_work_beside_keep_to_the_targets_own_cores(tiny):
-    """A step that verifies a proposal or prefills leaves the drafts their cores; a step of
-    target-only rounds alone takes every core (the core plan is told which, step by step)."""
+    """A step that verifies a proposal leaves the drafts their cores; steps of target-only rounds
+    and prefills take every core (the core plan is told which, step by step)."""
     told = []
 
     class Plan:
@@ -169,4 +169,4 @@ def test_steps_the_drafts_work_beside_keep_to_the_targets_own_cores(tiny):
     engine.step([VerifyItem("a", [5, 6]), VerifyItem("b", [])])
     engine.step([VerifyItem("a", []), PrefillItem("c", PROMPT, GREEDY)])
     engine.step([ReleaseItem("c")])  # no forward pass: no plan
-    assert told == [True, False, True, True]
+    assert told == [False, False, True, False]
