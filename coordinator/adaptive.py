@@ -30,7 +30,8 @@ rounds per sequence have been measured. After a
 switch, rounds of the last choice are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK
 of them): a round that started before they can all have ended (SETTLE_MARGIN times the longest
 of them) shares steps with them and is not measured. Other k >= 1 are read off a line through the
-bucket's measured points, up to one past the longest measured where that one wins; a proposal must beat k = 0 by
+bucket's measured points, up to one past the longest measured where that one, run as the bucket's
+choice, wins again; a proposal must beat k = 0 by
 SPECULATION_MARGIN. Longer proposals are thus reached one at a time, each measured only once the
 one before it won. Two proposal lengths are explored, not one, because k = 0 and k >= 1 may run
 on different cores (the target's steps of target-only rounds take the drafts' cores too,
@@ -86,8 +87,9 @@ class RoundTimes:
     measured, and the draft length its requests run now."""
 
     window: int = SAMPLES                                    # rounds each k's estimate is taken over
-    seconds: dict[int, float] = field(default_factory=dict)  # k -> trimmed mean round seconds
     samples: dict[int, deque] = field(default_factory=dict)  # k -> the last `window` round seconds
+    means: dict[int, float] = field(default_factory=dict)    # k -> trimmed mean of its samples, once asked for
+    unsorted: set[int] = field(default_factory=set)          # k whose samples changed since its mean was taken
     seen_at: dict[int, float] = field(default_factory=dict)  # k -> time.perf_counter() when last measured
     choice: int | None = None                                # the k every request here runs
     choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
@@ -95,6 +97,22 @@ class RoundTimes:
     settled_at: float = 0.0                                  # rounds started before this share steps with the last choice's
     exploring: bool = False                                  # `choice` is being measured, not chosen by goodput
     chosen_at: float = float("-inf")                         # time.perf_counter() of the last choice by goodput
+    chosen: set[int] = field(default_factory=set)            # the k this bucket has run by goodput
+
+    @property
+    def seconds(self) -> dict[int, float]:
+        """k -> trimmed mean round seconds. Taken when asked (at a decision), not per round: the
+        sort of a bucket-32 window (2048 rounds) cost 144 us, on every round of every sequence."""
+        for k in self.unsorted:
+            if self.samples.get(k):  # else dropped to be measured afresh: the last mean stands till then
+                self.means[k] = trimmed_mean(self.samples[k])
+        self.unsorted.clear()
+        return self.means
+
+    def add(self, k: int, seconds: float, now: float) -> None:
+        self.samples.setdefault(k, deque(maxlen=self.window)).append(seconds)
+        self.unsorted.add(k)
+        self.seen_at[k] = now
 
     def switch(self, k: int, hold: int, now: float, shared: bool, exploring: bool = False) -> None:
         """Every request here runs `k` from now, for `hold` measured rounds. `shared`: several
@@ -105,6 +123,7 @@ class RoundTimes:
         self.choice, self.hold, self.choice_rounds, self.exploring = k, hold, 0, exploring
         if not exploring:
             self.chosen_at = now
+            self.chosen.add(k)
 
     def line(self, k: int) -> float | None:
         """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points (slope >= 0).
@@ -150,16 +169,14 @@ class CostModel:
             if now - seconds < times.settled_at:
                 return
             times.choice_rounds += 1
-        samples = times.samples.setdefault(k, deque(maxlen=times.window))
-        samples.append(seconds)
-        times.seconds[k] = trimmed_mean(samples)
-        times.seen_at[k] = now
+        times.add(k, seconds, now)
 
     def round_seconds(self, sequences: int, k: int) -> float | None:
         """T(k) at this batch: measured, else (k >= 1) off the line; None when nothing says."""
         times = self.times(sequences)
-        if k in times.seconds:
-            return times.seconds[k]
+        seconds = times.seconds
+        if k in seconds:
+            return seconds[k]
         return times.line(k) if k >= 1 else None
 
     def speculation_lost_below(self, sequences: int, now: float) -> bool:
@@ -171,7 +188,7 @@ class CostModel:
     def stale(self, sequences: int, k: int, now: float) -> bool:
         """Never measured at this batch, or not for REFRESH_SECONDS."""
         times = self.times(sequences)
-        if k not in times.seconds:
+        if k not in times.seen_at:
             return True
         return now - times.seen_at[k] > REFRESH_SECONDS
 
@@ -239,15 +256,16 @@ def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max
 
 def fastest_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int) -> int:
     """argmax of E(k) / T(k) at a batch of `sequences`, over k = 0 and the k >= 1 up to the longest
-    measured, and one past it where the longest wins (a line read far past its points is a guess:
-    T(2) = T(4) within noise once chose k = 10; at concurrency 4, k = 3 read off k = 1 and 2, both
-    losing, took 49.0 ms against 38.7 on the line); a proposal wins only by more than
-    SPECULATION_MARGIN over k = 0."""
+    measured, and one past it where the longest wins again after a run as the bucket's choice (a
+    line read far past its points is a guess: T(2) = T(4) within noise once chose k = 10; at
+    concurrency 4, k = 3 read off k = 1 and 2, explored and winning by noise in T(0) only, took
+    43-49 ms against 31-39 on the line); a proposal wins only by more than SPECULATION_MARGIN
+    over k = 0."""
     times = costs.times(sequences)
     longest = min(max((k for k in times.seconds if k >= 1), default=0), max_k)
     best_k, best_rate = 0, 0.0
     for k in range(longest + 2 if longest < max_k else longest + 1):
-        if k == longest + 1 and best_k != longest:
+        if k == longest + 1 and (best_k != longest or longest not in times.chosen):
             break
         seconds = costs.round_seconds(sequences, k)
         if seconds is None:

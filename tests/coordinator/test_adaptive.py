@@ -51,17 +51,20 @@ def test_batch_buckets_are_powers_of_two():
 
 def test_cheap_rounds_and_high_acceptance_climb_to_a_long_proposal():
     """Verifying k + 1 tokens costs little more than one: each decision may go one past the
-    longest length measured, so k climbs to max_k as each new length proves itself."""
+    longest length measured once that one has won as the bucket's choice, so k climbs to max_k
+    as each new length proves itself."""
     flat = {k: 0.030 if k == 0 else 0.032 + 0.001 * k for k in range(9)}
     model = costs(rounds(0.030, 0.032, 0.001))
-    assert choose_k(sure(0.9), model, 1, 8) == 5  # one past the longest measured (4)
+    assert choose_k(sure(0.9), model, 1, 8) == 4  # the longest measured: it has not run as the choice yet
     chosen = drive(model, sure(0.9), flat, 5 * DECIDE_ROUNDS)
+    assert chosen[::DECIDE_ROUNDS] == [4, 5, 6, 7, 8]
     assert chosen[-DECIDE_ROUNDS:] == [8] * DECIDE_ROUNDS
 
 
 def test_a_line_read_past_its_points_is_not_trusted():
     """T(2) = T(4) within noise: the line is flat, but k = 10 is not chosen off it."""
     model = costs({0: 0.030, 1: 0.069, 2: 0.069, 4: 0.069})
+    model.times(1).chosen.add(4)
     assert choose_k(sure(0.7), model, 1, 16) == 5
     assert model.round_seconds(1, 3) == pytest.approx(0.069)
 
@@ -111,6 +114,8 @@ def test_one_measured_proposal_length_prices_longer_ones_by_its_cost_over_the_ta
     assert fastest_k(acceptance, dear, 4, 8) == 0
     cheap = costs({0: 0.0096, 1: 0.0117})
     assert cheap.round_seconds(1, 2) == pytest.approx(0.0138)
+    assert fastest_k(acceptance, cheap, 1, 8) == 1  # k = 1 wins; longer once it has run as the choice
+    cheap.times(1).chosen.add(1)
     assert fastest_k(acceptance, cheap, 1, 8) == 2
     assert costs({1: 0.02}).round_seconds(1, 3) == pytest.approx(0.02)  # no k = 0 to compare: flat
 
@@ -124,7 +129,7 @@ def test_exploration_measures_each_listed_length_before_choosing():
     chosen = drive(model, sure(0.9), {k: 0.030 + 0.001 * k for k in range(9)}, len(EXPLORE) * window)
     assert chosen == [k for k in EXPLORE for _ in range(window)]
     assert set(model.buckets[1].seconds) == set(EXPLORE)
-    assert choose_k(sure(0.9), model, 1, 8) == 3  # then goodput decides, one past the longest measured
+    assert choose_k(sure(0.9), model, 1, 8) == 2  # then goodput decides; one past it once it has won as the choice
     assert choose_k(sure(0.9), model, 1, 1) == 1  # capped at max_k
     dear = CostModel()
     drive(dear, sure(0.9), {0: 0.010, 1: 0.040}, len(EXPLORE) * window + 3 * DECIDE_ROUNDS)
@@ -219,6 +224,8 @@ def test_two_explored_lengths_price_proposals_apart_from_the_target_alone():
     assert fastest_k(acceptance, model, 1, 8) == 0  # k = 2 priced at 31.7 ms off T(1) - T(0)
     model.observe(1, 2, 0.0226)
     assert model.round_seconds(1, 3) == pytest.approx(0.02287)
+    assert fastest_k(acceptance, model, 1, 8) == 2
+    model.times(1).chosen.add(2)  # and it won as the choice
     assert fastest_k(acceptance, model, 1, 8) == 3
 
 
@@ -249,11 +256,28 @@ def test_an_exploring_k_of_0_tells_larger_batches_nothing():
 
 def test_a_length_past_the_longest_measured_is_tried_only_where_the_longest_wins():
     """k = 1 and 2 measured, both losing to k = 0: k = 3 is not read off their line, however cheap
-    it looks there (at concurrency 4 a k = 3 so chosen took 49.0 ms against 38.7 on the line)."""
+    it looks there (at concurrency 4 a k = 3 so chosen took 49.0 ms against 38.7 on the line);
+    nor where k = 2 wins but has not run as the bucket's choice yet."""
     acceptance = sure(0.9)
     losing = costs({0: 0.010, 1: 0.030, 2: 0.0305})  # k = 3 on the line: 31 ms for 3.44 tokens
     assert losing.round_seconds(1, 3) == pytest.approx(0.031)
     assert fastest_k(acceptance, losing, 1, 8) == 0
     winning = costs({0: 0.020, 1: 0.021, 2: 0.022})
+    assert fastest_k(acceptance, winning, 1, 8) == 2
+    winning.times(1).chosen.add(2)
     assert fastest_k(acceptance, winning, 1, 8) == 3
     assert fastest_k(acceptance, winning, 1, 2) == 2  # never past max_k
+
+
+def test_round_times_are_averaged_when_asked_not_per_round():
+    """A round only files its time; the trimmed mean (a sort of up to 2048 rounds at bucket 32) is
+    taken when a decision reads it, and reflects every round filed since."""
+    model = CostModel()
+    for seconds in (0.010, 0.020, 0.030):
+        model.observe(32, 0, seconds, now=1.0)
+    times = model.times(32)
+    assert times.means == {} and times.unsorted == {0}
+    assert times.seconds == {0: pytest.approx(0.020)}
+    model.observe(32, 0, 0.060, now=2.0)
+    assert times.means[0] == pytest.approx(0.020)  # not yet re-averaged
+    assert model.round_seconds(32, 0) == pytest.approx(0.030)
