@@ -127,6 +127,36 @@ def test_up_starts_a_local_pool(tiny_dirs):
         assert process.wait(timeout=60) == 0
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="the core plan needs 2 or more cores")
+def test_up_verifies_proposals_on_the_targets_own_cores_and_stays_greedy(tiny_dirs, tiny):
+    """On 2+ cores `up` gives the target every core and --verify-cores the non-draft ones; rounds
+    with proposals (k = 2) and target-only rounds (k = 0) switch its cores step by step, and the
+    greedy output stays the target's."""
+    from tests.support import alive, process_tree
+
+    cores = sorted(os.sched_getaffinity(0))
+    process, address = launch_up("--target", str(tiny_dirs["target"]), "--draft", str(tiny_dirs["draft_noisy"]))
+    try:
+        commands = [open(f"/proc/{pid}/cmdline").read().split("\0") for pid in process_tree(process.pid) if alive(pid)]
+        target = next(c for c in commands if len(c) > 3 and c[3] == "target")
+        split = max(1, len(cores) // 4)
+        assert target[target.index("--cpu-cores") + 1] == ",".join(map(str, cores))
+        assert target[target.index("--verify-cores") + 1] == ",".join(map(str, cores[split:]))
+        model = tiny["target"]
+        prompt_ids = model.tokenizer("once upon").input_ids
+        with torch.inference_mode():
+            expected = model.model.generate(torch.tensor([prompt_ids]), max_new_tokens=16, do_sample=False,
+                                            eos_token_id=None, pad_token_id=0)[0, len(prompt_ids):].tolist()
+        for k in ("2", "0", "2"):
+            result = run("generate", "--coordinator", address, "once upon", "--max-tokens", "16", "--temperature",
+                         "0", "--k", k, "--ignore-eos", "--json")
+            assert result.returncode == 0, result.stderr
+            assert json.loads(result.stdout)["token_ids"] == expected, k
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+
+
 @pytest.mark.parametrize("drafter", [["--draft-method", "ngram", "--ngram-min", "1"],
                                      ["--draft-method", "layerskip", "--skip-layers", "1"]], ids=["ngram", "layerskip"])
 def test_up_with_a_model_free_or_self_speculative_draft(tiny_dirs, tiny, drafter):
