@@ -39,6 +39,11 @@ on different cores (the target's steps of target-only rounds take the drafts' co
 proposals says what a longer one costs (with k = 1 alone, k = 0 won at concurrency 1, 12.98
 against 22.33 ms for 1.73 tokens, where k = 3 then gave 23.5 ms for 2.6).
 
+A proposal's first win over k = 0 is confirmed by measuring k = 0 again (once per
+REFRESH_SECONDS of k = 0 unmeasured, after the proposal has run DECIDE_ROUNDS as the choice): one
+exploration's T(0) read 21.3 and 21.6 ms at concurrency 4, where k = 0 runs 13-15 ms a round
+(most explorations read 13.6-15.1), and chose k = 2 (0.78x target only in that run).
+
 Speculation pays less the larger the batch (SmartSpec): where a smaller bucket chose k = 0 over
 its measured proposals within REFRESH_SECONDS, a larger one runs k = 0 without exploring
 proposals, so that a large batch pays no exploration where a smaller one has just lost. Exploration
@@ -98,6 +103,7 @@ class RoundTimes:
     exploring: bool = False                                  # `choice` is being measured, not chosen by goodput
     chosen_at: float = float("-inf")                         # time.perf_counter() of the last choice by goodput
     chosen: set[int] = field(default_factory=set)            # the k this bucket has run by goodput
+    confirmed: bool = False                                  # k = 0 measured again since a proposal beat it
 
     @property
     def seconds(self) -> dict[int, float]:
@@ -124,6 +130,10 @@ class RoundTimes:
         if not exploring:
             self.chosen_at = now
             self.chosen.add(k)
+
+    def unconfirmed_win(self) -> bool:
+        """A proposal runs by goodput over a T(0) measured only once since k = 0 was last stale."""
+        return self.choice is not None and self.choice >= 1 and not self.exploring and not self.confirmed
 
     def line(self, k: int) -> float | None:
         """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points (slope >= 0).
@@ -233,13 +243,18 @@ def expected_tokens(estimate: AcceptanceEstimate, k: int) -> float:
 def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int,
              now: float | None = None) -> int:
     """The k of this batch bucket: its current choice while held, else 0 where a smaller bucket
-    just chose 0, else a stale EXPLORE length, else the argmax over k in [0, max_k] of E(k) / T(k)."""
+    just chose 0, else a stale EXPLORE length, else k = 0 again to confirm a proposal's first win
+    over it, else the argmax over k in [0, max_k] of E(k) / T(k)."""
     times, bucket = costs.times(sequences), batch_bucket(sequences)
     if times.choice is None or times.choice_rounds >= times.hold:
         now = time.perf_counter() if now is None else now
         lost_below = costs.speculation_lost_below(sequences, now)
         exploring = None if lost_below else next(
             (k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE) if costs.stale(sequences, k, now)), None)
+        if exploring == 0:
+            times.confirmed = False
+        elif exploring is None and not lost_below and times.unconfirmed_win():
+            exploring, times.confirmed = 0, True
         if lost_below:
             times.switch(0, DECIDE_ROUNDS * bucket, now, bucket > 1)
         elif exploring is not None:

@@ -37,6 +37,17 @@ def drive(model: CostModel, estimate: AcceptanceEstimate, seconds: dict[int, flo
     return chosen
 
 
+def runs(chosen: list[int]) -> list[tuple[int, int]]:
+    """(k, how many rounds in a row) of a sequence of choices."""
+    out: list[tuple[int, int]] = []
+    for k in chosen:
+        if out and out[-1][0] == k:
+            out[-1] = (k, out[-1][1] + 1)
+        else:
+            out.append((k, 1))
+    return out
+
+
 def sure(rate: float) -> AcceptanceEstimate:
     return AcceptanceEstimate(prior=rate, weight=1e9)  # the prior alone, at every position
 
@@ -52,12 +63,12 @@ def test_batch_buckets_are_powers_of_two():
 def test_cheap_rounds_and_high_acceptance_climb_to_a_long_proposal():
     """Verifying k + 1 tokens costs little more than one: each decision may go one past the
     longest length measured once that one has won as the bucket's choice, so k climbs to max_k
-    as each new length proves itself."""
+    as each new length proves itself (after k = 0 is measured once more, to confirm the first win)."""
     flat = {k: 0.030 if k == 0 else 0.032 + 0.001 * k for k in range(9)}
     model = costs(rounds(0.030, 0.032, 0.001))
     assert choose_k(sure(0.9), model, 1, 8) == 4  # the longest measured: it has not run as the choice yet
-    chosen = drive(model, sure(0.9), flat, 5 * DECIDE_ROUNDS)
-    assert chosen[::DECIDE_ROUNDS] == [4, 5, 6, 7, 8]
+    chosen = drive(model, sure(0.9), flat, 5 * DECIDE_ROUNDS + MEASURE_ROUNDS)
+    assert runs(chosen) == [(4, DECIDE_ROUNDS), (0, MEASURE_ROUNDS), *((k, DECIDE_ROUNDS) for k in (5, 6, 7, 8))]
     assert chosen[-DECIDE_ROUNDS:] == [8] * DECIDE_ROUNDS
 
 
@@ -171,9 +182,12 @@ def test_a_length_unseen_for_long_is_measured_again():
     explored = len(EXPLORE) * window
     chosen = drive(model, sure(0.9), seconds, int(REFRESH_SECONDS / 0.032) + DECIDE_ROUNDS + explored,
                    max_k=4, clock=0.0)
-    refreshed = chosen.index(EXPLORE[0])  # k = 4 ran alone until the explored lengths went stale
-    assert set(chosen[:refreshed]) == {4} and refreshed * 0.032 >= REFRESH_SECONDS
-    assert chosen[refreshed:refreshed + explored] == [k for k in EXPLORE for _ in range(window)]
+    refreshed = chosen.index(EXPLORE[0])  # k = 4 ran until the explored lengths went stale ...
+    before = runs(chosen[:refreshed])  # ... but for k = 0 measured once more, to confirm its first win
+    assert before[:2] == [(4, DECIDE_ROUNDS), (0, MEASURE_ROUNDS)] and {k for k, _ in before[2:]} == {4}
+    assert refreshed * 0.032 >= REFRESH_SECONDS
+    stale = [k for k in EXPLORE if k != 0]  # k = 0, measured later (the confirmation), is not stale yet
+    assert chosen[refreshed:refreshed + len(stale) * window] == [k for k in stale for _ in range(window)]
     assert not any(model.stale(1, k, refreshed * 0.032 + explored * 0.031) for k in EXPLORE)
 
 
@@ -281,3 +295,24 @@ def test_round_times_are_averaged_when_asked_not_per_round():
     model.observe(32, 0, 0.060, now=2.0)
     assert times.means[0] == pytest.approx(0.020)  # not yet re-averaged
     assert model.round_seconds(32, 0) == pytest.approx(0.030)
+
+
+def test_a_proposals_first_win_over_the_target_alone_is_confirmed():
+    """Bucket 4 measured T(0) at 21.3 ms once (most explorations: 13.6-15.1), and k = 2 won by
+    goodput: after k = 2 has run as the choice, k = 0 is measured again; at 14 ms it wins. A
+    confirmed win is not checked again until k = 0 has gone unmeasured for REFRESH_SECONDS."""
+    acceptance, now = sure(0.67), 1000.0
+    model = CostModel()
+    for k, seconds in {0: 0.0213, 1: 0.0318, 2: 0.0394}.items():
+        model.observe(4, k, seconds, now=now)
+    assert drive(model, acceptance, {0: 0.014, 2: 0.0394}, 4 * DECIDE_ROUNDS + 1, sequences=4, clock=now) == \
+        [2] * 4 * DECIDE_ROUNDS + [0]  # by goodput (47.0 against 53.8 tokens/s); then k = 0 again
+    assert model.buckets[4].exploring and model.buckets[4].confirmed
+    assert 0 not in model.buckets[4].samples  # measured afresh: the 21.3 ms rounds are dropped
+    assert set(drive(model, acceptance, {0: 0.014, 2: 0.0394}, 12 * DECIDE_ROUNDS, sequences=4, clock=now + 1)) == {0}
+    holding = CostModel()  # where the proposal wins again, it runs on: no second check
+    for k, seconds in {0: 0.0213, 1: 0.0318, 2: 0.0394}.items():
+        holding.observe(4, k, seconds, now=now)
+    chosen = drive(holding, acceptance, {0: 0.0213, 2: 0.0394}, 4 * (3 * DECIDE_ROUNDS + MEASURE_ROUNDS),
+                   sequences=4, clock=now)
+    assert [k for k, _ in runs(chosen)] == [2, 0, 2]
