@@ -6,13 +6,15 @@ overlap the draft proposes the next rounds during each verify). Where the coordi
 choice is k = 0 (a large batch), the draft idles and the target's autonomous steps take both
 cores, as `splitspec up --target T` alone would: speculation then costs nothing against the
 target alone. The choice is per step, on the model thread: its affinity (Linux: a thread's own)
-and torch's thread count, which the CPU kernels and inductor's OpenMP regions follow.
+and torch's thread count, which the CPU kernels and inductor's OpenMP regions follow. Compiled
+graphs are compiled per thread count, so the worker compiles them for both before it serves.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -40,3 +42,14 @@ class CorePlan:
             os.sched_setaffinity(0, cores)  # 0: the calling thread
             torch.set_num_threads(len(cores))
             self.current = cores
+
+    def warm_up(self, compile_graphs: Callable[[], None]) -> None:
+        """Run `compile_graphs` at each kind of step's thread count (torch.compile guards on it: the
+        first steps beside the drafts otherwise compiled two graphs again while serving, 14.7 and
+        8.8 s on this 2-core VM, every sequence waiting). Leaves torch on every core's count."""
+        try:
+            for drafts_busy in (True, False):
+                self.use(drafts_busy)
+                compile_graphs()
+        finally:
+            self.current = None  # the calling thread is not the model thread: that one sets its own

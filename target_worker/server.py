@@ -86,6 +86,8 @@ async def start_target(
 
             torch._inductor.config.cpp.dynamic_threads = True
         blocks, runner = await off_thread(build_paged_cache, loaded, cache, compile=compile, calibrate=compile)
+        if compile and cores is not None and cores.beside_drafts != cores.every:
+            await off_thread(cores.warm_up, runner.warm_up)
     engine = TargetEngine(loaded, blocks, runner, max_num_seqs=cache.max_num_seqs,
                           max_batch_tokens=max_batch_tokens, batching=batching, cores=cores)
     metrics = TargetMetrics()

@@ -45,3 +45,32 @@ def test_verify_cores_outside_the_target_are_refused():
         CorePlan(frozenset({0, 1}), frozenset({2}))
     with pytest.raises(ValueError, match="--verify-cores"):
         CorePlan(frozenset({0, 1}), frozenset())
+
+
+@needs_two_cores
+def test_graphs_are_compiled_for_both_thread_counts_before_serving(fresh):
+    """torch.compile guards on torch's thread count: warmed up under the plan, a step beside the
+    drafts (fewer threads) and one on every core run without compiling anything more."""
+    from splitspec.paged.cache import CacheConfig, build_paged_cache
+    from splitspec.paged.runner import Chunk
+
+    every = frozenset(sorted(os.sched_getaffinity(0)))
+    plan = CorePlan(every, frozenset(sorted(every)[1:]))
+    threads = torch.get_num_threads()
+    try:
+        _, runner = _on_a_thread(lambda: build_paged_cache(fresh("target"), CacheConfig(num_blocks=64, block_size=4),
+                                                           compile=True))
+        _on_a_thread(lambda: plan.warm_up(runner.warm_up))
+        compiled = runner.compiles
+        assert plan.current is None  # the model thread sets its own cores at its first step
+
+        def steps():
+            for busy, chunk in ((True, Chunk([5, 6], 8, [8, 9], [0, 1, 2], 2)), (False, Chunk([5], 8, [8], [0, 1, 2], 1)),
+                                (True, Chunk([5], 8, [8], [0, 1, 2], 1))):
+                plan.use(drafts_busy=busy)
+                runner.forward([chunk])
+
+        _on_a_thread(steps)
+        assert runner.compiles == compiled, f"{runner.compiles - compiled} graphs compiled while serving"
+    finally:
+        torch.set_num_threads(threads)
