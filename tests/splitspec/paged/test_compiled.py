@@ -307,3 +307,24 @@ def test_compile_by_default_except_half_precision_on_the_cpu():
     assert WorkerConfig(model="m", port=0).compiles(float32)
     assert not WorkerConfig(model="m", port=0).compiles(bfloat16)
     assert not WorkerConfig(model="m", port=0, enforce_eager=True).compiles(float32)
+
+
+def test_calibration_compares_graph_and_eager_in_turn_by_their_least_loaded_runs():
+    """A draft compiling beside the target's start loads some runs: graph and eager are timed in
+    turn and each by its fastest run, so a burst that hits one kind's runs does not decide (timed
+    one kind after the other with medians, a target kept 8 tokens where the graphs win to 128)."""
+    from types import SimpleNamespace
+
+    from splitspec.paged.runner import PagedRunner
+
+    loaded = {8: iter([40.0, 5.0, 5.2]), 0: iter([7.0, 7.1, 60.0])}  # ms, the work beside it coming and going
+    calls: list[int] = []
+
+    def step_ms(step, graph_tokens, repeats):
+        assert repeats == 1
+        calls.append(graph_tokens)
+        return next(loaded[graph_tokens])
+
+    fake = SimpleNamespace(_step_ms=step_ms)
+    assert PagedRunner._compare_ms(fake, [], 8, 3) == (5.0, 7.0)
+    assert calls == [8, 0, 8, 0, 8, 0]
