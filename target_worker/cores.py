@@ -46,7 +46,9 @@ class CorePlan:
     def warm_up(self, compile_graphs: Callable[[], None]) -> None:
         """Run `compile_graphs` at each kind of step's thread count (torch.compile guards on it: the
         first steps beside the drafts otherwise compiled two graphs again while serving, 14.7 and
-        8.8 s on this 2-core VM, every sequence waiting). Leaves torch on every core's count."""
+        8.8 s on this 2-core VM, every sequence waiting). Every core's count runs again although the
+        graphs were built there: with the fewer threads' graph compiled, a step on every core
+        compiled once more. Leaves torch on every core's count."""
         try:
             for drafts_busy in (True, False):
                 self.use(drafts_busy)

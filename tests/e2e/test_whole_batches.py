@@ -15,7 +15,9 @@ from tests.support import collect, start_stack
 
 PROMPTS = ("whole one", "a second prompt", "three", "and the fourth of them")
 MAX_TOKENS = 24
-FORWARD_SECONDS = 0.2  # a forward several times the round trip between verdict and next verify, even with the test process starved for CPU (that gap measured 11-30 ms here, 35-45 ms beside two busy cores)
+# A forward several times the gap between verdict and next verify, even with the test process
+# starved for CPU: that gap measured 11-30 ms alone, 35-155 ms beside two busy cores.
+FORWARD_SECONDS = 0.2
 
 
 async def test_speculative_sequences_share_every_step(tiny, monkeypatch):
