@@ -12,6 +12,7 @@ import torch
 
 from splitspec.paged.attention import PagedMetadata, use_paged_attention
 from splitspec.paged.compiled import CompiledForward
+from splitspec.paged.cpu_wait import cpu_wait_ns
 from splitspec.paged.kernels import cpu_paged_attention, cpu_streamed_linear
 from splitspec.paged.kv_pool import KVPool
 from splitspec.paged.packed_linear import can_pack, pack_linears
@@ -19,6 +20,9 @@ from splitspec.paged.packed_linear import can_pack, pack_linears
 CALIBRATION_STEPS = (8, 16, 32, 64, 128)  # one-token rows per step, timed compiled and eager by calibrate()
 CALIBRATION_REPEATS = 3
 CALIBRATION_CONTEXT = 128  # tokens each row attends to: the attention's cost differs between the two paths
+QUIET_SHARE = 0.05         # a timed run is quiet where the process's threads waited for a CPU at most this share of it
+QUIET_WAIT_SECONDS = 120.0  # calibration waits this long in all for quiet runs, then compares every run's least
+QUIET_PAUSE_SECONDS = 0.5   # between tries while other work holds the cores
 STREAMED_WEIGHT_BYTES = 32 * 2**20  # weights past this stream from memory each step: the batch GEMMs are timed
 
 
@@ -110,29 +114,54 @@ class PagedRunner:
         if compiled is None or compiled.max_tokens is None:
             return {}
         timed: dict[int, tuple[float, float]] = {}
-        limit = compiled.max_tokens
+        limit, deadline = compiled.max_tokens, time.monotonic() + QUIET_WAIT_SECONDS
         for tokens in CALIBRATION_STEPS:
             if tokens <= limit:
                 continue
             step = self._calibration_step(tokens)
-            timed[tokens] = self._compare_ms(step, tokens, repeats)
+            timed[tokens] = self._compare_ms(step, tokens, repeats, deadline)
             if timed[tokens][0] > timed[tokens][1]:
                 break
             limit = tokens
         compiled.max_tokens = limit
         return timed
 
-    def _compare_ms(self, step: list[Chunk], tokens: int, repeats: int) -> tuple[float, float]:
-        """(graph ms, eager ms) of `step`: the least of `repeats` runs each, graph and eager in turn,
-        so that work beside this process (a draft compiling as the target starts) weighs on both
-        alike and the least loaded run of each is compared. Timed one after the other, with
-        medians, a target beside a starting draft read 552.7 ms for the 16-token graph against
-        393.8 eager and kept 8 tokens: its steps of 16 and 32 ran eagerly, at 0.6x the tok/s."""
-        graph, eager = [], []
-        for _ in range(repeats):
-            graph.append(self._step_ms(step, tokens, 1))
-            eager.append(self._step_ms(step, 0, 1))
-        return min(graph), min(eager)
+    def _compare_ms(self, step: list[Chunk], tokens: int, repeats: int, deadline: float) -> tuple[float, float]:
+        """(graph ms, eager ms) of `step`: the least of `repeats` quiet runs each (`_timed_run`),
+        graph and eager in turn, waiting for quiet runs until `deadline` (time.monotonic()), then
+        the least of every run. A target starting beside a compiling draft read 110.8 ms for the
+        16-token graph against 107.6 eager (14.7 against 30.4 for 8 tokens when quiet) and kept
+        8 tokens: its steps of 16 and 32 ran eagerly, at 0.6x the tok/s."""
+        runs: dict[int, list[tuple[float, bool]]] = {tokens: [], 0: []}  # graph tokens -> (ms, quiet)
+        while True:
+            for graph_tokens, timed in runs.items():
+                timed.append(self._timed_run(step, graph_tokens))
+            quiet = {graph_tokens: [ms for ms, calm in timed if calm] for graph_tokens, timed in runs.items()}
+            if all(len(times) >= repeats for times in quiet.values()):
+                break
+            if time.monotonic() >= deadline:
+                if not all(quiet.values()):
+                    quiet = {graph_tokens: [ms for ms, _ in timed] for graph_tokens, timed in runs.items()}
+                break
+            if not all(calm for timed in runs.values() for _, calm in timed[-1:]):
+                time.sleep(QUIET_PAUSE_SECONDS)
+        return min(quiet[tokens]), min(quiet[0])
+
+    def _timed_run(self, step: list[Chunk], graph_tokens: int) -> tuple[float, bool]:
+        """(ms, quiet) of one run of `step` (after one unmeasured call) with the graphs taking up to
+        `graph_tokens`: quiet where this process's threads waited for a CPU at most QUIET_SHARE of
+        it (always, where the kernel does not say)."""
+        compiled = self.compiled
+        kept, compiled.max_tokens = compiled.max_tokens, graph_tokens
+        try:
+            self.forward(step)
+            waited, started = cpu_wait_ns(), time.perf_counter()
+            self.forward(step)
+            seconds, waited_after = time.perf_counter() - started, cpu_wait_ns()
+        finally:
+            compiled.max_tokens = kept
+        quiet = waited is None or waited_after is None or (waited_after - waited) / 1e9 <= QUIET_SHARE * seconds
+        return 1000 * seconds, quiet
 
     def _step_ms(self, step: list[Chunk], graph_tokens: int, repeats: int) -> float:
         """Median ms of `step` (after one unmeasured call) with the graphs taking up to `graph_tokens`."""

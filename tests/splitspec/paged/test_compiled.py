@@ -6,6 +6,8 @@ the limit raised, as CUDA has none."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
@@ -165,7 +167,7 @@ def test_calibration_raises_the_step_limit_to_the_last_step_the_graphs_win(fresh
 def test_calibration_keeps_the_default_where_the_graphs_lose_and_stops_at_the_first_loss(fresh):
     _, runner = build_paged_cache(fresh("target"), CacheConfig(num_blocks=64, block_size=4), compile=True)
     scripted = {8: (2.0, 1.0)}  # tokens -> (graph ms, eager ms); graph_tokens 0 is the eager run
-    runner._step_ms = lambda step, graph_tokens, repeats: scripted[len(step)][0 if graph_tokens else 1]
+    runner._timed_run = lambda step, graph_tokens: (scripted[len(step)][0 if graph_tokens else 1], True)
     assert runner.calibrate() == {8: (2.0, 1.0)} and runner.compiled.max_tokens == GRAPH_TOKENS["cpu"]
     scripted.update({8: (1.0, 2.0), 16: (1.0, 1.0), 32: (3.0, 2.0), 64: (1.0, 2.0)})
     assert list(runner.calibrate()) == [8, 16, 32] and runner.compiled.max_tokens == 16
@@ -309,22 +311,41 @@ def test_compile_by_default_except_half_precision_on_the_cpu():
     assert not WorkerConfig(model="m", port=0, enforce_eager=True).compiles(float32)
 
 
-def test_calibration_compares_graph_and_eager_in_turn_by_their_least_loaded_runs():
+def test_calibration_compares_graph_and_eager_in_turn_by_their_least_quiet_runs(monkeypatch):
     """A draft compiling beside the target's start loads some runs: graph and eager are timed in
-    turn and each by its fastest run, so a burst that hits one kind's runs does not decide (timed
-    one kind after the other with medians, a target kept 8 tokens where the graphs win to 128)."""
+    turn, a run where the threads waited for a CPU is not counted, and each kind is judged by its
+    fastest quiet run (timed one kind after the other with medians, a target kept 8 tokens where the
+    graphs win to 128; by the least of all runs, a start beside a draft's compile still did)."""
     from types import SimpleNamespace
 
+    from splitspec.paged import runner as runner_module
     from splitspec.paged.runner import PagedRunner
 
-    loaded = {8: iter([40.0, 5.0, 5.2]), 0: iter([7.0, 7.1, 60.0])}  # ms, the work beside it coming and going
+    monkeypatch.setattr(runner_module, "QUIET_PAUSE_SECONDS", 0.0)
+    runs = {8: iter([(40.0, False), (5.0, True), (3.0, False), (5.2, True), (5.1, True)]),
+            0: iter([(7.0, True), (7.1, True), (60.0, False), (2.0, False), (7.3, True)])}
     calls: list[int] = []
 
-    def step_ms(step, graph_tokens, repeats):
-        assert repeats == 1
+    def timed_run(step, graph_tokens):
         calls.append(graph_tokens)
-        return next(loaded[graph_tokens])
+        return next(runs[graph_tokens])
 
-    fake = SimpleNamespace(_step_ms=step_ms)
-    assert PagedRunner._compare_ms(fake, [], 8, 3) == (5.0, 7.0)
-    assert calls == [8, 0, 8, 0, 8, 0]
+    fake = SimpleNamespace(_timed_run=timed_run)
+    far = time.monotonic() + 60
+    assert PagedRunner._compare_ms(fake, [], 8, 3, far) == (5.0, 7.0)
+    assert calls == [8, 0] * 5  # until each kind had 3 quiet runs
+
+    calls.clear()
+    runs = {8: iter([(40.0, False), (30.0, False)]), 0: iter([(7.0, True), (6.0, True)])}
+    assert PagedRunner._compare_ms(fake, [], 8, 3, time.monotonic() + 0.0) == (40.0, 7.0)  # no wait left
+    runs = {8: iter([(40.0, False), (30.0, True)]), 0: iter([(70.0, False), (6.0, True)])}
+
+    def slow_second_run(step, graph_tokens):
+        calls.append(graph_tokens)
+        if len(calls) > 2:
+            time.sleep(0.2)
+        return next(runs[graph_tokens])
+
+    calls.clear()
+    slow = SimpleNamespace(_timed_run=slow_second_run)
+    assert PagedRunner._compare_ms(slow, [], 8, 3, time.monotonic() + 0.1) == (30.0, 6.0)  # the quiet, though < 3
