@@ -5,8 +5,14 @@ NAME=COMMAND (started here; `{port}` in it is replaced by a free port, and the s
 when GET /health answers 200). Every system gets the same greedy requests (`--requests` prompts
 of the prompt set, `--max-tokens` tokens each, `ignore_eos`), first one at a time and then at each
 `--concurrency`; the figure is the sum of output tokens over wall time. Systems run one after
-another, each stopped (SIGTERM) before the next starts. Greedy texts are compared with the first
-system's: where they differ, the report names the prompt and the first differing character.
+another, each stopped (SIGTERM) before the next starts. With `--rounds N` (N >= 2) every system
+is started first (one after another, each idle once healthy) and the measurements interleave: in
+each round, each concurrency on each system, the systems' order rotating from round to round; a
+cell is the median over the rounds, with the least and greatest. This VM's speed drifts by 15-30%
+within minutes (the same target-only stack, c = 1: 77.6 and 101.9 tok/s half an hour apart), so
+systems measured one after another compare the machine's moments as much as the systems.
+Greedy texts are compared with the first system's: where they differ, the report names the
+prompt and the first differing character.
 `--assisted TARGET,DRAFT` also measures `transformers` assisted generation in this process
 (concurrency 1 only: `generate` serves one request at a time).
 
@@ -57,6 +63,7 @@ class Row:
     seconds: float
     tokens_per_s: float
     texts: list[str]
+    runs: list[float] = field(default_factory=list)  # tok/s of each round (--rounds), in round order
 
 
 def free_port() -> int:
@@ -120,7 +127,8 @@ async def measure(url: str, system: System, prompts: list[str], concurrency: int
                [text for _, text in results])
 
 
-async def run_system(system: System, prompts: list[str], args: argparse.Namespace) -> list[Row]:
+async def start_system(system: System, args: argparse.Namespace) -> tuple[subprocess.Popen | None, str]:
+    """Start `system` (unless it is a URL) and wait until it is healthy: (its process, its URL)."""
     process, url = None, system.target.rstrip("/")
     if not system.is_url:
         port = free_port()
@@ -132,10 +140,29 @@ async def run_system(system: System, prompts: list[str], args: argparse.Namespac
             process = subprocess.Popen(shlex.split(command), stdout=server_log, stderr=subprocess.STDOUT,
                                        start_new_session=True)
         url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
     try:
-        started = time.monotonic()
         await wait_healthy(url, process, args.startup_timeout)
-        print(f"[{system.name}] healthy after {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    except BaseException:
+        stop_system(process)
+        raise
+    print(f"[{system.name}] healthy after {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return process, url
+
+
+def stop_system(process: subprocess.Popen | None) -> None:
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+async def run_system(system: System, prompts: list[str], args: argparse.Namespace) -> list[Row]:
+    process, url = await start_system(system, args)
+    try:
         rows = []
         for concurrency in args.concurrency:
             row = await measure(url, system, prompts, concurrency, args.max_tokens)
@@ -143,13 +170,48 @@ async def run_system(system: System, prompts: list[str], args: argparse.Namespac
             rows.append(row)
         return rows
     finally:
-        if process is not None and process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
+        stop_system(process)
+
+
+def interleaved_order(systems: int, concurrencies: list[int], rounds: int) -> list[tuple[int, int, int]]:
+    """(round, concurrency, system index) in the order `--rounds` measures them: each round takes
+    every concurrency in turn, each on every system, the systems' order rotated by one and reversed
+    from one to the next, so that no system always runs first or right after the same one."""
+    order = []
+    for turn, (round_index, concurrency) in enumerate((r, c) for r in range(rounds) for c in concurrencies):
+        rotated = [(turn // 2 + i) % systems for i in range(systems)]
+        order += [(round_index, concurrency, index) for index in (rotated[::-1] if turn % 2 else rotated)]
+    return order
+
+
+def median_row(rows: list[Row]) -> Row:
+    """One system's rows at one concurrency, a row per round, as one: the median tok/s (the middle
+    round's seconds and tokens), with every round's tok/s in `runs`; texts from the first round."""
+    middle = sorted(rows, key=lambda r: r.tokens_per_s)[(len(rows) - 1) // 2]
+    return Row(middle.system, middle.concurrency, middle.requests, middle.tokens, middle.seconds,
+               middle.tokens_per_s, rows[0].texts, [r.tokens_per_s for r in rows])
+
+
+async def run_interleaved(systems: list[System], prompts: list[str], args: argparse.Namespace) -> list[Row]:
+    """Every system up at once, measured in `interleaved_order`; a row per system and concurrency."""
+    running: list[tuple[System, subprocess.Popen | None, str]] = []
+    try:
+        for system in systems:
             try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+                running.append((system, *await start_system(system, args)))
+            except RuntimeError as exc:
+                print(f"[{system.name}] failed: {exc}", file=sys.stderr, flush=True)
+        measured: dict[tuple[str, int], list[Row]] = {}
+        for round_index, concurrency, index in interleaved_order(len(running), args.concurrency, args.rounds):
+            system, _, url = running[index]
+            row = await measure(url, system, prompts, concurrency, args.max_tokens)
+            print(f"[{system.name}] round {round_index + 1}, concurrency {concurrency}: {row.tokens_per_s} tok/s",
+                  file=sys.stderr, flush=True)
+            measured.setdefault((system.name, concurrency), []).append(row)
+        return [median_row(measured[(system.name, c)]) for system, _, _ in running for c in args.concurrency]
+    finally:
+        for _, process, _ in running:
+            stop_system(process)
 
 
 def run_assisted(spec: str, prompts: list[str], max_tokens: int, threads: int) -> list[Row]:
@@ -194,13 +256,15 @@ def agreement(rows: list[Row], reference: str) -> dict[str, str]:
 
 
 def table(rows: list[Row], concurrencies: list[int], agree: dict[str, str], reference: str) -> str:
+    """Markdown: tok/s per system and concurrency (over rounds: median (least-greatest))."""
     lines = ["| system | " + " | ".join(f"concurrency {c} tok/s" for c in concurrencies)
              + f" | greedy texts equal to {reference} |", "|---|" + "---|" * (len(concurrencies) + 1)]
     for system in dict.fromkeys(r.system for r in rows):
         cells = []
         for c in concurrencies:
             row = next((r for r in rows if r.system == system and r.concurrency == c), None)
-            cells.append(f"{row.tokens_per_s:.1f}" if row else "-")
+            cells.append("-" if row is None else f"{row.tokens_per_s:.1f}" if len(row.runs) < 2 else
+                         f"{row.tokens_per_s:.1f} ({min(row.runs):.1f}-{max(row.runs):.1f})")
         lines.append(f"| {system} | " + " | ".join(cells) + f" | {agree[system]} |")
     return "\n".join(lines)
 
@@ -235,6 +299,8 @@ async def main() -> None:
     parser.add_argument("--requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="N >= 2: every system up at once, measured N times in interleaved rounds (median)")
     parser.add_argument("--startup-timeout", type=float, default=900)
     parser.add_argument("--out", default="bench-results/peers")
     args = parser.parse_args()
@@ -243,7 +309,9 @@ async def main() -> None:
     bodies = {name: json.loads(value) for name, value in args.body}
     systems = [System(name, target, bodies.get(name, {})) for name, target in args.system]
     rows: list[Row] = []
-    for system in systems:
+    if args.rounds >= 2:
+        rows += await run_interleaved(systems, prompts, args)
+    for system in systems if args.rounds < 2 else ():
         try:
             rows += await run_system(system, prompts, args)
         except RuntimeError as exc:
@@ -260,7 +328,7 @@ async def main() -> None:
     out.with_suffix(".md").write_text(markdown + "\n", encoding="utf-8")
     out.with_suffix(".json").write_text(json.dumps({
         "settings": {"requests": args.requests, "max_tokens": args.max_tokens, "temperature": 0,
-                     "concurrency": args.concurrency, "prompts": args.prompts,
+                     "concurrency": args.concurrency, "prompts": args.prompts, "rounds": args.rounds,
                      "systems": {s.name: s.target for s in systems}},
         "agreement": agree, "rows": [asdict(r) for r in rows]}, indent=1), encoding="utf-8")
     plot(rows, out.with_suffix(".png"))
