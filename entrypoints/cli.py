@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--draft-method", default="model", choices=["model", "layerskip", "ngram"])
     _add_drafter_args(up)
     up.add_argument("--k", default="auto", help="draft tokens per round, or 'auto' (the default)")
-    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--port", type=int, default=50051, help="the coordinator's gRPC port (0: a free one, printed)")
     up.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--threads", type=int, default=None)
@@ -467,6 +467,8 @@ def _up(args: argparse.Namespace) -> int:
         common.append("--enforce-eager")
     if args.targets < 1 or args.drafts < 0:
         raise ValueError("--targets must be >= 1 and --drafts >= 0")
+    if args.port == 0:
+        args.port = _free_port()
     _check_port_free("--port", args.port)
     if args.http_port:
         _check_port_free("--http-port", args.http_port)

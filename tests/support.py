@@ -327,15 +327,16 @@ def stop_logged(process, timeout: float = 60) -> None:
 
 def launch_up(*args: str, timeout: float = 180):
     """`splitspec up ARGS` in its own session; returns (process, coordinator address) once healthy.
-    Eager (`--enforce-eager`): these tests are not about compiling and skip its start-up minute."""
+    Eager (`--enforce-eager`): these tests are not about compiling and skip its start-up minute.
+    The coordinator's port is `up`'s choice (`--port 0`), read from the line it prints when up."""
+    import re
     import sys
     import time
 
-    port = free_port()
     if "--http-port" not in args:
         args = (*args, "--http-port", "0")  # no gateway unless the test asks for one
     args = (*args, "--enforce-eager")
-    process = spawn_logged([sys.executable, "-m", "entrypoints.cli", "up", "--port", str(port), *args], "up",
+    process = spawn_logged([sys.executable, "-m", "entrypoints.cli", "up", "--port", "0", *args], "up",
                            start_new_session=True)
     deadline, ready = time.monotonic() + timeout, []
     while time.monotonic() < deadline and not ready:
@@ -346,8 +347,9 @@ def launch_up(*args: str, timeout: float = 180):
     if not ready:
         process.kill()
         pytest.fail("splitspec up did not become healthy")
-    assert f"127.0.0.1:{port}" in ready[0], ready[0]
-    return process, f"127.0.0.1:{port}"
+    address = re.search(r"coordinator at (127\.0\.0\.1:(\d+))", ready[0])
+    assert address and int(address.group(2)) > 0, ready[0]
+    return process, address.group(1)
 
 
 def process_tree(pid: int) -> list[int]:
