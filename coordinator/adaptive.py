@@ -44,10 +44,13 @@ REFRESH_SECONDS of k = 0 unmeasured, after the proposal has run DECIDE_ROUNDS as
 exploration's T(0) read 21.3 and 21.6 ms at concurrency 4, where k = 0 runs 13-15 ms a round
 (most explorations read 13.6-15.1), and chose k = 2 (0.78x target only in that run).
 
-Speculation pays less the larger the batch (SmartSpec): where a smaller bucket chose k = 0 over
-its measured proposals within REFRESH_SECONDS, a larger one runs k = 0 without exploring
-proposals, so that a large batch pays no exploration where a smaller one has just lost. Exploration
-changes speed only, never the output.
+Speculation pays less the larger the batch (SmartSpec): where a smaller bucket's last choice by
+goodput was k = 0 over its measured proposals, within LOST_BELOW_SECONDS, a larger one runs k = 0
+without exploring proposals, so that a large batch pays no exploration where a smaller one has
+lost. A larger bucket's k = 0 taken so is no such choice: it renews nothing. Within REFRESH_SECONDS
+only, traffic that went from concurrency 4 to 16 after other work (the peer benchmark's
+interleaved rounds) explored k = 1 and 2 at bucket 16 and 32: 80-155 ms a round against 33-54 for
+k = 0, 1.9 and 3.0 s of 8 and 7 s phases. Exploration changes speed only, never the output.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ log = logging.getLogger(__name__)
 AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
 EXPLORE = (1, 2, 0)  # draft lengths measured first in every bucket; longer ones one at a time as they win
 REFRESH_SECONDS = 20.0  # after this long unmeasured in a bucket, a k is measured again
+LOST_BELOW_SECONDS = 300.0  # a bucket's k = 0 by goodput spares larger buckets exploring for this long
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
 SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
 MEASURE_ROUNDS = 8      # rounds per sequence an exploring choice is measured before it is compared
@@ -101,7 +105,7 @@ class RoundTimes:
     hold: int = 0                                            # ... before the bucket chooses again
     settled_at: float = 0.0                                  # rounds started before this share steps with the last choice's
     exploring: bool = False                                  # `choice` is being measured, not chosen by goodput
-    chosen_at: float = float("-inf")                         # time.perf_counter() of the last choice by goodput
+    lost_at: float = float("-inf")                           # time.perf_counter() of its last k = 0 by goodput
     chosen: set[int] = field(default_factory=set)            # the k this bucket has run by goodput
     confirmed: bool = False                                  # k = 0 measured again since a proposal beat it
 
@@ -128,7 +132,6 @@ class RoundTimes:
             self.settled_at = now + SETTLE_MARGIN * last * (AUTONOMOUS_CHUNK if self.choice == 0 else 1)
         self.choice, self.hold, self.choice_rounds, self.exploring = k, hold, 0, exploring
         if not exploring:
-            self.chosen_at = now
             self.chosen.add(k)
 
     def unconfirmed_win(self) -> bool:
@@ -190,10 +193,10 @@ class CostModel:
         return times.line(k) if k >= 1 else None
 
     def speculation_lost_below(self, sequences: int, now: float) -> bool:
-        """A smaller batch's bucket chose k = 0 by goodput within the last REFRESH_SECONDS."""
+        """A smaller batch's bucket last chose by goodput k = 0, within the last LOST_BELOW_SECONDS."""
         bucket = batch_bucket(sequences)
-        return any(smaller < bucket and times.choice == 0 and not times.exploring
-                   and now - times.chosen_at <= REFRESH_SECONDS for smaller, times in self.buckets.items())
+        return any(smaller < bucket and now - times.lost_at <= LOST_BELOW_SECONDS
+                   for smaller, times in self.buckets.items())
 
     def stale(self, sequences: int, k: int, now: float) -> bool:
         """Never measured at this batch, or not for REFRESH_SECONDS."""
@@ -262,6 +265,7 @@ def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max
             times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1, exploring=True)
         else:
             times.switch(fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket, now, bucket > 1)
+            times.lost_at = now if times.choice == 0 else float("-inf")
         log.info("k chosen", extra={
             "bucket": bucket, "k": times.choice, "exploring": exploring is not None, "lost_below": lost_below,
             "round_ms": {k: round(1000 * t, 2) for k, t in sorted(times.seconds.items())},

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from coordinator.adaptive import (
-    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, MEASURE_ROUNDS, REFRESH_SECONDS, SAMPLES, SETTLE_MARGIN, SPECULATION_MARGIN,
+    AUTONOMOUS_CHUNK, DECIDE_ROUNDS, EXPLORE, LOST_BELOW_SECONDS, MEASURE_ROUNDS, REFRESH_SECONDS, SAMPLES, SETTLE_MARGIN, SPECULATION_MARGIN,
     AcceptanceEstimate, CostModel,
     batch_bucket, choose_k, expected_tokens, fastest_k,
 )
@@ -243,9 +243,10 @@ def test_two_explored_lengths_price_proposals_apart_from_the_target_alone():
     assert fastest_k(acceptance, model, 1, 8) == 3
 
 
-def test_a_larger_batch_runs_the_target_alone_where_a_smaller_one_just_chose_it():
+def test_a_larger_batch_runs_the_target_alone_where_a_smaller_one_chose_it():
     """Bucket 4 chose k = 0 over its measured proposals: bucket 16 runs k = 0 at once, exploring no
-    proposal, until that choice is REFRESH_SECONDS old; bucket 2 explores as before."""
+    proposal, until that choice is LOST_BELOW_SECONDS old, though bucket 4 explores meanwhile;
+    bucket 2 explores as before. Bucket 16's k = 0 so taken renews nothing for bucket 32."""
     model, now = CostModel(), 1000.0
     for k, seconds in {0: 0.014, 1: 0.029, 2: 0.031}.items():
         model.observe(4, k, seconds, now=now)
@@ -254,9 +255,27 @@ def test_a_larger_batch_runs_the_target_alone_where_a_smaller_one_just_chose_it(
     assert choose_k(sure(0.6), model, 16, 8, now=now + 1.0) == 0
     assert not model.buckets[16].exploring and model.buckets[16].hold == DECIDE_ROUNDS * 16
     assert choose_k(sure(0.6), model, 2, 8, now=now + 1.0) == EXPLORE[0]  # a smaller batch: its own
-    later = CostModel(buckets=dict(model.buckets))
-    later.buckets.pop(16)
-    assert choose_k(sure(0.6), later, 16, 8, now=now + REFRESH_SECONDS + 1.0) == EXPLORE[0]
+    model.buckets[4].choice_rounds = model.buckets[4].hold
+    assert choose_k(sure(0.6), model, 4, 8, now=now + REFRESH_SECONDS + 1.0) == EXPLORE[0]  # bucket 4 explores
+    model.buckets[16].choice_rounds = model.buckets[16].hold
+    assert choose_k(sure(0.6), model, 16, 8, now=now + LOST_BELOW_SECONDS - 1.0) == 0
+    assert choose_k(sure(0.6), model, 32, 8, now=now + LOST_BELOW_SECONDS + 1.0) == EXPLORE[0]
+    model.buckets[16].choice_rounds = model.buckets[16].hold
+    assert choose_k(sure(0.6), model, 16, 8, now=now + LOST_BELOW_SECONDS + 1.0) == EXPLORE[0]
+
+
+def test_a_smaller_batch_that_chose_a_proposal_again_tells_larger_batches_to_explore():
+    model, now = CostModel(), 1000.0
+    for k, seconds in {0: 0.014, 1: 0.029, 2: 0.031}.items():
+        model.observe(4, k, seconds, now=now)
+    assert choose_k(sure(0.6), model, 4, 8, now=now) == 0
+    assert choose_k(sure(0.6), model, 16, 8, now=now + 1.0) == 0
+    for k, seconds in {0: 0.030, 1: 0.016, 2: 0.017}.items():  # proposals got cheap at bucket 4
+        model.observe(4, k, seconds, now=now + 2.0)
+    model.buckets[4].choice_rounds = model.buckets[4].hold
+    assert choose_k(sure(0.9), model, 4, 8, now=now + 2.0) >= 1
+    model.buckets[16].choice_rounds = model.buckets[16].hold
+    assert choose_k(sure(0.9), model, 16, 8, now=now + 3.0) == EXPLORE[0]
 
 
 def test_an_exploring_k_of_0_tells_larger_batches_nothing():
