@@ -39,6 +39,11 @@ on different cores (the target's steps of target-only rounds take the drafts' co
 proposals says what a longer one costs (with k = 1 alone, k = 0 won at concurrency 1, 12.98
 against 22.33 ms for 1.73 tokens, where k = 3 then gave 23.5 ms for 2.6).
 
+A pass that explores a proposal length explores k = 0 after it, stale or not, so that a choice
+never compares round times measured minutes apart: at concurrency 4, k = 0 measured in the
+tails of other phases stayed fresh while k = 1 and 2 were explored anew, and its older 18.8 ms
+chose k = 1 and 2 for 11 s of a 19 s phase (k = 0 ran 15 ms a round there), the confirmation
+below having been spent in the phase before.
 A proposal's first win over k = 0 is confirmed by measuring k = 0 again (once per
 REFRESH_SECONDS of k = 0 unmeasured, after the proposal has run DECIDE_ROUNDS as the choice): one
 exploration's T(0) read 21.3 and 21.6 ms at concurrency 4, where k = 0 runs 13-15 ms a round
@@ -108,6 +113,7 @@ class RoundTimes:
     lost_at: float = float("-inf")                           # time.perf_counter() of its last k = 0 by goodput
     chosen: set[int] = field(default_factory=set)            # the k this bucket has run by goodput
     confirmed: bool = False                                  # k = 0 measured again since a proposal beat it
+    proposals_fresh: bool = False                            # proposals explored since k = 0 last was
 
     @property
     def seconds(self) -> dict[int, float]:
@@ -254,9 +260,13 @@ def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max
         lost_below = costs.speculation_lost_below(sequences, now)
         exploring = None if lost_below else next(
             (k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE) if costs.stale(sequences, k, now)), None)
+        if exploring is None and not lost_below and times.proposals_fresh:
+            exploring = 0  # a pass that measured proposals measures k = 0 beside them
         if exploring == 0:
-            times.confirmed = False
-        elif exploring is None and not lost_below and times.unconfirmed_win():
+            times.confirmed = times.proposals_fresh = False
+        elif exploring is not None:
+            times.proposals_fresh = True
+        elif not lost_below and times.unconfirmed_win():
             exploring, times.confirmed = 0, True
         if lost_below:
             times.switch(0, DECIDE_ROUNDS * bucket, now, bucket > 1)

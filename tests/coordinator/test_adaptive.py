@@ -335,3 +335,25 @@ def test_a_proposals_first_win_over_the_target_alone_is_confirmed():
     chosen = drive(holding, acceptance, {0: 0.0213, 2: 0.0394}, 4 * (3 * DECIDE_ROUNDS + MEASURE_ROUNDS),
                    sequences=4, clock=now)
     assert [k for k, _ in runs(chosen)] == [2, 0, 2]
+
+
+def test_a_pass_that_explores_proposals_measures_the_target_alone_beside_them():
+    """k = 0 kept fresh by a few rounds (a phase's tail) while k = 1 and 2 went stale: the pass
+    explores 1, 2 and then 0 again, and chooses by the round times it measured, not by T(0) from
+    the phase before (which read 18.8 ms where k = 0 ran 15 and chose k = 2)."""
+    model, now = CostModel(), 1000.0
+    for k, seconds in {0: 0.0188, 1: 0.029, 2: 0.031}.items():
+        model.observe(4, k, seconds, now=now)
+    times = model.buckets[4]
+    later = now + REFRESH_SECONDS + 1.0
+    times.seen_at[0] = later - 1.0  # a tail round of k = 0: not stale
+    explored = []
+    for step in range(3):
+        k = choose_k(sure(0.6), model, 4, 8, now=later + step)
+        assert times.exploring
+        explored.append(k)
+        for _ in range(MEASURE_ROUNDS * 4):
+            model.observe(4, k, {0: 0.015, 1: 0.027, 2: 0.032}[k], now=later + step + 0.5)
+    assert explored == [1, 2, 0]
+    assert choose_k(sure(0.6), model, 4, 8, now=later + 4) == 0 and not times.exploring
+    assert model.round_seconds(4, 0) == pytest.approx(0.015)
