@@ -311,11 +311,12 @@ async def main() -> None:
     rows: list[Row] = []
     if args.rounds >= 2:
         rows += await run_interleaved(systems, prompts, args)
-    for system in systems if args.rounds < 2 else ():
-        try:
-            rows += await run_system(system, prompts, args)
-        except RuntimeError as exc:
-            print(f"[{system.name}] failed: {exc}", file=sys.stderr, flush=True)
+    else:
+        for system in systems:
+            try:
+                rows += await run_system(system, prompts, args)
+            except RuntimeError as exc:
+                print(f"[{system.name}] failed: {exc}", file=sys.stderr, flush=True)
     if args.assisted:
         rows += run_assisted(args.assisted, prompts, args.max_tokens, args.assisted_threads)
     if not rows:

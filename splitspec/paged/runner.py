@@ -3,8 +3,10 @@ new tokens (prefill chunks, verification windows, draft steps) together."""
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +145,7 @@ class PagedRunner:
                 if not all(quiet.values()):
                     quiet = {graph_tokens: [ms for ms, _ in timed] for graph_tokens, timed in runs.items()}
                 break
-            if not all(calm for timed in runs.values() for _, calm in timed[-1:]):
+            if not all(timed[-1][1] for timed in runs.values()):
                 time.sleep(QUIET_PAUSE_SECONDS)
         return min(quiet[tokens]), min(quiet[0])
 
@@ -151,32 +153,34 @@ class PagedRunner:
         """(ms, quiet) of one run of `step` (after one unmeasured call) with the graphs taking up to
         `graph_tokens`: quiet where this process's threads waited for a CPU at most QUIET_SHARE of
         it (always, where the kernel does not say)."""
-        compiled = self.compiled
-        kept, compiled.max_tokens = compiled.max_tokens, graph_tokens
-        try:
+        with self._graphs_taking(graph_tokens):
             self.forward(step)
             waited, started = cpu_wait_ns(), time.perf_counter()
             self.forward(step)
             seconds, waited_after = time.perf_counter() - started, cpu_wait_ns()
-        finally:
-            compiled.max_tokens = kept
         quiet = waited is None or waited_after is None or (waited_after - waited) / 1e9 <= QUIET_SHARE * seconds
         return 1000 * seconds, quiet
 
     def _step_ms(self, step: list[Chunk], graph_tokens: int, repeats: int) -> float:
         """Median ms of `step` (after one unmeasured call) with the graphs taking up to `graph_tokens`."""
-        compiled = self.compiled
-        kept, compiled.max_tokens = compiled.max_tokens, graph_tokens
-        try:
+        with self._graphs_taking(graph_tokens):
             self.forward(step)
             times = []
             for _ in range(repeats):
                 started = time.perf_counter()
                 self.forward(step)
                 times.append(1000 * (time.perf_counter() - started))
+        return statistics.median(times)
+
+    @contextlib.contextmanager
+    def _graphs_taking(self, graph_tokens: int) -> Iterator[None]:
+        """The graphs take steps of up to `graph_tokens` tokens inside the block (0: none)."""
+        compiled = self.compiled
+        kept, compiled.max_tokens = compiled.max_tokens, graph_tokens
+        try:
+            yield
         finally:
             compiled.max_tokens = kept
-        return statistics.median(times)
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write of whole blocks (src, dst) before they are written."""
