@@ -23,13 +23,14 @@ outlier; per sequence, because at concurrency 4 the sequences finish and prefill
 window of 32 rounds was 8 tokens each, which one such burst filled (T(0) read 20 ms for 13).
 
 A bucket runs its choice for DECIDE_ROUNDS rounds per sequence, then chooses again. Lengths not
-yet measured are explored first (EXPLORE: the two shortest proposals and k = 0), and each again once
-unmeasured for REFRESH_SECONDS, so that a cost taken under other traffic or in a burst of
-prefills does not stick for the rest of a run; an exploring choice is held until MEASURE_ROUNDS
-rounds per sequence have been measured. After a
+yet measured are explored first (EXPLORE: k = 0 and the two shortest proposals), and each again once
+it has fewer than MEASURE_ROUNDS rounds per sequence measured in the last REFRESH_SECONDS, so that a
+cost taken under other traffic or in a burst of prefills does not stick for the rest of a run; an
+exploring choice is held until MEASURE_ROUNDS rounds per sequence have been measured. After a
 switch, rounds of the last choice are still in flight (an autonomous chunk runs AUTONOMOUS_CHUNK
 of them): a round that started before they can all have ended (SETTLE_MARGIN times the longest
-of them) shares steps with them and is not measured. Other k >= 1 are read off a line through the
+of them; a chunk of them where k = 0 is the last choice or the new one) shares steps with them
+and is not measured. Other k >= 1 are read off a line through the
 bucket's measured points, up to one past the longest measured where that one, run as the bucket's
 choice, wins again; a proposal must beat k = 0 by
 SPECULATION_MARGIN. Longer proposals are thus reached one at a time, each measured only once the
@@ -39,15 +40,15 @@ on different cores (the target's steps of target-only rounds take the drafts' co
 proposals says what a longer one costs (with k = 1 alone, k = 0 won at concurrency 1, 12.98
 against 22.33 ms for 1.73 tokens, where k = 3 then gave 23.5 ms for 2.6).
 
-A pass that explores a proposal length explores k = 0 after it, stale or not, so that a choice
-never compares round times measured minutes apart: at concurrency 4, k = 0 measured in the
-tails of other phases stayed fresh while k = 1 and 2 were explored anew, and its older 18.8 ms
-chose k = 1 and 2 for 11 s of a 19 s phase (k = 0 ran 15 ms a round there), the confirmation
-below having been spent in the phase before.
-A proposal's first win over k = 0 is confirmed by measuring k = 0 again (once per
-REFRESH_SECONDS of k = 0 unmeasured, after the proposal has run DECIDE_ROUNDS as the choice): one
-exploration's T(0) read 21.3 and 21.6 ms at concurrency 4, where k = 0 runs 13-15 ms a round
-(most explorations read 13.6-15.1), and chose k = 2 (0.78x target only in that run).
+T(0) is compared with proposals as measured in a steady run of k = 0, not in the rounds right
+after proposals: k = 0 is explored first in a pass; where the bucket ran k = 0 as its choice until
+the pass, its rounds from that run stand (fresh: no exploration); and a switch to or from k = 0
+settles over an autonomous chunk of the last choice's rounds. Measured from 2x the last round
+after a switch from proposals, T(0) read 18-22 ms a round at concurrency 4 where the steady run
+read 14-16, and chose k = 1 or 2 for 11-13 s of 19 s phases at 32-42 ms a round; in a faster
+run, the first chunk's rounds after proposals read 9.9-13.6 ms (the 7th-9th slowest, where the
+chunk is extended), steady 10.3. Freshness counts rounds, not the last one: a few rounds in
+another phase's tail kept an old T(0) of 18.8 ms fresh while k = 1 and 2 were explored anew.
 
 Speculation pays less the larger the batch (SmartSpec): where a smaller bucket's last choice by
 goodput was k = 0 over its measured proposals, within LOST_BELOW_SECONDS, a larger one runs k = 0
@@ -68,8 +69,8 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 
 AUTO_K = -1  # GenerationRequest.k when the coordinator runs with --k auto
-EXPLORE = (1, 2, 0)  # draft lengths measured first in every bucket; longer ones one at a time as they win
-REFRESH_SECONDS = 20.0  # after this long unmeasured in a bucket, a k is measured again
+EXPLORE = (0, 1, 2)  # draft lengths measured first in every bucket; longer ones one at a time as they win
+REFRESH_SECONDS = 20.0  # a k with fewer than MEASURE_ROUNDS rounds per sequence this recent is measured again
 LOST_BELOW_SECONDS = 300.0  # a bucket's k = 0 by goodput spares larger buckets exploring for this long
 DECIDE_ROUNDS = 16      # rounds per sequence a bucket runs its choice before choosing again
 SETTLE_MARGIN = 2.0     # after a switch, the last choice's rounds may take this much longer than measured
@@ -100,11 +101,11 @@ class RoundTimes:
     """One batch bucket's round seconds by draft length, as trimmed means of the last rounds
     measured, and the draft length its requests run now."""
 
-    window: int = SAMPLES                                    # rounds each k's estimate is taken over
+    bucket: int = 1                                          # the batch bucket: rounds per step
     samples: dict[int, deque] = field(default_factory=dict)  # k -> the last `window` round seconds
+    measured_at: dict[int, deque] = field(default_factory=dict)  # k -> when each of them ended (perf_counter)
     means: dict[int, float] = field(default_factory=dict)    # k -> trimmed mean of its samples, once asked for
     unsorted: set[int] = field(default_factory=set)          # k whose samples changed since its mean was taken
-    seen_at: dict[int, float] = field(default_factory=dict)  # k -> time.perf_counter() when last measured
     choice: int | None = None                                # the k every request here runs
     choice_rounds: int = 0                                   # rounds of `choice` measured since it was chosen
     hold: int = 0                                            # ... before the bucket chooses again
@@ -112,8 +113,11 @@ class RoundTimes:
     exploring: bool = False                                  # `choice` is being measured, not chosen by goodput
     lost_at: float = float("-inf")                           # time.perf_counter() of its last k = 0 by goodput
     chosen: set[int] = field(default_factory=set)            # the k this bucket has run by goodput
-    confirmed: bool = False                                  # k = 0 measured again since a proposal beat it
-    proposals_fresh: bool = False                            # proposals explored since k = 0 last was
+
+    @property
+    def window(self) -> int:
+        """Rounds each k's estimate is taken over: SAMPLES per sequence."""
+        return SAMPLES * self.bucket
 
     @property
     def seconds(self) -> dict[int, float]:
@@ -127,22 +131,32 @@ class RoundTimes:
 
     def add(self, k: int, seconds: float, now: float) -> None:
         self.samples.setdefault(k, deque(maxlen=self.window)).append(seconds)
+        self.measured_at.setdefault(k, deque(maxlen=self.window)).append(now)
         self.unsorted.add(k)
-        self.seen_at[k] = now
+
+    def forget(self, k: int) -> None:
+        """Drop k's rounds, to be measured afresh (the old ones ran under other traffic)."""
+        self.samples.pop(k, None)
+        self.measured_at.pop(k, None)
+
+    def fresh(self, k: int, now: float) -> bool:
+        """MEASURE_ROUNDS rounds per sequence of k measured within the last REFRESH_SECONDS."""
+        needed, since, recent = MEASURE_ROUNDS * self.bucket, now - REFRESH_SECONDS, 0
+        for at in reversed(self.measured_at.get(k, ())):
+            if at < since or recent >= needed:
+                break
+            recent += 1
+        return recent >= needed
 
     def switch(self, k: int, hold: int, now: float, shared: bool, exploring: bool = False) -> None:
         """Every request here runs `k` from now, for `hold` measured rounds. `shared`: several
         sequences share the steps, so rounds of the last choice are still in flight."""
         if shared and self.choice is not None and k != self.choice:
             last = self.seconds.get(self.choice, max(self.seconds.values(), default=0.0))
-            self.settled_at = now + SETTLE_MARGIN * last * (AUTONOMOUS_CHUNK if self.choice == 0 else 1)
+            self.settled_at = now + SETTLE_MARGIN * last * (AUTONOMOUS_CHUNK if 0 in (k, self.choice) else 1)
         self.choice, self.hold, self.choice_rounds, self.exploring = k, hold, 0, exploring
         if not exploring:
             self.chosen.add(k)
-
-    def unconfirmed_win(self) -> bool:
-        """A proposal runs by goodput over a T(0) measured only once since k = 0 was last stale."""
-        return self.choice is not None and self.choice >= 1 and not self.exploring and not self.confirmed
 
     def line(self, k: int) -> float | None:
         """T(k) for k >= 1 off a least-squares line through the measured k >= 1 points (slope >= 0).
@@ -174,7 +188,7 @@ class CostModel:
     def times(self, sequences: int) -> RoundTimes:
         bucket = batch_bucket(sequences)
         if bucket not in self.buckets:
-            self.buckets[bucket] = RoundTimes(window=SAMPLES * bucket)
+            self.buckets[bucket] = RoundTimes(bucket=bucket)
         return self.buckets[bucket]
 
     def observe(self, sequences: int, k: int, seconds: float, now: float | None = None) -> None:
@@ -205,11 +219,8 @@ class CostModel:
                    for smaller, times in self.buckets.items())
 
     def stale(self, sequences: int, k: int, now: float) -> bool:
-        """Never measured at this batch, or not for REFRESH_SECONDS."""
-        times = self.times(sequences)
-        if k not in times.seen_at:
-            return True
-        return now - times.seen_at[k] > REFRESH_SECONDS
+        """Not measured at this batch for MEASURE_ROUNDS rounds per sequence in the last REFRESH_SECONDS."""
+        return not self.times(sequences).fresh(k, now)
 
 
 @dataclass(slots=True)
@@ -252,26 +263,17 @@ def expected_tokens(estimate: AcceptanceEstimate, k: int) -> float:
 def choose_k(estimate: AcceptanceEstimate, costs: CostModel, sequences: int, max_k: int,
              now: float | None = None) -> int:
     """The k of this batch bucket: its current choice while held, else 0 where a smaller bucket
-    just chose 0, else a stale EXPLORE length, else k = 0 again to confirm a proposal's first win
-    over it, else the argmax over k in [0, max_k] of E(k) / T(k)."""
+    just chose 0, else a stale EXPLORE length, else the argmax over k in [0, max_k] of E(k) / T(k)."""
     times, bucket = costs.times(sequences), batch_bucket(sequences)
     if times.choice is None or times.choice_rounds >= times.hold:
         now = time.perf_counter() if now is None else now
         lost_below = costs.speculation_lost_below(sequences, now)
         exploring = None if lost_below else next(
             (k for k in dict.fromkeys(min(k, max_k) for k in EXPLORE) if costs.stale(sequences, k, now)), None)
-        if exploring is None and not lost_below and times.proposals_fresh:
-            exploring = 0  # a pass that measured proposals measures k = 0 beside them
-        if exploring == 0:
-            times.confirmed = times.proposals_fresh = False
-        elif exploring is not None:
-            times.proposals_fresh = True
-        elif not lost_below and times.unconfirmed_win():
-            exploring, times.confirmed = 0, True
         if lost_below:
             times.switch(0, DECIDE_ROUNDS * bucket, now, bucket > 1)
         elif exploring is not None:
-            times.samples.pop(exploring, None)  # measured afresh: the old rounds ran under other traffic
+            times.forget(exploring)
             times.switch(exploring, MEASURE_ROUNDS * bucket, now, bucket > 1, exploring=True)
         else:
             times.switch(fastest_k(estimate, costs, sequences, max_k), DECIDE_ROUNDS * bucket, now, bucket > 1)

@@ -11,12 +11,18 @@ from coordinator.adaptive import (
 )
 
 
-def costs(rounds: dict[int, float], sequences: int = 1) -> CostModel:
-    """Round seconds by k, measured at a batch of `sequences`."""
-    model = CostModel()
+def measure(model: CostModel, sequences: int, rounds: dict[int, float], now: float | None = None) -> CostModel:
+    """Round seconds by k, measured at a batch of `sequences`, `now`: enough rounds of each to be
+    fresh (MEASURE_ROUNDS per sequence)."""
     for k, seconds in rounds.items():
-        model.observe(sequences, k, seconds)
+        for _ in range(MEASURE_ROUNDS * batch_bucket(sequences)):
+            model.observe(sequences, k, seconds, now=now)
     return model
+
+
+def costs(rounds: dict[int, float], sequences: int = 1) -> CostModel:
+    """Round seconds by k, measured just now at a batch of `sequences`."""
+    return measure(CostModel(), sequences, rounds)
 
 
 def rounds(target_alone: float, base: float, per_token: float) -> dict[int, float]:
@@ -63,13 +69,12 @@ def test_batch_buckets_are_powers_of_two():
 def test_cheap_rounds_and_high_acceptance_climb_to_a_long_proposal():
     """Verifying k + 1 tokens costs little more than one: each decision may go one past the
     longest length measured once that one has won as the bucket's choice, so k climbs to max_k
-    as each new length proves itself (after k = 0 is measured once more, to confirm the first win)."""
+    as each new length proves itself."""
     flat = {k: 0.030 if k == 0 else 0.032 + 0.001 * k for k in range(9)}
     model = costs(rounds(0.030, 0.032, 0.001))
     assert choose_k(sure(0.9), model, 1, 8) == 4  # the longest measured: it has not run as the choice yet
-    chosen = drive(model, sure(0.9), flat, 5 * DECIDE_ROUNDS + MEASURE_ROUNDS)
-    assert runs(chosen) == [(4, DECIDE_ROUNDS), (0, MEASURE_ROUNDS), *((k, DECIDE_ROUNDS) for k in (5, 6, 7, 8))]
-    assert chosen[-DECIDE_ROUNDS:] == [8] * DECIDE_ROUNDS
+    chosen = drive(model, sure(0.9), flat, 5 * DECIDE_ROUNDS)
+    assert runs(chosen) == [(k, DECIDE_ROUNDS) for k in (4, 5, 6, 7, 8)]
 
 
 def test_a_line_read_past_its_points_is_not_trusted():
@@ -96,11 +101,7 @@ def test_poor_acceptance_or_dear_rounds_choose_the_target_alone():
 def test_each_batch_bucket_keeps_its_own_round_times():
     """At concurrency 1 a round of k = 4 costs little more than the target alone; at 32 the step is
     compute-bound and the same acceptance chooses k = 0."""
-    model = CostModel()
-    for k, seconds in rounds(0.030, 0.032, 0.002).items():
-        model.observe(1, k, seconds)
-    for k, seconds in rounds(0.120, 0.150, 0.075).items():
-        model.observe(32, k, seconds)
+    model = measure(measure(CostModel(), 1, rounds(0.030, 0.032, 0.002)), 32, rounds(0.120, 0.150, 0.075))
     assert choose_k(sure(0.7), model, 1, 4) == 4
     assert choose_k(sure(0.7), model, 30, 4) == 0  # 30 sequences fall in the bucket of 32
 
@@ -132,10 +133,10 @@ def test_one_measured_proposal_length_prices_longer_ones_by_its_cost_over_the_ta
 
 
 def test_exploration_measures_each_listed_length_before_choosing():
-    """The two shortest proposals and the target alone are measured first; a longer proposal only
+    """The target alone and the two shortest proposals are measured first; a longer proposal only
     once the one before it has won (one past the longest measured), so a batch where speculation
     loses never pays for a long one."""
-    assert EXPLORE == (1, 2, 0)
+    assert EXPLORE == (0, 1, 2)
     model, window = CostModel(), MEASURE_ROUNDS
     chosen = drive(model, sure(0.9), {k: 0.030 + 0.001 * k for k in range(9)}, len(EXPLORE) * window)
     assert chosen == [k for k in EXPLORE for _ in range(window)]
@@ -149,21 +150,31 @@ def test_exploration_measures_each_listed_length_before_choosing():
 
 def test_a_batch_runs_one_choice_and_measures_only_settled_rounds_of_it():
     """Four requests in bucket 4 ask in turn: all get the bucket's choice. A round of another k
-    is not measured, nor one that started while the last choice's rounds could still be in flight
-    (an autonomous chunk's, for k = 0)."""
+    is not measured, nor one that started while the last choice's rounds could still be in flight:
+    a round of it, times SETTLE_MARGIN, and an autonomous chunk of them where k = 0 is the last
+    choice or the new one."""
     model = CostModel()
+    times = model.times(4)
     model.observe(4, 0, 0.010, now=1.0)  # before any choice: measured
-    model.times(4).switch(0, 1, now=1.0, shared=True)  # the bucket runs k = 0 for one round
-    model.observe(4, 0, 0.010, now=1.5)
-    k = choose_k(sure(0.9), model, 4, 4, now=2.0)  # then explores
-    assert k == EXPLORE[0] and [choose_k(sure(0.9), model, 3, 4, now=2.0) for _ in range(3)] == [k] * 3
-    settled = 2.0 + SETTLE_MARGIN * 0.010 * AUTONOMOUS_CHUNK
-    model.observe(4, 0, 0.010, now=2.1)  # a target-only round of the chunk still running
-    model.observe(4, k, 0.040, now=settled + 0.039)  # started before the chunks could all have ended
-    assert set(model.buckets[4].seconds) == {0}
-    model.observe(4, k, 0.040, now=settled + 0.041)
-    assert model.buckets[4].seconds[k] == 0.040
-    assert choose_k(sure(0.9), model, 4, 4, now=3.0) == k  # held until measured for MEASURE_ROUNDS per sequence
+    times.switch(0, 1, now=1.0, shared=True)  # the bucket runs k = 0 for one round
+    model.observe(4, 2, 0.030, now=1.5)  # another choice's round
+    assert set(times.seconds) == {0}
+    k = choose_k(sure(0.9), model, 4, 4, now=2.0)  # k = 0 has one round: explored again, first
+    assert k == EXPLORE[0] == 0 and [choose_k(sure(0.9), model, 3, 4, now=2.0) for _ in range(3)] == [0] * 3
+    measure(model, 4, {0: 0.010}, now=2.5)
+    assert choose_k(sure(0.9), model, 4, 4, now=3.0) == EXPLORE[1] == 1
+    settled = 3.0 + SETTLE_MARGIN * 0.010 * AUTONOMOUS_CHUNK
+    model.observe(4, 0, 0.010, now=3.1)  # a target-only round of the chunk still running
+    model.observe(4, 1, 0.040, now=settled + 0.039)  # started before the chunks could all have ended
+    assert set(times.seconds) == {0}
+    model.observe(4, 1, 0.040, now=settled + 0.041)
+    assert times.seconds[1] == 0.040
+    assert choose_k(sure(0.9), model, 4, 4, now=3.5) == 1  # held until measured for MEASURE_ROUNDS per sequence
+    times.switch(0, 1, now=4.0, shared=True)  # back to k = 0: its first chunk shares steps with proposals
+    assert times.settled_at == pytest.approx(4.0 + SETTLE_MARGIN * 0.040 * AUTONOMOUS_CHUNK)
+    times.switch(2, 1, now=5.0, shared=True)
+    times.switch(1, 1, now=6.0, shared=True)  # between proposals: a round of the last
+    assert times.settled_at == pytest.approx(6.0 + SETTLE_MARGIN * 0.040)  # k = 2 unmeasured: the dearest measured
 
 
 def test_the_choice_is_made_again_by_goodput():
@@ -175,20 +186,18 @@ def test_the_choice_is_made_again_by_goodput():
 
 
 def test_a_length_unseen_for_long_is_measured_again():
-    model, window = CostModel(), MEASURE_ROUNDS
-    for k, seconds in rounds(0.030, 0.030, 0.0005).items():
-        model.observe(1, k, seconds, now=0.0)
-    seconds = {0: 0.030, 2: 0.031, 4: 0.032}
+    """k = 4 wins and runs; REFRESH_SECONDS later the lengths it beat are measured again, k = 0 first,
+    and k = 4, measured all along as the choice, is not."""
+    model, window = measure(CostModel(), 1, rounds(0.030, 0.030, 0.0005), now=0.0), MEASURE_ROUNDS
+    seconds = {0: 0.030, 1: 0.0305, 2: 0.031, 4: 0.032}
     explored = len(EXPLORE) * window
     chosen = drive(model, sure(0.9), seconds, int(REFRESH_SECONDS / 0.032) + DECIDE_ROUNDS + explored,
                    max_k=4, clock=0.0)
-    refreshed = chosen.index(EXPLORE[0])  # k = 4 ran until the explored lengths went stale ...
-    before = runs(chosen[:refreshed])  # ... but for k = 0 measured once more, to confirm its first win
-    assert before[:2] == [(4, DECIDE_ROUNDS), (0, MEASURE_ROUNDS)] and {k for k, _ in before[2:]} == {4}
-    assert refreshed * 0.032 >= REFRESH_SECONDS
-    stale = [k for k in EXPLORE if k != 0]  # k = 0, measured later (the confirmation), is not stale yet
-    assert chosen[refreshed:refreshed + len(stale) * window] == [k for k in stale for _ in range(window)]
-    assert not any(model.stale(1, k, refreshed * 0.032 + explored * 0.031) for k in EXPLORE)
+    refreshed = chosen.index(EXPLORE[0])
+    assert set(chosen[:refreshed]) == {4} and refreshed * 0.032 >= REFRESH_SECONDS
+    assert chosen[refreshed:refreshed + explored] == [k for k in EXPLORE for _ in range(window)]
+    assert set(chosen[refreshed + explored:]) == {4}
+    assert not any(model.stale(1, k, refreshed * 0.032 + explored * 0.031) for k in (*EXPLORE, 4))
 
 
 def test_round_times_are_trimmed_means_of_the_last_rounds():
@@ -248,8 +257,7 @@ def test_a_larger_batch_runs_the_target_alone_where_a_smaller_one_chose_it():
     proposal, until that choice is LOST_BELOW_SECONDS old, though bucket 4 explores meanwhile;
     bucket 2 explores as before. Bucket 16's k = 0 so taken renews nothing for bucket 32."""
     model, now = CostModel(), 1000.0
-    for k, seconds in {0: 0.014, 1: 0.029, 2: 0.031}.items():
-        model.observe(4, k, seconds, now=now)
+    measure(model, 4, {0: 0.014, 1: 0.029, 2: 0.031}, now=now)
     assert choose_k(sure(0.6), model, 4, 8, now=now) == 0  # by goodput
     assert not model.buckets[4].exploring
     assert choose_k(sure(0.6), model, 16, 8, now=now + 1.0) == 0
@@ -266,12 +274,10 @@ def test_a_larger_batch_runs_the_target_alone_where_a_smaller_one_chose_it():
 
 def test_a_smaller_batch_that_chose_a_proposal_again_tells_larger_batches_to_explore():
     model, now = CostModel(), 1000.0
-    for k, seconds in {0: 0.014, 1: 0.029, 2: 0.031}.items():
-        model.observe(4, k, seconds, now=now)
+    measure(model, 4, {0: 0.014, 1: 0.029, 2: 0.031}, now=now)
     assert choose_k(sure(0.6), model, 4, 8, now=now) == 0
     assert choose_k(sure(0.6), model, 16, 8, now=now + 1.0) == 0
-    for k, seconds in {0: 0.030, 1: 0.016, 2: 0.017}.items():  # proposals got cheap at bucket 4
-        model.observe(4, k, seconds, now=now + 2.0)
+    measure(model, 4, {0: 0.030, 1: 0.016, 2: 0.017}, now=now + 2.0)  # proposals got cheap at bucket 4
     model.buckets[4].choice_rounds = model.buckets[4].hold
     assert choose_k(sure(0.9), model, 4, 8, now=now + 2.0) >= 1
     model.buckets[16].choice_rounds = model.buckets[16].hold
@@ -316,44 +322,43 @@ def test_round_times_are_averaged_when_asked_not_per_round():
     assert model.round_seconds(32, 0) == pytest.approx(0.030)
 
 
-def test_a_proposals_first_win_over_the_target_alone_is_confirmed():
-    """Bucket 4 measured T(0) at 21.3 ms once (most explorations: 13.6-15.1), and k = 2 won by
-    goodput: after k = 2 has run as the choice, k = 0 is measured again; at 14 ms it wins. A
-    confirmed win is not checked again until k = 0 has gone unmeasured for REFRESH_SECONDS."""
-    acceptance, now = sure(0.67), 1000.0
-    model = CostModel()
-    for k, seconds in {0: 0.0213, 1: 0.0318, 2: 0.0394}.items():
-        model.observe(4, k, seconds, now=now)
-    assert drive(model, acceptance, {0: 0.014, 2: 0.0394}, 4 * DECIDE_ROUNDS + 1, sequences=4, clock=now) == \
-        [2] * 4 * DECIDE_ROUNDS + [0]  # by goodput (47.0 against 53.8 tokens/s); then k = 0 again
-    assert model.buckets[4].exploring and model.buckets[4].confirmed
-    assert 0 not in model.buckets[4].samples  # measured afresh: the 21.3 ms rounds are dropped
-    assert set(drive(model, acceptance, {0: 0.014, 2: 0.0394}, 12 * DECIDE_ROUNDS, sequences=4, clock=now + 1)) == {0}
-    holding = CostModel()  # where the proposal wins again, it runs on: no second check
-    for k, seconds in {0: 0.0213, 1: 0.0318, 2: 0.0394}.items():
-        holding.observe(4, k, seconds, now=now)
-    chosen = drive(holding, acceptance, {0: 0.0213, 2: 0.0394}, 4 * (3 * DECIDE_ROUNDS + MEASURE_ROUNDS),
-                   sequences=4, clock=now)
-    assert [k for k, _ in runs(chosen)] == [2, 0, 2]
+def test_a_pass_prices_proposals_against_the_steady_run_of_the_target_alone():
+    """Bucket 4 runs k = 0 as its choice; REFRESH_SECONDS later k = 1 and 2 are measured anew and
+    compared with T(0) from that steady run: k = 0 is not explored again right after them
+    (measured so, it read 18-22 ms a round where the steady run read 14-16, and chose proposals)."""
+    model, now = measure(CostModel(), 4, {0: 0.014, 1: 0.029, 2: 0.031}, now=1000.0), 1000.0
+    times = model.buckets[4]
+    assert choose_k(sure(0.6), model, 4, 8, now=now) == 0 and not times.exploring
+    later = now + REFRESH_SECONDS + 1.0
+    measure(model, 4, {0: 0.0145}, now=later - 1.0)  # the steady run of the choice
+    explored = []
+    for step in range(2):
+        times.choice_rounds = times.hold
+        explored.append(choose_k(sure(0.6), model, 4, 8, now=later + step))
+        assert times.exploring
+        measure(model, 4, {explored[-1]: {1: 0.027, 2: 0.032}[explored[-1]]}, now=later + step + 0.5)
+    assert explored == [1, 2]
+    times.choice_rounds = times.hold
+    assert choose_k(sure(0.6), model, 4, 8, now=later + 3) == 0 and not times.exploring
+    assert model.round_seconds(4, 0) == pytest.approx(0.01425, abs=0.0003)
 
 
-def test_a_pass_that_explores_proposals_measures_the_target_alone_beside_them():
-    """k = 0 kept fresh by a few rounds (a phase's tail) while k = 1 and 2 went stale: the pass
-    explores 1, 2 and then 0 again, and chooses by the round times it measured, not by T(0) from
-    the phase before (which read 18.8 ms where k = 0 ran 15 and chose k = 2)."""
-    model, now = CostModel(), 1000.0
-    for k, seconds in {0: 0.0188, 1: 0.029, 2: 0.031}.items():
-        model.observe(4, k, seconds, now=now)
+def test_a_few_recent_rounds_do_not_keep_a_length_fresh():
+    """k = 0 measured long ago at 18.8 ms, then a few rounds in another phase's tail: the pass
+    measures it again, first, then k = 1 and 2, and chooses by the round times it measured, not
+    by the old T(0) (which chose k = 2 where k = 0 ran 15 ms a round)."""
+    model, now = measure(CostModel(), 4, {0: 0.0188, 1: 0.029, 2: 0.031}, now=1000.0), 1000.0
     times = model.buckets[4]
     later = now + REFRESH_SECONDS + 1.0
-    times.seen_at[0] = later - 1.0  # a tail round of k = 0: not stale
+    for _ in range(3):
+        model.observe(4, 0, 0.0188, now=later - 1.0)
+    assert model.stale(4, 0, later)
     explored = []
     for step in range(3):
         k = choose_k(sure(0.6), model, 4, 8, now=later + step)
         assert times.exploring
         explored.append(k)
-        for _ in range(MEASURE_ROUNDS * 4):
-            model.observe(4, k, {0: 0.015, 1: 0.027, 2: 0.032}[k], now=later + step + 0.5)
-    assert explored == [1, 2, 0]
+        measure(model, 4, {k: {0: 0.015, 1: 0.027, 2: 0.032}[k]}, now=later + step + 0.5)
+    assert explored == [0, 1, 2]
     assert choose_k(sure(0.6), model, 4, 8, now=later + 4) == 0 and not times.exploring
     assert model.round_seconds(4, 0) == pytest.approx(0.015)
