@@ -130,8 +130,10 @@ class RoundTimes:
         return self.means
 
     def add(self, k: int, seconds: float, now: float) -> None:
-        self.samples.setdefault(k, deque(maxlen=self.window)).append(seconds)
-        self.measured_at.setdefault(k, deque(maxlen=self.window)).append(now)
+        if k not in self.samples:  # once per k, not per round (setdefault built two deques a round)
+            self.samples[k], self.measured_at[k] = deque(maxlen=self.window), deque(maxlen=self.window)
+        self.samples[k].append(seconds)
+        self.measured_at[k].append(now)
         self.unsorted.add(k)
 
     def forget(self, k: int) -> None:

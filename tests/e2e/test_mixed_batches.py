@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 
-from coordinator.adaptive import AUTO_K, AUTONOMOUS_CHUNK, EXPLORE, MEASURE_ROUNDS, batch_bucket
+from coordinator.adaptive import AUTO_K, AUTONOMOUS_CHUNK, EXPLORE
 from splitspec.v1 import coordinator_pb2
+from tests.coordinator.test_adaptive import measure
 from tests.e2e.test_greedy_identity import reference
 from tests.support import collect, start_stack
 
@@ -75,9 +76,7 @@ async def test_auto_k_decodes_autonomous_chunks_when_the_target_alone_is_fastest
     stack = await start_stack(target, tiny["draft_noisy"], k=AUTO_K, max_k=4)
     costs = stack.coordinator.state.costs
     for sequences in (1, 4, CONCURRENCY):  # measured costs: a round with a proposal takes 10x the target's
-        for k in EXPLORE:
-            for _ in range(MEASURE_ROUNDS * batch_bucket(sequences)):  # enough rounds to be fresh
-                costs.observe(sequences, k, 0.010 if k == 0 else 0.100 + 0.010 * k)
+        measure(costs, sequences, {k: 0.010 if k == 0 else 0.100 + 0.010 * k for k in EXPLORE})
     try:
         texts = prompts()[:4]
         results = await asyncio.gather(*(collect(stack.stub, request(p, None)) for p in texts))
